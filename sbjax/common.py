@@ -1,0 +1,57 @@
+"""Pieces every implementation shares: dtypes, visibility masks, head grouping, the log-space stick."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+  """The dtype of the math and of ``rem``: float32, or float64 for float64 inputs."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def visible_mask(q_pos, k_pos, q_seg=None, k_seg=None, *, attend_current: bool):
+  """Which keys each query sees: ``[Tq, Tk]`` bool from positions ``q_pos [Tq]``, ``k_pos [Tk]``.
+
+  With ``q_seg [B, Tq]`` and ``k_seg [B, Tk]`` the result is ``[B, Tq, Tk]``.
+  """
+  rel = q_pos[:, None] - k_pos[None, :]
+  mask = rel >= 0 if attend_current else rel > 0
+  if q_seg is not None:
+    mask = mask & (q_seg[:, :, None] == k_seg[:, None, :])
+  return mask
+
+
+def split_heads(query, num_kv_heads: int):
+  """``[B, T, N, H] -> [B, T, K, G, H]``: query head ``n`` reads kv head ``n // G``."""
+  b, t, n, h = query.shape
+  return query.reshape(b, t, num_kv_heads, n // num_kv_heads, h)
+
+
+def reverse_cumsum(x):
+  """Inclusive right-to-left cumulative sum over the last axis."""
+  return jax.lax.cumsum(x, axis=x.ndim - 1, reverse=True)
+
+
+def stick_breaking_weights(logits, mask, cumsum: Callable = reverse_cumsum):
+  """Attention weights and log-remainder of each row (DESIGN.md §1).
+
+  Args:
+    logits: ``[..., Tq, Tk]`` scaled scores ``z``, float32 or wider.
+    mask: bool, broadcastable to ``logits``; False marks invisible keys.
+    cumsum: inclusive right-to-left cumulative sum over the last axis.
+
+  Returns:
+    ``(A [..., Tq, Tk], log_rem [..., Tq])``.
+  """
+  log_beta = jax.nn.log_sigmoid(logits)  # log sigmoid(z)
+  log_1m_beta = jnp.where(mask, -jax.nn.softplus(logits), 0.0)  # log(1 - sigmoid(z)); 0 if invisible
+  incl = cumsum(log_1m_beta)  # sum over m >= i
+  # The exclusive sum (m > i) is the inclusive one shifted left by one key: nothing is added and
+  # subtracted again, so a saturated key (softplus ~ 1e4) costs no precision elsewhere.
+  excl = jnp.concatenate([incl[..., 1:], jnp.zeros_like(incl[..., :1])], axis=-1)
+  weights = jnp.where(mask, jnp.exp(log_beta + excl), 0.0)
+  return weights, incl[..., 0]

@@ -1,0 +1,43 @@
+"""Dense O(T^2) stick-breaking attention: the readable definition and the test oracle.
+
+It is implementation ``"xla"`` of :func:`sbjax.stick_breaking_attention`: logits, the log-space
+stick of DESIGN.md §1, then a weighted sum, in at least float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sbjax.common import compute_dtype, split_heads, stick_breaking_weights, visible_mask
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def stick_breaking_attention(query, key, value, scale, segment_ids=None, *, attend_current=False):
+  """Dense stick-breaking attention.
+
+  Args:
+    query: ``[B, T, N, H]``.
+    key: ``[B, T, K, H]`` with ``N % K == 0``.
+    value: ``[B, T, K, Hv]``.
+    scale: scalar multiplying ``q . k``.
+    segment_ids: optional ``[B, T]`` integers.
+    attend_current: whether query ``j`` also sees key ``j``.
+
+  Returns:
+    ``(out [B, T, N, Hv] in query.dtype, rem [B, T, N] in compute_dtype(query.dtype))``.
+  """
+  b, t, n, _ = query.shape
+  dtype = compute_dtype(query.dtype)
+  q = split_heads(query, key.shape[2]).astype(dtype)  # [B, T, K, G, H]
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key.astype(dtype), precision=_HIGHEST)
+  logits = logits * jnp.asarray(scale, dtype)
+  pos = jnp.arange(t)
+  mask = visible_mask(pos, pos, segment_ids, segment_ids, attend_current=attend_current)
+  if segment_ids is not None:
+    mask = mask[:, None, None]  # [B, T, S] -> [B, 1, 1, T, S]
+  weights, log_rem = stick_breaking_weights(logits, mask)  # [B, K, G, T, S], [B, K, G, T]
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", weights, value.astype(dtype), precision=_HIGHEST)
+  rem = jnp.exp(log_rem).transpose(0, 3, 1, 2).reshape(b, t, n)
+  return out.reshape(b, t, n, value.shape[-1]).astype(query.dtype), rem

@@ -1,0 +1,90 @@
+"""Pure-JAX stick-breaking attention: query blocks, with the stick as an associative scan.
+
+The portable fallback (CPU, GPU, TPU) and the path taken off NVIDIA GPUs. Each block of queries
+builds its ``[B, N, block, T]`` logits, turns ``log(1 - beta)`` into the right-to-left cumulative
+sum with ``jax.lax.associative_scan`` and contracts with the values. Blocks run one after another
+under ``jax.lax.map`` and are rematerialised in the backward pass (``jax.checkpoint``), so peak
+memory is about ``B * N * block * T`` floats instead of ``B * N * T^2``. Differentiable by autodiff.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from sbjax.common import compute_dtype, split_heads, stick_breaking_weights, visible_mask
+
+# Upper bound on the elements of one block's [B, N, block, T] logits: 2^27 fp32 is 512 MiB, a few
+# of which (logits, cumulative sums, weights and their cotangents) are live at once.
+_BLOCK_ELEMENTS = 2**27
+
+
+def default_block_q(batch: int, num_heads: int, seq_len: int) -> int:
+  """The largest power-of-two query block under ``_BLOCK_ELEMENTS`` (at least 16, at most T)."""
+  rows = max(_BLOCK_ELEMENTS // (batch * num_heads * seq_len), 16)
+  block = 1 << (rows.bit_length() - 1)
+  return seq_len if block >= seq_len else block
+
+
+def _reverse_scan(x):
+  return jax.lax.associative_scan(jnp.add, x, reverse=True, axis=x.ndim - 1)
+
+
+def stick_breaking_attention(
+    query, key, value, scale, segment_ids=None, *, attend_current=False, block_q=None
+):
+  """Stick-breaking attention by query blocks; same contract as ``sbjax.reference``.
+
+  Args:
+    query: ``[B, T, N, H]``.
+    key: ``[B, T, K, H]`` with ``N % K == 0``.
+    value: ``[B, T, K, Hv]``.
+    scale: scalar multiplying ``q . k`` (may be traced).
+    segment_ids: optional ``[B, T]`` integers.
+    attend_current: whether query ``j`` also sees key ``j``.
+    block_q: queries per block; default from :func:`default_block_q`.
+
+  Returns:
+    ``(out [B, T, N, Hv] in query.dtype, rem [B, T, N] in compute_dtype(query.dtype))``.
+  """
+  b, t, n, _ = query.shape
+  k_heads, hv = key.shape[2], value.shape[-1]
+  dtype = compute_dtype(query.dtype)
+  block_q = block_q or default_block_q(b, n, t)
+  num_blocks = -(-t // block_q)
+  pad = num_blocks * block_q - t
+
+  q = split_heads(query, k_heads).astype(dtype)  # [B, T, K, G, H]
+  k, v = key.astype(dtype), value.astype(dtype)
+  scale = jnp.asarray(scale, dtype)
+  k_pos = jnp.arange(t)
+  q_pos = jnp.arange(t + pad)
+  q_seg = segment_ids
+  if pad:
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+    if segment_ids is not None:
+      q_seg = jnp.pad(segment_ids, ((0, 0), (0, pad)))
+
+  @jax.checkpoint
+  def one_block(args):
+    q_blk, pos_blk, seg_blk = args  # [B, Q, K, G, H], [Q], [B, Q] or None
+    logits = jnp.einsum("BQKGH,BSKH->BKGQS", q_blk, k, precision=jax.lax.Precision.HIGHEST)
+    mask = visible_mask(pos_blk, k_pos, seg_blk, segment_ids, attend_current=attend_current)
+    if segment_ids is not None:
+      mask = mask[:, None, None]  # [B, Q, S] -> [B, 1, 1, Q, S]
+    weights, log_rem = stick_breaking_weights(logits * scale, mask, cumsum=_reverse_scan)
+    out = jnp.einsum("BKGQS,BSKH->BQKGH", weights, v, precision=jax.lax.Precision.HIGHEST)
+    return out, log_rem  # [B, Q, K, G, Hv], [B, K, G, Q]
+
+  def blocks(x, axis):  # split axis `axis` of length T + pad into [num_blocks, ..., block_q, ...]
+    x = jnp.moveaxis(x, axis, 0).reshape(num_blocks, block_q, *x.shape[:axis], *x.shape[axis + 1:])
+    return jnp.moveaxis(x, 1, axis + 1)
+
+  xs = (blocks(q, 1), q_pos.reshape(num_blocks, block_q),
+        None if q_seg is None else blocks(q_seg, 1))
+  out, log_rem = jax.lax.map(one_block, xs)  # [C, B, Q, K, G, Hv], [C, B, K, G, Q]
+  out = jnp.moveaxis(out, 0, 1).reshape(b, t + pad, n, hv)[:, :t]
+  rem = jnp.exp(log_rem).transpose(1, 0, 4, 2, 3).reshape(b, t + pad, n)[:, :t]
+  return out.astype(query.dtype), rem

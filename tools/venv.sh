@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs a command inside the project's virtual environment (.venv), creating it on first use.
+#   ./tools/venv.sh python experiments/demo.py
+#   ./tools/venv.sh pytest -n 2 tests
+# The environment uses Python 3.12 (python3.12 on PATH, else pyenv's 3.12.x) and pins JAX to the
+# GPU machine's version through constraints.txt. SBJAX_PYTHON overrides the interpreter.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+if [[ ! -x "$venv/bin/python" ]]; then
+  py="${SBJAX_PYTHON:-}"
+  if [[ -z "$py" ]]; then
+    if command -v python3.12 >/dev/null && python3.12 -c '' 2>/dev/null; then
+      py=python3.12
+    elif command -v pyenv >/dev/null; then
+      py="$(pyenv root)/versions/$(pyenv versions --bare | grep -E '^3\.12(\.|$)' | tail -n 1)/bin/python"
+    fi
+  fi
+  [[ -n "$py" && -x "$(command -v "$py")" ]] || { echo "sbjax needs Python 3.12 (or set SBJAX_PYTHON)" >&2; exit 1; }
+  "$py" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q -c "$root/constraints.txt" -e "$root[test]"
+fi
+export PATH="$venv/bin:$PATH"
+cd "$root"
+exec "$@"
