@@ -1,0 +1,102 @@
+"""``DecoderLM``: a decoder-only Transformer LM whose attention is chosen by name."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sbjax.models.config import LMConfig
+from sbjax.nn import make_attention
+from sbjax.parallel import MODEL
+
+
+def _param(rngs, init, shape, sharding, dtype):
+  return nnx.Param(nnx.with_partitioning(init, sharding)(rngs.params(), shape, dtype))
+
+
+class SwiGLU(nnx.Module):
+  """``x [B, T, D]`` -> ``(silu(x W_gate) * (x W_up)) W_down``; hidden units on ``"model"``."""
+
+  def __init__(self, d_model: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+    init = nnx.initializers.lecun_normal()
+    self.gate_kernel = _param(rngs, init, (d_model, mlp_dim), (None, MODEL), param_dtype)
+    self.up_kernel = _param(rngs, init, (d_model, mlp_dim), (None, MODEL), param_dtype)
+    self.down_kernel = _param(rngs, init, (mlp_dim, d_model), (MODEL, None), param_dtype)
+    self.dtype = dtype
+
+  def __call__(self, x):
+    gate = jnp.einsum("BTD,DF->BTF", x, self.gate_kernel[...].astype(self.dtype))
+    up = jnp.einsum("BTD,DF->BTF", x, self.up_kernel[...].astype(self.dtype))
+    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down_kernel[...].astype(self.dtype))
+
+
+class DecoderBlock(nnx.Module):
+  """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+  def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
+    c = config
+    dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    options = dict(num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=dtype,
+                   param_dtype=param_dtype)
+    if c.attention == "stickbreaking":
+      options.update(attend_current=c.attend_current, remainder=c.remainder,
+                     head_norm=c.head_norm, norm_eps=c.norm_eps, implementation=c.implementation)
+    else:
+      options.update(implementation=c.softmax_implementation)
+      if c.attention == "softmax_rope":
+        options.update(rope_base=c.rope_base)
+    norm = dict(epsilon=c.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.attention_norm = nnx.RMSNorm(c.d_model, **norm)
+    self.attention = make_attention(c.attention, c.d_model, c.num_heads, rngs=rngs, **options)
+    self.mlp_norm = nnx.RMSNorm(c.d_model, **norm)
+    self.mlp = SwiGLU(c.d_model, c.mlp_dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+  def __call__(self, x, segment_ids=None, positions=None):
+    x = x + self.attention(self.attention_norm(x), segment_ids, positions)
+    return x + self.mlp(self.mlp_norm(x))
+
+
+class DecoderLM(nnx.Module):
+  """Token ids ``[B, T]`` -> next-token logits ``[B, T, V]`` (float32).
+
+  Embedding ``[V, D]`` (vocabulary on ``"model"``), ``num_layers`` pre-norm ``DecoderBlock``s, a
+  final RMSNorm and either the tied embedding or an output kernel ``[D, V]``. Compute runs in
+  ``config.dtype`` with parameters in ``config.param_dtype``.
+  """
+
+  def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
+    c = self.config = config
+    dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    # std 1/sqrt(D): unit-RMS rows after the first RMSNorm, logits of order one when tied.
+    embed_init = nnx.initializers.normal(c.d_model ** -0.5)
+    self.embedding = _param(rngs, embed_init, (c.vocab_size, c.d_model), (MODEL, None), param_dtype)
+    self.blocks = nnx.List([DecoderBlock(c, rngs=rngs) for _ in range(c.num_layers)])
+    self.final_norm = nnx.RMSNorm(c.d_model, epsilon=c.norm_eps, dtype=dtype,
+                                  param_dtype=param_dtype, rngs=rngs)
+    self.output_kernel = None if c.tie_embeddings else _param(
+        rngs, nnx.initializers.lecun_normal(), (c.d_model, c.vocab_size), (None, MODEL), param_dtype)
+
+  def __call__(self, tokens, segment_ids=None, positions=None):
+    """Args: ``tokens [B, T]`` ints; optional ``segment_ids``, ``positions [B, T]``.
+
+    Returns ``logits [B, T, V]`` in float32.
+    """
+    dtype = jnp.dtype(self.config.dtype)
+    x = self.embedding[...].astype(dtype)[tokens]  # [B, T, D]
+    for block in self.blocks:
+      if self.config.remat:
+        x = nnx.remat(lambda b, y: b(y, segment_ids, positions))(block, x)
+      else:
+        x = block(x, segment_ids, positions)
+    x = self.final_norm(x)
+    if self.output_kernel is None:
+      logits = jnp.einsum("BTD,VD->BTV", x, self.embedding[...].astype(dtype))
+    else:
+      logits = jnp.einsum("BTD,DV->BTV", x, self.output_kernel[...].astype(dtype))
+    return logits.astype(jnp.float32)
+
+
+def count_params(model: nnx.Module) -> int:
+  """Number of parameters (works on an ``nnx.eval_shape``-built model too)."""
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

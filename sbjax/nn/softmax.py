@@ -1,0 +1,74 @@
+"""``SoftmaxAttention``: the causal softmax baselines (RoPE or NoPE) through
+``jax.nn.dot_product_attention`` (cuDNN flash attention on an NVIDIA GPU)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sbjax.nn.projections import AttentionProjections
+from sbjax.nn.rope import apply_rope
+from sbjax.parallel import shard_attention
+
+POSITION_EMBEDDINGS = ("rope", "none")
+SOFTMAX_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def default_softmax_implementation() -> str:
+  """cuDNN on an NVIDIA GPU (``jax.nn.dot_product_attention`` itself defaults to XLA), else XLA."""
+  return "cudnn" if jax.default_backend() == "gpu" else "xla"
+
+
+class SoftmaxAttention(AttentionProjections):
+  """Causal multi-head softmax attention with RoPE (``position_embedding="rope"``) or none (NoPE).
+
+  Same interface as ``StickBreakingAttention``: ``module(x, segment_ids=None, positions=None)``
+  maps ``x [B, T, in_features]`` to ``[B, T, out_features]``. ``positions [B, T]`` default to
+  ``0..T-1``; RoPE is relative, so packed segments need no per-segment positions.
+
+  Args (beyond ``AttentionProjections``: in_features, num_heads, rngs, num_kv_heads, head_dim,
+  out_features, use_bias, dtype, param_dtype, kernel_init, bias_init):
+    position_embedding: ``"rope"`` or ``"none"``.
+    rope_base: RoPE wavelength base.
+    implementation: ``jax.nn.dot_product_attention``'s: ``None`` (``"cudnn"`` on an NVIDIA GPU,
+      else ``"xla"``), ``"xla"`` or ``"cudnn"``.
+  """
+
+  def __init__(
+      self,
+      in_features: int,
+      num_heads: int,
+      *,
+      rngs: nnx.Rngs,
+      position_embedding: str = "rope",
+      rope_base: float = 10000.0,
+      implementation: str | None = None,
+      **kwargs,
+  ):
+    if position_embedding not in POSITION_EMBEDDINGS:
+      raise ValueError(
+          f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {position_embedding=}.")
+    if implementation is not None and implementation not in SOFTMAX_IMPLEMENTATIONS:
+      raise ValueError(
+          f"implementation must be None or one of {SOFTMAX_IMPLEMENTATIONS}, got {implementation=}.")
+    super().__init__(in_features, num_heads, rngs=rngs, **kwargs)
+    if position_embedding == "rope" and self.head_dim % 2:
+      raise ValueError(f"RoPE needs an even head_dim, got head_dim={self.head_dim}.")
+    self.position_embedding, self.rope_base = position_embedding, rope_base
+    self.implementation = implementation
+
+  def attend(self, query, key, value, segment_ids, positions):
+    if self.position_embedding == "rope":
+      if positions is None:
+        positions = jnp.arange(query.shape[1])
+      query = apply_rope(query, positions, base=self.rope_base)
+      key = apply_rope(key, positions, base=self.rope_base)
+    implementation = self.implementation or default_softmax_implementation()
+
+    def op(q, k, v, seg):
+      mask = None if seg is None else (seg[:, None, :, None] == seg[:, None, None, :])  # [B,1,T,S]
+      return jax.nn.dot_product_attention(
+          q, k, v, mask=mask, is_causal=True, implementation=implementation)
+
+    return shard_attention(op, query, key, value, segment_ids)

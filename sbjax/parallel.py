@@ -1,0 +1,94 @@
+"""Meshes, shardings, and ``jax.shard_map`` around attention ops.
+
+Public API (stable; ``sbjax.nn``, ``sbjax.models`` and ``sbjax.training`` build on it):
+
+    DATA, MODEL = "data", "model"                    # the two mesh axis names
+    make_mesh(data=-1, model=1, *, devices=None) -> jax.sharding.Mesh
+    batch_sharding(mesh) -> NamedSharding            # P("data"): leading batch axis over "data"
+    shard_attention(fn, query, key, value, segment_ids=None)  # fn run per (batch, head) shard
+
+Parallelism is data over ``"data"`` (the batch) and tensor over ``"model"`` (attention heads, MLP
+hidden units, vocabulary). Both axes are ``AxisType.Auto``, so the partitioner places activations
+from the parameter and batch shardings; only opaque ops (a ``pallas_call``) need ``shard_map``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA = "data"
+MODEL = "model"
+
+
+def make_mesh(data: int = -1, model: int = 1, *, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ``("data", "model")`` mesh of Auto axes over ``devices`` (default: all of them).
+
+  ``data=-1`` takes every device left after ``model``. The mesh may use a prefix of ``devices``
+  (e.g. ``data=1, model=1`` is one device), which is how sharded runs are compared with one device.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if not isinstance(model, int) or model < 1:
+    raise ValueError(f"model must be a positive int, got {model=}.")
+  if data == -1:
+    data = len(devices) // model
+  if not isinstance(data, int) or data < 1:
+    raise ValueError(f"data must be -1 or a positive int, got {data=}.")
+  if data * model > len(devices):
+    raise ValueError(f"mesh data={data} x model={model} needs more than the {len(devices)} devices.")
+  grid = np.asarray(devices[: data * model], dtype=object).reshape(data, model)
+  return Mesh(grid, (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis over ``"data"``, everything else replicated."""
+  return NamedSharding(mesh, P(DATA))
+
+
+def _mesh_axis(mesh, name: str, dim: int, what: str) -> str | None:
+  """``name`` if the mesh has that axis with size > 1, checking that it divides ``dim``."""
+  size = dict(mesh.shape).get(name, 1)
+  if size == 1:
+    return None
+  if dim % size:
+    raise ValueError(f"{what}={dim} is not divisible by the mesh axis {name!r} of size {size}.")
+  return name
+
+
+def shard_attention(fn: Callable, query, key, value, segment_ids=None):
+  """``fn(query, key, value, segment_ids)`` run per shard of batch (``"data"``) and heads (``"model"``).
+
+  Uses the mesh set by ``jax.set_mesh``; without one (or with neither axis larger than 1) ``fn`` is
+  called directly. ``fn`` must be per-example and per-head (attention is), returning arrays whose
+  leading axes are ``[B, T, N, ...]`` (``out [B, T, N, Hv]``, ``rem [B, T, N]``). Needed because
+  ``pallas_call`` is opaque to the SPMD partitioner.
+
+  Args:
+    fn: the attention function.
+    query: ``[B, T, N, H]``.
+    key: ``[B, T, K, H]``.
+    value: ``[B, T, K, Hv]``.
+    segment_ids: optional ``[B, T]``.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return fn(query, key, value, segment_ids)
+  b, n, k = query.shape[0], query.shape[2], key.shape[2]
+  data = _mesh_axis(mesh, DATA, b, "batch size B")
+  model = _mesh_axis(mesh, MODEL, n, "query heads N")
+  if data is None and model is None:
+    return fn(query, key, value, segment_ids)
+  if model is not None and k % dict(mesh.shape)[MODEL]:
+    # Contiguous head shards keep query head n with kv head n // (N // K) only when K divides too
+    # (MQA: K = 1); otherwise give every query head its own copy of its kv head.
+    key, value = (x.repeat(n // k, axis=2) for x in (key, value))
+  qkv_spec = P(data, None, model, None)
+  seg_spec = None if segment_ids is None else P(data, None)
+  out_shape = jax.eval_shape(fn, query, key, value, segment_ids)
+  out_specs = jax.tree.map(lambda s: P(data, None, model, *([None] * (s.ndim - 3))), out_shape)
+  return jax.shard_map(
+      fn, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec), out_specs=out_specs,
+      check_vma=False)(query, key, value, segment_ids)
