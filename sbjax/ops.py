@@ -30,7 +30,8 @@ def check_inputs(query, key, value, scale, segment_ids, implementation, block_si
     _check_array(name, x)
   if not (query.dtype == key.dtype == value.dtype):
     raise TypeError(
-        f"query, key and value must share a dtype, got {query.dtype=}, {key.dtype=}, {value.dtype=}.")
+        "query, key and value must share a dtype, got "
+        f"query.dtype={query.dtype}, key.dtype={key.dtype}, value.dtype={value.dtype}.")
   b, t, n, h = query.shape
   if key.shape[:2] != (b, t) or value.shape[:2] != (b, t):
     raise ValueError(
@@ -50,7 +51,7 @@ def check_inputs(query, key, value, scale, segment_ids, implementation, block_si
           f"segment_ids must have shape [B, T]=({b}, {t}), got "
           f"{getattr(segment_ids, 'shape', type(segment_ids).__name__)}.")
     if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-      raise TypeError(f"segment_ids must have an integer dtype, got {segment_ids.dtype=}.")
+      raise TypeError(f"segment_ids must have an integer dtype, got segment_ids.dtype={segment_ids.dtype}.")
   if scale is not None and not isinstance(scale, (int, float)):
     if not hasattr(scale, "shape") or np.shape(scale) != ():
       raise ValueError(f"scale must be a Python float or a scalar array, got {scale!r}.")

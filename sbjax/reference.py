@@ -14,7 +14,9 @@ from sbjax.common import compute_dtype, split_heads, stick_breaking_weights, vis
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def stick_breaking_attention(query, key, value, scale, segment_ids=None, *, attend_current=False):
+def stick_breaking_attention(
+    query, key, value, scale, segment_ids=None, *, attend_current=False, dtype=None
+):
   """Dense stick-breaking attention.
 
   Args:
@@ -24,12 +26,14 @@ def stick_breaking_attention(query, key, value, scale, segment_ids=None, *, atte
     scale: scalar multiplying ``q . k``.
     segment_ids: optional ``[B, T]`` integers.
     attend_current: whether query ``j`` also sees key ``j``.
+    dtype: dtype of the math and of ``rem``; defaults to ``compute_dtype(query.dtype)`` (float32 or
+      wider). Tests pass the input dtype to measure what a same-precision computation gets wrong.
 
   Returns:
-    ``(out [B, T, N, Hv] in query.dtype, rem [B, T, N] in compute_dtype(query.dtype))``.
+    ``(out [B, T, N, Hv] in query.dtype, rem [B, T, N] in dtype)``.
   """
   b, t, n, _ = query.shape
-  dtype = compute_dtype(query.dtype)
+  dtype = dtype or compute_dtype(query.dtype)
   q = split_heads(query, key.shape[2]).astype(dtype)  # [B, T, K, G, H]
   logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key.astype(dtype), precision=_HIGHEST)
   logits = logits * jnp.asarray(scale, dtype)

@@ -1,0 +1,42 @@
+"""``TrainConfig``: optimiser, schedule, mesh, logging and checkpoint settings of a run."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything ``sbjax.training.train`` needs besides the model and the data."""
+
+  num_steps: int = 1000  # optimiser steps of the whole run (resumed runs count from step 0)
+  learning_rate: float = 3e-4  # peak, reached after warmup
+  warmup_steps: int = 100  # linear warmup from 0
+  final_lr_ratio: float = 0.1  # cosine decay to learning_rate * final_lr_ratio at num_steps
+  weight_decay: float = 0.1  # AdamW, on kernels and embeddings only
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  grad_clip_norm: float = 1.0  # global-norm clipping; 0 disables
+  mesh_shape: tuple[int, int] = (-1, 1)  # (data, model); -1 = all remaining devices
+  log_every: int = 10  # steps between metric writes (TensorBoard and progress bar)
+  eval_every: int = 0  # steps between evaluations; 0 = only at the end (if eval data is given)
+  checkpoint_every: int = 0  # steps between saves; 0 = no checkpoints
+  keep_checkpoints: int = 3  # newest checkpoints kept
+  async_checkpoints: bool = True
+  progress_bar: bool = True
+
+  def __post_init__(self):
+    for name in ("num_steps", "log_every"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {name}={getattr(self, name)}.")
+    for name in ("warmup_steps", "eval_every", "checkpoint_every", "grad_clip_norm", "weight_decay"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be >= 0, got {name}={getattr(self, name)}.")
+    if self.keep_checkpoints < 1:
+      raise ValueError(f"keep_checkpoints must be >= 1, got keep_checkpoints={self.keep_checkpoints}.")
+    if len(self.mesh_shape) != 2:
+      raise ValueError(f"mesh_shape must be (data, model), got mesh_shape={self.mesh_shape}.")
+
+  def replace(self, **changes) -> TrainConfig:
+    return dataclasses.replace(self, **changes)

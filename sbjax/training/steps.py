@@ -1,0 +1,133 @@
+"""Train state, loss, and the jitted, sharded train and eval steps.
+
+Batches are dicts of ``[B, T]`` arrays: ``inputs`` and ``targets`` (int token ids), and optionally
+``loss_mask`` (bool or float; 0 = not scored), ``segment_ids`` and ``positions``. The batch axis is
+sharded over ``"data"``; parameters and optimiser state follow the modules' annotations
+(heads, MLP units and vocabulary over ``"model"``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sbjax.parallel import batch_sharding
+
+
+class TrainState(NamedTuple):
+  """What a checkpoint holds; enough to resume bit-exactly."""
+
+  step: jax.Array  # int32 scalar: optimiser steps taken
+  params: nnx.State  # the model's nnx.Param state
+  opt_state: Any  # the optax state
+
+
+def cross_entropy(logits, targets, loss_mask=None):
+  """Masked next-token cross-entropy.
+
+  Args:
+    logits: ``[B, T, V]``, computed in float32.
+    targets: ``[B, T]`` ints.
+    loss_mask: optional ``[B, T]``; 0 drops a position.
+
+  Returns:
+    ``(mean loss over scored positions, {"loss_sum", "correct", "tokens"})``; the sums let
+    evaluations over many batches weigh every token equally.
+  """
+  logits = logits.astype(jnp.float32)
+  mask = jnp.ones(targets.shape, jnp.float32) if loss_mask is None else loss_mask.astype(jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, T]
+  sums = {
+      "loss_sum": jnp.sum(losses * mask),
+      "correct": jnp.sum((jnp.argmax(logits, -1) == targets) * mask),
+      "tokens": jnp.sum(mask),
+  }
+  return sums["loss_sum"] / jnp.maximum(sums["tokens"], 1.0), sums
+
+
+def _apply(graphdef, params, rest, batch):
+  model = nnx.merge(graphdef, params, rest)
+  return model(batch["inputs"], batch.get("segment_ids"), batch.get("positions"))
+
+
+def state_shardings(params: nnx.State, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+  """``NamedSharding``s of a ``TrainState``: parameters and their optimiser moments by the
+  parameters' annotations, scalars (step, counts) replicated."""
+  specs = nnx.get_partition_spec(params)
+  param_sh = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+  replicated = NamedSharding(mesh, P())
+  abstract_opt = jax.eval_shape(tx.init, params)
+  opt_sh = optax.tree_map_params(
+      tx, lambda _, sharding: sharding, abstract_opt, param_sh,
+      transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, NamedSharding))
+  return TrainState(replicated, param_sh, opt_sh)
+
+
+def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh):
+  """Splits ``model`` and places its parameters and a fresh optimiser state on ``mesh``.
+
+  Returns:
+    ``(graphdef, rest, state, shardings)``: ``graphdef`` and ``rest`` (non-parameter state, kept
+    constant) rebuild the model with ``nnx.merge(graphdef, state.params, rest)``.
+  """
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  shardings = state_shardings(params, tx, mesh)
+  params = jax.device_put(params, shardings.params)
+  with jax.set_mesh(mesh):
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+  return graphdef, rest, TrainState(step, params, opt_state), shardings
+
+
+def make_train_step(graphdef, rest, tx: optax.GradientTransformation, mesh: Mesh,
+                    shardings: TrainState, schedule: optax.Schedule | None = None) -> Callable:
+  """``train_step(state, batch) -> (state, metrics)``, jitted with the given shardings.
+
+  ``state`` is donated. ``metrics`` (replicated scalars): ``loss``, ``accuracy``, ``tokens``,
+  ``grad_norm`` and, with ``schedule``, ``learning_rate``.
+  """
+
+  def loss_fn(params, batch):
+    return cross_entropy(_apply(graphdef, params, rest, batch), batch["targets"],
+                         batch.get("loss_mask"))
+
+  def step(state: TrainState, batch):
+    (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "accuracy": sums["correct"] / jnp.maximum(sums["tokens"], 1.0),
+               "tokens": sums["tokens"], "grad_norm": optax.global_norm(grads)}
+    if schedule is not None:
+      metrics["learning_rate"] = schedule(state.step)
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  jitted = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
+                   out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+
+  def train_step(state, batch):
+    with jax.set_mesh(mesh):  # shard_attention reads the mesh while tracing
+      return jitted(state, batch)
+
+  return train_step
+
+
+def make_eval_step(graphdef, rest, mesh: Mesh, param_shardings) -> Callable:
+  """``eval_step(params, batch) -> {"loss_sum", "correct", "tokens"}`` (replicated scalars)."""
+
+  def step(params, batch):
+    logits = _apply(graphdef, params, rest, batch)
+    return cross_entropy(logits, batch["targets"], batch.get("loss_mask"))[1]
+
+  jitted = jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh)),
+                   out_shardings=NamedSharding(mesh, P()))
+
+  def eval_step(params, batch):
+    with jax.set_mesh(mesh):
+      return jitted(params, batch)
+
+  return eval_step

@@ -1,0 +1,83 @@
+"""The public API's contract: argument checks, dtypes, implementation choice, traced scale."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sbjax
+from helpers import Shape, random_inputs
+
+Q, K, V, _ = random_inputs(0, Shape(2, 8, 4, 2, 16), jnp.float32)
+SEG = jnp.zeros((2, 8), jnp.int32)
+
+BAD_INPUTS = [  # (kwargs overriding a valid call, error type, message fragment)
+    (dict(query=Q[0]), ValueError, r"query must have rank 4 .* got query.shape=\(8, 4, 16\)"),
+    (dict(key=K[..., None]), ValueError, r"key must have rank 4"),
+    (dict(value=np.zeros(3)), ValueError, r"value must have rank 4"),
+    (dict(query=[[1.0]]), TypeError, r"query must be an array, got list"),
+    (dict(query=Q.astype(jnp.int32)), TypeError, r"query must have a floating dtype, got query.dtype=int32"),
+    (dict(key=K.astype(jnp.bfloat16)), TypeError, r"share a dtype.*key.dtype=bfloat16"),
+    (dict(key=K[:1], value=V[:1]), ValueError, r"share batch and length"),
+    (dict(value=V[:, :4]), ValueError, r"share batch and length"),
+    (dict(key=K[..., :8]), ValueError, r"key head_dim must equal query's"),
+    (dict(value=V[:, :, :1]), ValueError, r"value must have as many heads as key"),
+    (dict(query=jnp.concatenate([Q, Q[:, :, :1]], 2)), ValueError,
+     r"multiple of key/value heads, got N=5 query heads and K=2"),
+    (dict(segment_ids=SEG[0]), ValueError, r"segment_ids must have shape \[B, T\]=\(2, 8\), got \(8,\)"),
+    (dict(segment_ids=SEG.astype(jnp.float32)), TypeError, r"segment_ids must have an integer dtype"),
+    (dict(scale=jnp.ones(2)), ValueError, r"scale must be a Python float or a scalar array"),
+    (dict(implementation="triton"), ValueError, r"implementation must be None or one of .*'triton'"),
+    (dict(implementation="scan", block_sizes=object()), ValueError, r"block_sizes applies to implementation='pallas'"),
+]
+
+
+@pytest.mark.parametrize("override,error,match", BAD_INPUTS, ids=[m[:40] for _, _, m in BAD_INPUTS])
+def test_bad_input_raises_before_computing(override, error, match):
+  args = dict(query=Q, key=K, value=V, segment_ids=SEG)
+  args.update(override)
+  with pytest.raises(error, match=match):
+    sbjax.stick_breaking_attention(
+        args.pop("query"), args.pop("key"), args.pop("value"), **args)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_output_dtypes_and_shapes(dtype):
+  q, k, v, _ = random_inputs(1, Shape(1, 5, 4, 1, 8, hv=6), dtype)
+  out = sbjax.stick_breaking_attention(q, k, v)
+  out2, rem = sbjax.stick_breaking_attention(q, k, v, return_remainder=True)
+  assert out.shape == (1, 5, 4, 6) and out.dtype == dtype
+  assert rem.shape == (1, 5, 4) and rem.dtype == jnp.float32
+  np.testing.assert_array_equal(out, out2)
+
+
+def test_default_implementation_off_gpu_is_scan():
+  if jax.default_backend() == "gpu":
+    pytest.skip("checks the CPU default")
+  assert sbjax.ops.default_implementation() == "scan"
+
+
+def test_default_scale_is_inverse_sqrt_head_dim():
+  q, k, v, _ = random_inputs(2, Shape(1, 6, 2, 2, 16), jnp.float32)
+  np.testing.assert_array_equal(
+      sbjax.stick_breaking_attention(q, k, v),
+      sbjax.stick_breaking_attention(q, k, v, scale=0.25))
+
+
+def test_traced_scale_does_not_recompile_and_is_differentiable():
+  q, k, v, _ = random_inputs(3, Shape(1, 6, 2, 1, 8), jnp.float32)
+  traces = []
+
+  @jax.jit
+  def loss(scale):
+    traces.append(None)
+    return jnp.sum(sbjax.stick_breaking_attention(q, k, v, scale=scale) ** 2)
+
+  a, b = loss(jnp.float32(0.5)), loss(jnp.float32(2.0))
+  assert len(traces) == 1 and a != b
+  g = jax.grad(loss)(jnp.float32(0.5))
+  eps = 1e-3
+  fd = (loss(jnp.float32(0.5 + eps)) - loss(jnp.float32(0.5 - eps))) / (2 * eps)
+  np.testing.assert_allclose(g, fd, rtol=1e-2)
