@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sbjax import reference, scan
+from sbjax.kernels import pallas_triton
 
 Implementation = Literal["pallas", "scan", "xla"]
 IMPLEMENTATIONS = ("pallas", "scan", "xla")
@@ -120,8 +121,6 @@ def stick_breaking_attention(
     out, rem = scan.stick_breaking_attention(
         query, key, value, scale, segment_ids, attend_current=attend_current)
   else:
-    from sbjax.kernels import pallas_triton  # pylint: disable=g-import-not-at-top
-
     out, rem = pallas_triton.stick_breaking_attention(
         query, key, value, scale, segment_ids, attend_current=attend_current,
         block_sizes=block_sizes, interpret=interpret)

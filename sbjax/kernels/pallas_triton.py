@@ -1,0 +1,88 @@
+"""Stick-breaking attention on the Pallas Triton kernels, differentiable through ``jax.custom_vjp``.
+
+Pads the sequence to a multiple of the block sizes and the head dims to powers of two (padded
+keys sit after every real query, so causality hides them; padded rows and columns are sliced off),
+runs the forward kernel, and wires the backward kernels of ``pallas_triton_bwd``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from sbjax.kernels import pallas_triton_bwd, pallas_triton_fwd
+from sbjax.kernels.pallas_triton_config import BlockSizes
+
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+MAX_HEAD_DIM = 256
+
+
+def _next_power_of_two(x: int) -> int:
+  return 1 << (x - 1).bit_length()
+
+
+def _pad_to(x, axis: int, size: int):
+  if x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths)
+
+
+def check_supported(query, value, block_sizes):
+  if query.dtype not in SUPPORTED_DTYPES:
+    raise ValueError(
+        "implementation='pallas' supports float32, bfloat16 and float16 inputs, got "
+        f"query.dtype={query.dtype}; use implementation='scan' or 'xla'.")
+  for name, x in (("query", query), ("value", value)):
+    if x.shape[-1] > MAX_HEAD_DIM:
+      raise ValueError(f"implementation='pallas' supports head dims up to {MAX_HEAD_DIM}, got "
+                       f"{name}.shape={x.shape}.")
+  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+    raise TypeError(f"block_sizes must be a sbjax.BlockSizes, got {type(block_sizes).__name__}.")
+
+
+def stick_breaking_attention(query, key, value, scale, segment_ids=None, *, attend_current=False,
+                             block_sizes: BlockSizes | None = None, interpret: bool = False):
+  """Same contract as ``sbjax.reference.stick_breaking_attention``; float32/bf16/fp16 inputs."""
+  check_supported(query, value, block_sizes)
+  b, t, n, h = query.shape
+  hv = value.shape[-1]
+  hp, hvp = _next_power_of_two(max(h, 16)), _next_power_of_two(max(hv, 16))
+  block_sizes = block_sizes or BlockSizes.get_default(hp, query.dtype)
+  tp = -(-t // block_sizes.seq_multiple) * block_sizes.seq_multiple
+  q = _pad_to(_pad_to(query, 3, hp), 1, tp)
+  k = _pad_to(_pad_to(key, 3, hp), 1, tp)
+  v = _pad_to(_pad_to(value, 3, hvp), 1, tp)
+  seg = None if segment_ids is None else _pad_to(segment_ids.astype(jnp.int32), 1, tp)
+  out, lrem = _attention(q, k, v, jnp.reshape(scale, (1,)).astype(jnp.float32), seg,
+                         (attend_current, block_sizes, interpret))
+  rem = jnp.exp2(lrem).transpose(0, 2, 1)  # [B, N, T] -> [B, T, N]
+  return out[:, :t, :, :hv], rem[:, :t]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, scale, seg, static):
+  attend_current, block_sizes, interpret = static
+  return pallas_triton_fwd.forward(q, k, v, scale, seg, attend_current=attend_current,
+                                   block_sizes=block_sizes, interpret=interpret)
+
+
+def _attention_fwd(q, k, v, scale, seg, static):
+  out, lrem = _attention(q, k, v, scale, seg, static)
+  return (out, lrem), (q, k, v, scale, seg, out, lrem)
+
+
+def _attention_bwd(static, residuals, cotangents):
+  attend_current, block_sizes, interpret = static
+  q, k, v, scale, seg, out, lrem = residuals
+  d_out, d_lrem = cotangents
+  dq, dk, dv, dscale = pallas_triton_bwd.backward(
+      q, k, v, scale, seg, out, lrem, d_out, d_lrem, attend_current=attend_current,
+      block_sizes=block_sizes, interpret=interpret)
+  return dq, dk, dv, dscale, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)

@@ -1,0 +1,2 @@
+def backward(*a, **k):
+  raise NotImplementedError

@@ -1,0 +1,63 @@
+"""Block sizes, warps and stages of the Pallas Triton kernels: one frozen dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+
+def _is_power_of_two(x) -> bool:
+  return isinstance(x, int) and x > 0 and x & (x - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tiling of the forward and backward kernels.
+
+  Attributes:
+    block_q: query rows per forward program.
+    block_k: keys per forward tile.
+    num_warps: warps per forward program.
+    num_stages: software-pipelining stages of the forward key loop.
+    block_q_dq: query rows per program of the dq kernel.
+    block_k_bwd: keys per backward tile; the dq kernel records each row's running sums at these
+      key-block boundaries and the dk/dv kernel reads them, so both use this one size.
+    block_q_dkv: query rows per tile of the dk/dv kernel.
+    num_warps_bwd: warps per backward program.
+    num_stages_bwd: pipelining stages of the backward loops.
+  """
+
+  block_q: int = 128
+  block_k: int = 64
+  num_warps: int = 8
+  num_stages: int = 2
+  block_q_dq: int = 64
+  block_k_bwd: int = 64
+  block_q_dkv: int = 64
+  num_warps_bwd: int = 4
+  num_stages_bwd: int = 2
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if field.name.startswith("block_") and not (_is_power_of_two(value) and value >= 16):
+        raise ValueError(f"BlockSizes.{field.name} must be a power of two >= 16, got {value!r}.")
+      if field.name.startswith("num_") and not (isinstance(value, int) and value >= 1):
+        raise ValueError(f"BlockSizes.{field.name} must be a positive int, got {value!r}.")
+    for name in ("num_warps", "num_warps_bwd"):
+      if not _is_power_of_two(getattr(self, name)):
+        raise ValueError(f"BlockSizes.{name} must be a power of two, got {getattr(self, name)!r}.")
+
+  @property
+  def seq_multiple(self) -> int:
+    """Sequences are padded to a multiple of this (every block size divides it)."""
+    return max(self.block_q, self.block_k, self.block_q_dq, self.block_k_bwd, self.block_q_dkv)
+
+  @classmethod
+  def get_default(cls, head_dim: int, dtype) -> "BlockSizes":
+    """Defaults for a (power-of-two padded) head dim and input dtype, tuned on an H200."""
+    if jnp.dtype(dtype) == jnp.float32 or head_dim > 128:
+      return cls(block_q=64, block_k=32, num_warps=4, block_q_dq=32, block_k_bwd=32,
+                 block_q_dkv=32)
+    return cls()
