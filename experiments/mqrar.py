@@ -1,0 +1,24 @@
+"""MQRAR: stick-breaking vs softmax attention on multi-query repeated associative recall.
+
+  python experiments/mqrar.py --config=experiments/configs/mqrar.py --workdir=/tmp/mqrar
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+import mqrar_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where summary.json, mqrar.png and runs/ go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  mqrar_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
