@@ -1,0 +1,250 @@
+"""sbjax.nn: StickBreakingAttention options, the softmax baselines, RoPE, the Linen bridge."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen, nnx
+from jax.sharding import PartitionSpec as P
+
+import sbjax
+from sbjax.nn import ATTENTIONS, SoftmaxAttention, StickBreakingAttention, apply_rope, make_attention
+from tests.helpers import rel_rms, stick_loop
+
+D, N = 16, 4
+
+
+@pytest.fixture(autouse=True)
+def _no_eager_sharding():
+  # Modules carry "model" annotations; without a mesh they must not be placed eagerly.
+  with nnx.use_eager_sharding(False):
+    yield
+
+
+def _rngs(seed=0):
+  # RBG keys: threefry's random bits take ~1.5 s to compile per shape on a 2-core CPU.
+  return nnx.Rngs(jax.random.key(seed, impl="rbg"))
+
+
+def _x(b=2, t=8, d=D, seed=0, dtype=jnp.float32):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=(b, t, d)), dtype)
+
+
+def _module(**options):
+  options.setdefault("implementation", "xla")
+  return StickBreakingAttention(in_features=D, num_heads=N, rngs=_rngs(), **options)
+
+
+@nnx.jit
+def _call(module, x, segment_ids=None):
+  return module(x, segment_ids)
+
+
+def _params_f64(module):
+  return {k: np.asarray(v[...], np.float64) for k, v in nnx.state(module, nnx.Param).items()}
+
+
+def test_top_level_export():
+  assert sbjax.StickBreakingAttention is StickBreakingAttention
+
+
+OPTIONS = [
+    dict(remainder=r, head_norm=hn, use_bias=b, num_kv_heads=k, attend_current=ac)
+    for (r, hn, b, k, ac) in [
+        ("none", False, False, None, False), ("current", False, False, 2, False),
+        ("bias", True, True, 1, False), ("current", True, False, 2, True),
+    ]
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_options_shapes_and_finite_grads(options):
+  module = _module(**options)
+  x = _x()
+  graphdef, params = nnx.split(module)
+
+  def loss(p):
+    y = nnx.merge(graphdef, p)(x)
+    return jnp.sum(y**2), y
+
+  (_, y), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  assert y.shape == x.shape and y.dtype == x.dtype
+  assert np.isfinite(np.asarray(y)).all()
+  leaves = jax.tree.leaves(grads)
+  assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
+  # Every parameter gets a gradient (the remainder bias and the head-norm scale included).
+  assert all(np.abs(np.asarray(g)).sum() > 0 for g in leaves)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_dtype_and_param_dtype(dtype):
+  module = _module(dtype=dtype, param_dtype=jnp.float32, remainder="bias", head_norm=True)
+  y = _call(module, _x())
+  assert y.dtype == dtype
+  assert np.isfinite(np.asarray(y, np.float32)).all()
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+@pytest.mark.parametrize("remainder,attend_current",
+                         [("none", False), ("current", False), ("bias", False), ("current", True)])
+def test_matches_float64_definition(remainder, attend_current):
+  """The module equals projections + the stick-breaking loop + the remainder rule, in float64,
+  with GQA (N=4 query heads on K=2 kv heads) and segments."""
+  k_heads, h = 2, 8
+  module = _module(num_kv_heads=k_heads, head_dim=h, remainder=remainder, head_norm=True,
+                   attend_current=attend_current, use_bias=True)
+  if remainder == "bias":  # a non-zero bias, so the test sees it
+    module.remainder_bias[...] = jnp.asarray(np.random.default_rng(1).normal(size=(N, h)), jnp.float32)
+  module.head_norm_scale[...] = jnp.asarray(
+      np.random.default_rng(2).uniform(0.5, 2.0, size=(N, h)), jnp.float32)
+  x = _x(b=2, t=7, seed=3)
+  seg = jnp.asarray([[0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0]], jnp.int32)
+  y = _call(module, x, seg)
+
+  p, x64 = _params_f64(module), np.asarray(x, np.float64)
+  q = np.einsum("BTD,DNH->BTNH", x64, p["query_kernel"]) + p["query_bias"]
+  k = np.einsum("BTD,DKH->BTKH", x64, p["key_kernel"]) + p["key_bias"]
+  v = np.einsum("BTD,DKH->BTKH", x64, p["value_kernel"]) + p["value_bias"]
+  out, rem = stick_loop(q, k, v, 1 / math.sqrt(h), np.asarray(seg), attend_current)
+  if remainder == "current":
+    out = out + rem[..., None] * np.repeat(v, N // k_heads, axis=2)
+  elif remainder == "bias":
+    out = out + rem[..., None] * p["remainder_bias"]
+  out = out / np.sqrt(np.mean(out**2, -1, keepdims=True) + module.norm_eps) * p["head_norm_scale"]
+  want = np.einsum("BTNH,NHD->BTD", out, p["out_kernel"]) + p["out_bias"]
+  assert rel_rms(y, want) < 1e-5
+
+
+def test_order_aware_without_position_embedding():
+  """Permuting earlier tokens changes a later output for stick-breaking, and (the control) leaves
+  it unchanged for softmax without position embedding."""
+  x = _x(b=1, t=8)
+  perm = jnp.asarray([3, 0, 6, 1, 5, 2, 4, 7])  # keeps the last token in place
+  for name, order_aware in [("stickbreaking", True), ("softmax_nope", False)]:
+    options = {"implementation": "xla"}
+    module = make_attention(name, D, N, rngs=_rngs(), **options)
+    last, last_perm = _call(module, x)[:, -1], _call(module, x[:, perm])[:, -1]
+    assert np.isfinite(np.asarray(last)).all() and np.isfinite(np.asarray(last_perm)).all()
+    assert (rel_rms(last_perm, last) > 1e-3) == order_aware, name
+
+
+@pytest.mark.parametrize("name", ATTENTIONS)
+def test_causal_and_segments(name):
+  """Changing a later token or a token of another segment leaves an output unchanged."""
+  options = {"implementation": "xla"}
+  if name == "stickbreaking":
+    options.update(remainder="current", head_norm=True)
+  module = make_attention(name, D, N, rngs=_rngs(), num_kv_heads=2, **options)
+  x = _x(b=1, t=8)
+  seg = jnp.asarray([[0, 0, 0, 1, 1, 1, 2, 2]], jnp.int32)
+  y = _call(module, x, seg)
+  y_future = _call(module, x.at[:, 5].add(1.0), seg)
+  np.testing.assert_array_equal(np.asarray(y_future[:, :5]), np.asarray(y[:, :5]))
+  y_other = _call(module, x.at[:, :3].add(1.0), seg)  # segment 0 changes; segments 1 and 2 cannot see it
+  np.testing.assert_array_equal(np.asarray(y_other[:, 3:]), np.asarray(y[:, 3:]))
+  assert rel_rms(y_other[:, :3], y[:, :3]) > 1e-3
+
+
+def test_scan_implementation_matches_xla():
+  x = _x(t=12)
+  y_scan = _call(_module(implementation="scan", remainder="current", num_kv_heads=2), x)
+  y_xla = _call(_module(implementation="xla", remainder="current", num_kv_heads=2), x)
+  assert rel_rms(y_scan, y_xla) < 1e-5
+
+
+def test_softmax_rope_matches_dense_definition():
+  module = SoftmaxAttention(D, N, rngs=_rngs(), num_kv_heads=2, implementation="xla")
+  x = _x(t=6)
+  p, x64 = _params_f64(module), np.asarray(x, np.float64)
+  q = np.einsum("BTD,DNH->BTNH", x64, p["query_kernel"])
+  k = np.einsum("BTD,DKH->BTKH", x64, p["key_kernel"])
+  v = np.einsum("BTD,DKH->BTKH", x64, p["value_kernel"])
+  pos = np.arange(6)
+  with jax.enable_x64(True):
+    q, k = (np.asarray(apply_rope(jnp.asarray(a), jnp.asarray(pos))) for a in (q, k))
+  k, v = np.repeat(k, 2, axis=2), np.repeat(v, 2, axis=2)
+  logits = np.einsum("BTNH,BSNH->BNTS", q, k) / math.sqrt(q.shape[-1])
+  logits = np.where(pos[:, None] >= pos[None, :], logits, -np.inf)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  want = np.einsum("BNTS,BSNH,NHD->BTD", weights, v, p["out_kernel"])
+  assert rel_rms(_call(module, x), want) < 1e-5
+
+
+def test_rope_depends_on_relative_position_only():
+  q, k = np.random.default_rng(0).normal(size=(2, 1, 1, 1, 8)).astype(np.float32)
+  def score(i, j):
+    return jnp.sum(apply_rope(q, jnp.asarray([i])) * apply_rope(k, jnp.asarray([j])))
+  assert np.isfinite(float(score(5, 2)))
+  np.testing.assert_allclose(score(5, 2), score(13, 10), rtol=1e-5)
+  assert abs(float(score(5, 2) - score(5, 3))) > 1e-3
+
+
+def test_sharding_annotations():
+  module = _module(num_kv_heads=2, remainder="bias", head_norm=True, use_bias=True)
+  specs = nnx.get_partition_spec(nnx.state(module, nnx.Param))
+  want = {"query_kernel": P(None, "model", None), "key_kernel": P(None, "model", None),
+          "value_kernel": P(None, "model", None), "out_kernel": P("model", None, None),
+          "query_bias": P("model", None), "remainder_bias": P("model", None),
+          "head_norm_scale": P("model", None), "out_bias": P(None)}
+  for name, spec in want.items():
+    assert specs[name].get_value() == spec, name
+
+
+def test_linen_bridge():
+  def bridged():
+    return nnx.bridge.to_linen(StickBreakingAttention, in_features=D, num_heads=N,
+                               num_kv_heads=2, remainder="bias", implementation="xla")
+
+  x = _x()
+  variables = jax.jit(bridged().init)(jax.random.key(0, impl="rbg"), x)
+  assert linen.meta.unbox(variables)["params"]["query_kernel"].shape == (D, N, D // N)
+  y = jax.jit(bridged().apply)(variables, x)
+  assert y.shape == x.shape and np.isfinite(np.asarray(y)).all()
+
+  class Wrapper(linen.Module):  # used as a submodule of a Linen model, and differentiable
+    @linen.compact
+    def __call__(self, x):
+      return linen.Dense(D)(bridged()(x))
+
+  wrapper_vars = jax.jit(Wrapper().init)(jax.random.key(1, impl="rbg"), x)
+  grads = jax.jit(jax.grad(lambda v: jnp.sum(Wrapper().apply(v, x) ** 2)))(wrapper_vars)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+BAD_ARGS = [
+    (dict(num_heads=0), "num_heads"), (dict(num_kv_heads=3), "num_kv_heads"),
+    (dict(in_features=15), "in_features"), (dict(head_dim=-1), "head_dim"),
+    (dict(remainder="rest"), "remainder"), (dict(implementation="cuda"), "implementation"),
+]
+
+
+@pytest.mark.parametrize("changes,name", BAD_ARGS, ids=[n for _, n in BAD_ARGS])
+def test_bad_arguments_name_the_argument(changes, name):
+  kwargs = dict(in_features=D, num_heads=N, rngs=_rngs()) | changes
+  with pytest.raises(ValueError, match=name):
+    StickBreakingAttention(**kwargs)
+
+
+def test_bad_inputs_and_baseline_arguments():
+  with pytest.raises(ValueError, match="x must have shape"):
+    _module()(_x(d=D + 1))
+  with pytest.raises(ValueError, match="segment_ids"):
+    _module()(_x(), jnp.zeros((2, 5), jnp.int32))
+  with pytest.raises(ValueError, match="position_embedding"):
+    SoftmaxAttention(D, N, rngs=_rngs(), position_embedding="alibi")
+  with pytest.raises(ValueError, match="attention"):
+    make_attention("linear", D, N, rngs=_rngs())
+
+
+@pytest.mark.parametrize("name,k", list(itertools.product(ATTENTIONS[1:], [None, 1])))
+def test_softmax_baselines_shapes(name, k):
+  module = make_attention(name, D, N, rngs=_rngs(), num_kv_heads=k, dtype=jnp.bfloat16)
+  y = _call(module, _x())
+  assert y.shape == (2, 8, D) and y.dtype == jnp.bfloat16
+  assert np.isfinite(np.asarray(y, np.float32)).all()
