@@ -56,8 +56,11 @@ def stick_breaking_attention(
   num_blocks = -(-t // block_q)
   pad = num_blocks * block_q - t
 
-  q = split_heads(query, k_heads).astype(dtype)  # [B, T, K, G, H]
-  k, v = key.astype(dtype), value.astype(dtype)
+  # Products of bf16/fp16 values are exact in fp32: the matmuls take the inputs as they are and
+  # accumulate in fp32 (the weights are rounded to the input dtype for the second one, as in the
+  # kernels); fp32 and fp64 inputs get full-precision products.
+  precision = jax.lax.Precision.HIGHEST if query.dtype in (jnp.float32, jnp.float64) else None
+  q = split_heads(query, k_heads)  # [B, T, K, G, H]
   scale = jnp.asarray(scale, dtype)
   k_pos = jnp.arange(t)
   q_pos = jnp.arange(t + pad)
@@ -70,12 +73,14 @@ def stick_breaking_attention(
   @jax.checkpoint
   def one_block(args):
     q_blk, pos_blk, seg_blk = args  # [B, Q, K, G, H], [Q], [B, Q] or None
-    logits = jnp.einsum("BQKGH,BSKH->BKGQS", q_blk, k, precision=jax.lax.Precision.HIGHEST)
+    logits = jnp.einsum("BQKGH,BSKH->BKGQS", q_blk, key, precision=precision,
+                        preferred_element_type=dtype)
     mask = visible_mask(pos_blk, k_pos, seg_blk, segment_ids, attend_current=attend_current)
     if segment_ids is not None:
       mask = mask[:, None, None]  # [B, Q, S] -> [B, 1, 1, Q, S]
     weights, log_rem = stick_breaking_weights(logits * scale, mask, cumsum=_reverse_scan)
-    out = jnp.einsum("BKGQS,BSKH->BQKGH", weights, v, precision=jax.lax.Precision.HIGHEST)
+    out = jnp.einsum("BKGQS,BSKH->BQKGH", weights.astype(value.dtype), value, precision=precision,
+                     preferred_element_type=dtype)
     return out, log_rem  # [B, Q, K, G, Hv], [B, K, G, Q]
 
   def blocks(x, axis):  # split axis `axis` of length T + pad into [num_blocks, ..., block_q, ...]

@@ -19,7 +19,8 @@ from helpers import (
     stick_loop)
 from sbjax import reference
 
-IMPLEMENTATIONS = ["xla", "scan"]
+IMPLEMENTATIONS = ["xla", "scan", "pallas"]
+FLOAT64_IMPLEMENTATIONS = ["xla", "scan"]  # the kernels take fp32/bf16/fp16
 
 DEFINITION_CASES = [  # (shape, segments, attend_current)
     (Shape(1, 1, 1, 1, 4), False, False),
@@ -31,7 +32,7 @@ DEFINITION_CASES = [  # (shape, segments, attend_current)
 ]
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", FLOAT64_IMPLEMENTATIONS)
 @pytest.mark.parametrize("shape,segments,attend_current", DEFINITION_CASES,
                          ids=[f"{s}-seg{int(g)}-cur{int(c)}" for s, g, c in DEFINITION_CASES])
 def test_matches_definition_float64(implementation, shape, segments, attend_current):
@@ -48,9 +49,9 @@ def test_matches_definition_float64(implementation, shape, segments, attend_curr
   np.testing.assert_allclose(rem, want_rem, rtol=0, atol=1e-10)
 
 
-ACCURACY_CASES = [  # (shape, segments, attend_current)
-    (Shape(2, 100, 4, 2, 32), False, False),
-    (Shape(1, 77, 2, 1, 64), True, True),
+ACCURACY_CASES = [  # (shape, segments, attend_current): odd T, head dims 40 and 80, GQA, MQA
+    (Shape(2, 100, 4, 2, 40), False, False),
+    (Shape(1, 77, 3, 1, 80, hv=24), True, True),
 ]
 
 
@@ -71,7 +72,7 @@ def test_low_precision_accuracy(implementation, dtype, shape, segments, attend_c
   assert_within_tolerance(rel_rms(rem, want_rem), rel_rms(same_rem, want_rem), dtype, "rem")
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", FLOAT64_IMPLEMENTATIONS)
 @pytest.mark.parametrize("segments,attend_current", [(False, False), (True, True)])
 def test_check_grads_float64(implementation, segments, attend_current):
   shape = Shape(1, 9, 2, 1, 4)
@@ -85,29 +86,34 @@ def test_check_grads_float64(implementation, segments, attend_current):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_grads_float32_against_float64(implementation):
-  shape = Shape(2, 50, 4, 2, 16)
-  q, k, v, seg = random_inputs(4, shape, jnp.float32, segments=True, logit_scale=2.0)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("shape,segments,attend_current", ACCURACY_CASES,
+                         ids=[f"{s}-seg{int(g)}-cur{int(c)}" for s, g, c in ACCURACY_CASES])
+def test_grads_against_float64(implementation, dtype, shape, segments, attend_current):
+  """Gradients of q, k, v and the scale, with random cotangents on both ``out`` and ``rem``."""
+  q, k, v, seg = random_inputs(4, shape, dtype, segments=segments, logit_scale=2.0)
   rng = np.random.default_rng(5)
-  d_out = rng.normal(size=q.shape).astype(np.float32)
-  d_rem = rng.normal(size=q.shape[:3]).astype(np.float32)
+  d_out = rng.normal(size=q.shape[:3] + v.shape[-1:])
+  d_rem = rng.normal(size=q.shape[:3])
 
   @functools.partial(jax.jit, static_argnums=0)
   def grads(fn, q, k, v, scale):
     (out, rem), vjp = jax.vjp(fn, q, k, v, scale)
     return vjp((jnp.asarray(d_out, out.dtype), jnp.asarray(d_rem, rem.dtype)))
 
-  attn = lambda impl: (lambda q, k, v, s: attention_fn(impl)(
-      q, k, v, scale=s, segment_ids=seg, attend_current=True))
+  def attn(implementation, **kw):
+    return lambda q, k, v, s: attention_fn(implementation, **kw)(
+        q, k, v, scale=s, segment_ids=seg, attend_current=attend_current)
+
   got = grads(attn(implementation), q, k, v, jnp.float32(0.3))
   with jax.enable_x64(True):
     up = lambda x: jnp.asarray(np.asarray(x, np.float64))
     want = grads(attn("xla"), up(q), up(k), up(v), jnp.float64(0.3))
   same = grads(lambda q, k, v, s: reference.stick_breaking_attention(
-      q, k, v, s, seg, attend_current=True), q, k, v, jnp.float32(0.3))
+      q, k, v, s, seg, attend_current=attend_current, dtype=dtype), q, k, v, jnp.float32(0.3))
   for name, g, w, sp in zip(("dq", "dk", "dv", "dscale"), got, want, same):
-    assert g.shape == w.shape, name
-    assert_within_tolerance(rel_rms(g, w), rel_rms(sp, w), jnp.float32, name)
+    assert g.shape == w.shape and g.dtype == (dtype if name != "dscale" else jnp.float32), name
+    assert_within_tolerance(rel_rms(g, w), rel_rms(sp, w), dtype, name)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

@@ -57,30 +57,33 @@ def stick_breaking_attention(query, key, value, scale, segment_ids=None, *, atte
   k = _pad_to(_pad_to(key, 3, hp), 1, tp)
   v = _pad_to(_pad_to(value, 3, hvp), 1, tp)
   seg = None if segment_ids is None else _pad_to(segment_ids.astype(jnp.int32), 1, tp)
-  out, lrem = _attention(q, k, v, jnp.reshape(scale, (1,)).astype(jnp.float32), seg,
-                         (attend_current, block_sizes, interpret))
-  rem = jnp.exp2(lrem).transpose(0, 2, 1)  # [B, N, T] -> [B, T, N]
-  return out[:, :t, :, :hv], rem[:, :t]
+  out, rem = _attention(q, k, v, jnp.reshape(scale, (1,)).astype(jnp.float32), seg,
+                        (attend_current, block_sizes, interpret))
+  return out[:, :t, :, :hv], rem.transpose(0, 2, 1)[:, :t]  # rem [B, N, T] -> [B, T, N]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _attention(q, k, v, scale, seg, static):
+  return _forward(q, k, v, scale, seg, static)[:2]
+
+
+def _forward(q, k, v, scale, seg, static):
   attend_current, block_sizes, interpret = static
   return pallas_triton_fwd.forward(q, k, v, scale, seg, attend_current=attend_current,
                                    block_sizes=block_sizes, interpret=interpret)
 
 
 def _attention_fwd(q, k, v, scale, seg, static):
-  out, lrem = _attention(q, k, v, scale, seg, static)
-  return (out, lrem), (q, k, v, scale, seg, out, lrem)
+  out, rem, lrem = _forward(q, k, v, scale, seg, static)
+  return (out, rem), (q, k, v, scale, seg, out, lrem)
 
 
 def _attention_bwd(static, residuals, cotangents):
   attend_current, block_sizes, interpret = static
   q, k, v, scale, seg, out, lrem = residuals
-  d_out, d_lrem = cotangents
+  d_out, d_rem = cotangents
   dq, dk, dv, dscale = pallas_triton_bwd.backward(
-      q, k, v, scale, seg, out, lrem, d_out, d_lrem, attend_current=attend_current,
+      q, k, v, scale, seg, lrem, d_out, d_rem, attend_current=attend_current,
       block_sizes=block_sizes, interpret=interpret)
   return dq, dk, dv, dscale, None
 

@@ -34,9 +34,9 @@ def key_block_range(q_block, *, block_q, block_k, attend_current):
 def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, block_q, block_k, num_q_blocks,
                 attend_current, has_segments, cumsum_parts, fast_math):
   if has_segments:
-    seg_ref, out_ref, lrem_ref = refs
+    seg_ref, out_ref, rem_ref, lrem_ref = refs
   else:
-    (out_ref, lrem_ref), seg_ref = refs, None
+    (out_ref, rem_ref, lrem_ref), seg_ref = refs, None
   q_block = num_q_blocks - 1 - pl.program_id(0)  # heaviest (last) query blocks start first
   q = q_ref[...]  # [block_q, H]
   scale2 = scale_ref[0] * tiles.LOG2E
@@ -60,7 +60,7 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, block_q, block_k, num_q_b
     else:
       log_1m_beta = -sp
     # log2 A = log2 beta + (log2(1 - beta) summed over nearer keys, in this block and to its right)
-    log_a = x - sp + tiles.suffix_sum(log_1m_beta, upper, parts=cumsum_parts) + log_stick[:, None]
+    log_a = x - sp + tiles.masked_row_sums(log_1m_beta, upper, parts=cumsum_parts) + log_stick[:, None]
     a = jnp.exp2(log_a)
     if mask is not None:
       a = jnp.where(mask, a, 0.0)
@@ -77,7 +77,8 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, block_q, block_k, num_q_b
   acc, log_stick = jax.lax.fori_loop(
       0, n_full, lambda t, c: tile(n_full - 1 - t, c, masked=False), carry)
   out_ref[...] = acc.astype(out_ref.dtype)
-  lrem_ref[...] = log_stick
+  rem_ref[...] = jnp.exp2(log_stick)
+  lrem_ref[...] = log_stick  # the backward's residual: rem may underflow, its log does not
 
 
 def forward(q, k, v, scale, segment_ids, *, attend_current: bool, block_sizes: BlockSizes,
@@ -91,7 +92,7 @@ def forward(q, k, v, scale, segment_ids, *, attend_current: bool, block_sizes: B
     segment_ids: ``[B, T]`` int32 or None.
 
   Returns:
-    ``(out [B, T, N, Hv] in q.dtype, lrem [B, N, T] float32)``, ``lrem`` the base-2 log-remainder.
+    ``(out [B, T, N, Hv] in q.dtype, rem [B, N, T] float32, log2(rem) [B, N, T] float32)``.
   """
   b, t, n, h = q.shape
   kv_heads, hv = k.shape[2], v.shape[-1]
@@ -120,9 +121,11 @@ def forward(q, k, v, scale, segment_ids, *, attend_current: bool, block_sizes: B
       out_specs=[
           pl.BlockSpec((None, bq, None, hv), lambda i, bi, ni: (bi, rev(i), ni, 0)),
           pl.BlockSpec((None, None, bq), lambda i, bi, ni: (bi, ni, rev(i))),
+          pl.BlockSpec((None, None, bq), lambda i, bi, ni: (bi, ni, rev(i))),
       ],
       out_shape=[
           jax.ShapeDtypeStruct((b, t, n, hv), q.dtype),
+          jax.ShapeDtypeStruct((b, n, t), jnp.float32),
           jax.ShapeDtypeStruct((b, n, t), jnp.float32),
       ],
       compiler_params=plgpu.CompilerParams(

@@ -52,23 +52,30 @@ def dot(a, b, *, trans_a=False, trans_b=False, precision=None):
 
 
 def strict_upper(block: int):
-  """``U [block, block]`` in bf16 with ``U[m, i] = (m > i)``: ``x @ U`` sums x over m > i."""
+  """``U [block, block]`` in bf16, ``U[m, i] = (m > i)``: ``x @ U`` sums ``x`` over ``m > i``."""
   m = jax.lax.broadcasted_iota(jnp.int32, (block, block), 0)
   i = jax.lax.broadcasted_iota(jnp.int32, (block, block), 1)
   return (m > i).astype(jnp.bfloat16)
 
 
-def suffix_sum(x, upper, *, parts: int):
-  """``out[r, i] = sum_{m > i} x[r, m]`` for fp32 ``x [R, C]``, as bf16 tensor-core matmuls.
+def inclusive_lower(block: int):
+  """``L [block, block]`` in bf16, ``L[m, i] = (m <= i)``: ``x @ L`` sums ``x`` over ``m <= i``."""
+  m = jax.lax.broadcasted_iota(jnp.int32, (block, block), 0)
+  i = jax.lax.broadcasted_iota(jnp.int32, (block, block), 1)
+  return (m <= i).astype(jnp.bfloat16)
 
-  Pallas-Triton has no reverse cumsum, so the in-block sum is a product with the 0/1 matrix
-  ``upper``. ``x`` is split into ``parts`` bf16 terms (hi + lo + ...) so the result keeps about
-  ``8 * parts`` bits: 2 parts for bf16/fp16 inputs, 3 (fp32 accuracy) for fp32 inputs.
+
+def masked_row_sums(x, triangle, *, parts: int):
+  """``x @ triangle`` for fp32 ``x [R, C]`` and a 0/1 bf16 ``triangle``: in-block cumulative sums.
+
+  Pallas-Triton has no reverse cumsum, so cumulative sums are products with a triangular matrix on
+  the tensor cores. ``x`` is split into ``parts`` bf16 terms (hi + lo + ...) so the result keeps
+  about ``8 * parts`` bits: 2 parts for bf16/fp16 inputs, 3 (fp32 accuracy) for fp32 inputs.
   """
   out = None
   for _ in range(parts):
     term = x.astype(jnp.bfloat16)
-    out = dot(term, upper) if out is None else out + dot(term, upper)
+    out = dot(term, triangle) if out is None else out + dot(term, triangle)
     x = x - term.astype(jnp.float32)
   return out
 
