@@ -17,7 +17,8 @@ Public API (stable):
     make_eval_step(graphdef, rest, mesh, param_shardings) -> eval_step(params, batch) -> sums
     evaluate(eval_step, params, batches, sharding) -> {"loss", "accuracy", "tokens"}
     TrainState(step, params, opt_state)                     # NamedTuple; what checkpoints hold
-    checkpoint.make_checkpoint_manager / save / restore_latest
+    checkpoint.Checkpointer(directory, *, every, keep, async_save=True)
+        .save(state, *, force=False) / .restore_latest(shardings, like) / .close()
 
 ``train`` writes ``workdir/tensorboard`` (tensorboardX) and ``workdir/checkpoints`` (orbax: every
 ``checkpoint_every`` steps, newest ``keep_checkpoints`` kept, async, the last step always saved)

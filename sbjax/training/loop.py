@@ -10,6 +10,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 from tensorboardX import SummaryWriter
@@ -75,14 +76,17 @@ def train(
   mesh = mesh or make_mesh(*config.mesh_shape)
   tx, schedule = make_optimizer(config), learning_rate_schedule(config)
   graphdef, rest, state, shardings = init_train_state(model, tx, mesh)
-  manager = writer = None
+  checkpointer = writer = None
   if workdir is not None:
     writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
     if config.checkpoint_every:
-      manager = checkpoint.make_checkpoint_manager(
+      checkpointer = checkpoint.Checkpointer(
           os.path.join(workdir, "checkpoints"), every=config.checkpoint_every,
           keep=config.keep_checkpoints, async_save=config.async_checkpoints)
-      state = checkpoint.restore_latest(manager, shardings, state) or state
+      restored = checkpointer.restore_latest(shardings, state)
+      if restored is not None:
+        state = restored
+        logging.warning("Resuming from step %d (%s).", int(state.step), workdir)
   train_step = make_train_step(graphdef, rest, tx, mesh, shardings, schedule)
   eval_step = make_eval_step(graphdef, rest, mesh, shardings.params) if eval_batches else None
   data_sharding = batch_sharding(mesh)
@@ -116,13 +120,12 @@ def train(
         values = evaluate(eval_step, state.params, eval_batches(), data_sharding)
         write("eval", done, values)
         eval_history.append({"step": done, **values})
-      if manager is not None:
-        checkpoint.save(manager, state, force=last)
+      if checkpointer is not None:
+        checkpointer.save(state, force=last)
       bar.update(1)
   finally:
-    if manager is not None:
-      manager.wait_until_finished()  # an async save must not be cut off by the process ending
-      manager.close()
+    if checkpointer is not None:
+      checkpointer.close()  # an async save must not be cut off by the process ending
     if writer is not None:
       writer.close()
     bar.close()

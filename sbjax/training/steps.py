@@ -101,7 +101,7 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, mesh: Mesh
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "accuracy": sums["correct"] / jnp.maximum(sums["tokens"], 1.0),
-               "tokens": sums["tokens"], "grad_norm": optax.global_norm(grads)}
+               "tokens": sums["tokens"], "grad_norm": optax.tree.norm(grads)}
     if schedule is not None:
       metrics["learning_rate"] = schedule(state.step)
     return TrainState(state.step + 1, params, opt_state), metrics

@@ -1,0 +1,142 @@
+"""sbjax.training: schedule, loss masks, the loop's outputs, the sharded step, bit-exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from sbjax import training
+from sbjax.models import DecoderLM, lm_config
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_worker.py")
+ROOT = os.path.dirname(os.path.dirname(WORKER))
+
+
+def _run_worker(*args, devices: int = 1, expect_kill: bool = False) -> str:
+  """Runs tests/train_worker.py; returns its stderr."""
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env["XLA_FLAGS"] = " ".join(  # must be set before jax starts, hence the subprocess
+      [env.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={devices}"])
+  proc = subprocess.run([sys.executable, WORKER, *map(str, args)], env=env, capture_output=True,
+                        text=True, timeout=600)
+  if expect_kill:
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  else:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stderr
+
+
+def test_schedule_and_weight_decay_mask():
+  config = training.TrainConfig(num_steps=100, warmup_steps=10, learning_rate=1e-3,
+                                final_lr_ratio=0.1)
+  schedule = training.learning_rate_schedule(config)
+  np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(100)],
+                             [0.0, 5e-4, 1e-3, 1e-4], rtol=1e-6)
+  with nnx.use_eager_sharding(False):
+    model = nnx.eval_shape(lambda: DecoderLM(
+        lm_config("tiny", remainder="bias", tie_embeddings=False), rngs=nnx.Rngs(0)))
+  mask = training.weight_decay_mask(nnx.state(model, nnx.Param))
+  block = mask["blocks"][0]
+  assert mask["embedding"].get_value() and mask["output_kernel"].get_value()
+  assert block["attention"]["query_kernel"].get_value() and block["mlp"]["down_kernel"].get_value()
+  assert not mask["final_norm"]["scale"].get_value()
+  assert not block["attention"]["remainder_bias"].get_value()
+
+
+def test_bad_train_config_names_the_field():
+  with pytest.raises(ValueError, match="num_steps"):
+    training.TrainConfig(num_steps=0)
+  with pytest.raises(ValueError, match="mesh_shape"):
+    training.TrainConfig(mesh_shape=(1, 1, 1))
+
+
+def test_cross_entropy_loss_mask():
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(2, 5, 7)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 7, size=(2, 5)))
+  mask = jnp.asarray(rng.random((2, 5)) < 0.5)
+  loss, sums = training.cross_entropy(logits, targets, mask)
+  per_token = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  assert np.isfinite(float(loss))
+  np.testing.assert_allclose(loss, per_token[mask].mean(), rtol=1e-6)
+  assert float(sums["tokens"]) == int(mask.sum())
+  # Masked positions do not matter, whatever their targets.
+  other = jnp.where(mask, targets, (targets + 3) % 7)
+  assert float(training.cross_entropy(logits, other, mask)[0]) == float(loss)
+
+
+def test_train_loop_metrics_eval_and_checkpoints(tmp_path):
+  with nnx.use_eager_sharding(False):
+    model = DecoderLM(lm_config("tiny", attention="softmax_rope"),
+                      rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+  tokens = np.random.default_rng(0).integers(0, 256, size=(4, 17)).astype(np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  config = training.TrainConfig(num_steps=7, warmup_steps=1, learning_rate=1e-2, log_every=3,
+                                eval_every=3, checkpoint_every=3, keep_checkpoints=2,
+                                progress_bar=False)
+  result = training.train(model, config, [batch] * 7, str(tmp_path), eval_batches=lambda: [batch])
+  assert [m["step"] for m in result.metrics] == [3, 6, 7]
+  assert [m["step"] for m in result.eval_metrics] == [3, 6, 7]
+  losses = [m["loss"] for m in result.eval_metrics]
+  assert np.isfinite(losses).all() and losses[-1] < losses[0]
+  assert int(result.state.step) == 7
+  # The final step is saved although 7 is off the interval; only the newest two are kept.
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["6", "7"]
+  events = os.listdir(tmp_path / "tensorboard")
+  assert events and all(os.path.getsize(tmp_path / "tensorboard" / e) > 0 for e in events)
+  # The model object holds the trained parameters.
+  np.testing.assert_array_equal(model.final_norm.scale[...],
+                                result.state.params["final_norm"]["scale"][...])
+
+
+def test_shard_step_on_8_devices_matches_one_device(tmp_path):
+  out = tmp_path / "shard.json"
+  _run_worker("shard", out, devices=8)
+  r = json.loads(out.read_text())
+  assert r["devices"] == 8 and r["finite"]
+  assert r["mesh_spec"] == "P(None, 'model', None)" and r["mesh_shards"] == 8
+  np.testing.assert_allclose(r["mesh_losses"], r["one_losses"], rtol=1e-5)
+  # fp32 reduction order differs between the meshes: gradients agree to rounding noise (1e-5,
+  # the fp32 noise floor of tests/helpers.py). Adam turns a gradient element near its eps into a
+  # step of up to +-lr either way, so parameters after two steps are held to 1e-4 relative RMS.
+  assert r["grads_rel_rms"] < 1e-5
+  assert r["params_rel_rms"] < 1e-4
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path):
+  """Killed between saves (at step 5, once save 3 is written) and right after one (as save 6 is
+  being written), with a stray partial checkpoint added, the resumed run ends bit-identical
+  (parameters, optimiser state, step) to an uninterrupted one."""
+  reference = subprocess.Popen(  # runs beside the interrupted sequence
+      [sys.executable, WORKER, "train", tmp_path / "ref", tmp_path / "ref.npz"],
+      env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+      text=True)
+  workdir = tmp_path / "run"
+  _run_worker("train", workdir, tmp_path / "unused.npz", 5, 3, expect_kill=True)
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3"]
+  log = _run_worker("train", workdir, tmp_path / "unused.npz", 6, expect_kill=True)
+  assert "Resuming from step 3" in log
+  partial = workdir / "checkpoints" / "12.orbax-checkpoint-tmp-1"  # as a killed save leaves it
+  partial.mkdir()
+  (partial / "garbage").write_text("not a checkpoint")
+  log = _run_worker("train", workdir, tmp_path / "run.npz")
+  assert "Resuming from step 3" in log or "Resuming from step 6" in log
+  assert reference.wait(timeout=600) == 0, reference.stderr.read()[-3000:]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "9"]
+
+  ref, run = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "run.npz")
+  assert len(ref.files) == len(run.files) > 3
+  for name in ref.files:
+    assert np.isfinite(ref[name]).all(), name
+    np.testing.assert_array_equal(run[name], ref[name], err_msg=name)
+  assert int(run["arr_0"]) == 10  # the step

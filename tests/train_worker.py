@@ -1,0 +1,101 @@
+"""Subprocess entry point of tests/test_training.py (a fresh process per run).
+
+    python tests/train_worker.py shard OUT.json     # needs 8 host devices (XLA_FLAGS)
+    python tests/train_worker.py train WORKDIR OUT.npz [KILL_AT_STEP [AFTER_CHECKPOINT]]
+
+A run with KILL_AT_STEP SIGKILLs itself when it asks for that step's batch, once the checkpoint
+of step AFTER_CHECKPOINT (if given) is fully written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sbjax import parallel, training  # noqa: E402
+from sbjax.models import DecoderLM, lm_config  # noqa: E402
+
+CONFIG = lm_config("tiny", implementation="xla", num_kv_heads=2, remainder="current",
+                   head_norm=True)
+
+
+def _model():
+  with nnx.use_eager_sharding(False):
+    return DecoderLM(CONFIG, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+
+
+def batch(step: int, b: int = 8, t: int = 16):
+  """The batch of ``step``: a function of the step alone, so resumed runs see the same data."""
+  rng = np.random.default_rng(step)
+  tokens = rng.integers(0, CONFIG.vocab_size, size=(b, t + 1)).astype(np.int32)
+  mask = (rng.random((b, t)) < 0.8).astype(np.float32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask}
+
+
+def shard(out_path: str):
+  """Gradients and two train steps on a 4x2 mesh and on one device; writes the differences."""
+  tx = training.make_optimizer(training.TrainConfig(num_steps=10, warmup_steps=0, learning_rate=1e-2))
+  results = {}
+  for name, (data, model) in {"one": (1, 1), "mesh": (4, 2)}.items():
+    mesh = parallel.make_mesh(data, model)
+    graphdef, rest, state, shardings = training.init_train_state(_model(), tx, mesh)
+
+    def loss_fn(params, batch):
+      logits = nnx.merge(graphdef, params, rest)(batch["inputs"])
+      return training.cross_entropy(logits, batch["targets"], batch["loss_mask"])[0]
+
+    with jax.set_mesh(mesh):
+      grads = jax.jit(jax.grad(loss_fn))(
+          state.params, jax.device_put(batch(0), parallel.batch_sharding(mesh)))
+    step = training.make_train_step(graphdef, rest, tx, mesh, shardings)
+    losses = []
+    for i in range(2):
+      state, metrics = step(state, jax.device_put(batch(i), parallel.batch_sharding(mesh)))
+      losses.append(float(metrics["loss"]))
+    kernel = state.params["blocks"][0]["attention"]["query_kernel"][...]
+    results[name] = dict(losses=losses, params=jax.device_get(jax.tree.leaves(state.params)),
+                         grads=jax.device_get(jax.tree.leaves(grads)),
+                         spec=str(kernel.sharding.spec), shards=len(kernel.addressable_shards))
+  def rel_rms(what):  # over all leaves together
+    a, b = (np.concatenate([np.ravel(x) for x in results[k][what]]) for k in ("mesh", "one"))
+    return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b**2)))
+
+  finite = all(np.isfinite(x).all() for r in results.values() for x in r["params"] + r["grads"])
+  with open(out_path, "w") as f:
+    json.dump(dict(devices=jax.device_count(), finite=finite, grads_rel_rms=rel_rms("grads"),
+                   params_rel_rms=rel_rms("params"),
+                   **{f"{k}_{f}": results[k][f] for k in results for f in ("losses", "spec", "shards")}), f)
+
+
+def train(workdir: str, out_path: str, kill_at: int | None, after_checkpoint: int | None):
+  def batches(step):
+    if step == kill_at:
+      deadline = time.monotonic() + 120
+      while after_checkpoint is not None and time.monotonic() < deadline and not os.path.isdir(
+          os.path.join(workdir, "checkpoints", str(after_checkpoint))):
+        time.sleep(0.05)
+      os.kill(os.getpid(), signal.SIGKILL)
+    return batch(step)
+
+  config = training.TrainConfig(num_steps=10, warmup_steps=2, learning_rate=1e-2, log_every=2,
+                                checkpoint_every=3, keep_checkpoints=2, progress_bar=False)
+  result = training.train(_model(), config, batches, workdir)
+  leaves = jax.device_get(jax.tree.leaves(result.state))
+  np.savez(out_path, *leaves)
+
+
+if __name__ == "__main__":
+  if sys.argv[1] == "shard":
+    shard(sys.argv[2])
+  else:
+    kill_at, after_checkpoint = ([int(a) for a in sys.argv[4:6]] + [None, None])[:2]
+    train(sys.argv[2], sys.argv[3], kill_at, after_checkpoint)
