@@ -3,7 +3,9 @@
   python experiments/mqrar.py --config=experiments/configs/mqrar.py --workdir=/tmp/mqrar
 """
 
-from absl import app, flags
+import logging as std_logging
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 import mqrar_lib
@@ -17,6 +19,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Orbax logs each checkpoint step at INFO; keep the run's own progress readable.
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= std_logging.WARNING or "orbax" not in record.pathname)
   mqrar_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

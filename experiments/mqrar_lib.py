@@ -27,8 +27,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from sbjax import models, training
+from sbjax import models, ops, training
 from sbjax.data import mqrar
+from sbjax.nn import softmax
 from sbjax.parallel import batch_sharding, make_mesh
 
 SWEEP_AXES = ("attentions", "seeds", "d_model", "num_heads", "seq_len", "num_keys")
@@ -41,7 +42,7 @@ def runs(config: ml_collections.ConfigDict) -> list[dict]:
   """One dict per combination of the sweep axes: attention, seed, d_model, num_heads, seq_len,
   num_keys."""
   for axis in SWEEP_AXES:
-    if isinstance(config[axis], (str, int, float)) or not len(config[axis]):
+    if not config[axis]:
       raise ValueError(f"config.{axis} must be a non-empty tuple, got {config[axis]!r}.")
   names = ("attention", "seed", "d_model", "num_heads", "seq_len", "num_keys")
   return [dict(zip(names, values))
@@ -65,7 +66,8 @@ def train_and_score(config, run: dict, workdir: str) -> list[dict]:
   lm_config = models.LMConfig(
       vocab_size=config.vocab_size, num_layers=config.num_layers, d_model=run["d_model"],
       num_heads=run["num_heads"], mlp_dim=config.mlp_ratio * run["d_model"],
-      attention=run["attention"], implementation=config.implementation)
+      attention=run["attention"], implementation=config.implementation,
+      softmax_implementation=config.softmax_implementation)
   train_config = training.TrainConfig(
       num_steps=config.num_steps, learning_rate=config.learning_rate,
       warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
@@ -99,9 +101,17 @@ def train_and_score(config, run: dict, workdir: str) -> list[dict]:
         "reassign_prob": config.reassign_prob, "num_steps": config.num_steps,
         "params": models.count_params(model), "train_seconds": round(train_seconds, 2),
         "train_loss": last.get("loss"), "train_accuracy": last.get("accuracy"),
+        "implementation": _implementation(config, run["attention"]),
         "backend": jax.default_backend()})
     logging.info("%s: accuracy %.3f at T=%d", run_name(run), scores["accuracy"], seq_len)
   return records
+
+
+def _implementation(config, attention: str) -> str:
+  """The attention implementation a run used, with ``None`` resolved."""
+  if attention == "stickbreaking":
+    return config.implementation or ops.default_implementation()
+  return config.softmax_implementation or softmax.default_softmax_implementation()
 
 
 def _mean_by(records, x):
@@ -126,6 +136,9 @@ def plot(records: list[dict], path: str) -> None:
       ax.plot(xs, accs, marker="o", label=attention)
     ax.set_xlabel(label)
     ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({r[x] for r in data}))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.grid(alpha=0.3)
   axes[0].set_ylabel("recall accuracy of the latest value")
   axes[0].set_ylim(0, 1.02)
