@@ -156,6 +156,21 @@ def _write_json(path: str, records: list[dict]) -> None:
   os.replace(tmp, path)  # a killed process never leaves a half-written summary
 
 
+def merge(workdir: str) -> list[dict]:
+  """Joins the summaries of ``workdir``'s subfolders (one per sweep process) into
+  ``workdir/summary.json`` and ``workdir/mqrar.png``; returns the records."""
+  records = []
+  for name in sorted(os.listdir(workdir)):
+    path = os.path.join(workdir, name, SUMMARY)
+    if os.path.exists(path):
+      with open(path) as f:
+        records += json.load(f)
+  _write_json(os.path.join(workdir, SUMMARY), records)
+  if records:
+    plot(records, os.path.join(workdir, PLOT))
+  return records
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Runs every combination of the sweep axes; returns all summary records.
 
