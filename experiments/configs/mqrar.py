@@ -61,9 +61,9 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     config.eval_seq_lens = (256, 512, 1024)
     config.implementation = ml_collections.FieldReference(None, field_type=str)  # Pallas
     config.batch_size = 64
-    config.num_steps = 5000
+    config.num_steps = 4000
     config.learning_rate = 2e-3
     config.warmup_steps = 250
     config.log_every = 100
-    config.checkpoint_every = 5000
+    config.checkpoint_every = 4000
   return config
