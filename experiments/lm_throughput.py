@@ -26,6 +26,8 @@ _PRESET = flags.DEFINE_string("preset", "125m", "LM size: tiny | 125m | 350m.")
 _ATTENTIONS = flags.DEFINE_list("attentions", ["stickbreaking", "softmax_rope"], "Attentions to time.")
 _IMPLEMENTATION = flags.DEFINE_string(
     "implementation", None, "Stick-breaking op implementation (None: Pallas on GPU, else scan).")
+_SOFTMAX_IMPLEMENTATION = flags.DEFINE_string(
+    "softmax_implementation", None, "Softmax implementation (None: cuDNN on GPU, else XLA).")
 _FALLBACK = flags.DEFINE_string(
     "fallback", "scan", "Stick-breaking implementation to time if the default one fails ('' = none).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per step.")
@@ -38,8 +40,11 @@ _OUT = flags.DEFINE_string("out", None, "Write the results here as JSON.")
 def measure(config, batch: int, seq_len: int, warmup: int, steps: int) -> dict:
   """Compiles and times the train step of ``DecoderLM(config)`` on one device."""
   mesh = parallel.make_mesh(1, 1)
+  start = time.perf_counter()
+  log = lambda what: print(f"  {config.attention}: {what} at {time.perf_counter() - start:.1f} s", flush=True)
   with jax.set_mesh(mesh):
     model = nnx.jit(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))()
+  log("built")
   tx = training.make_optimizer(training.TrainConfig(num_steps=1000, warmup_steps=10))
   graphdef, rest, state, shardings = training.init_train_state(model, tx, mesh)
   step = training.make_train_step(graphdef, rest, tx, mesh, shardings)
@@ -47,9 +52,12 @@ def measure(config, batch: int, seq_len: int, warmup: int, steps: int) -> dict:
   tokens = rng.integers(0, config.vocab_size, size=(batch, seq_len + 1)).astype(np.int32)
   data = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]},
                         parallel.batch_sharding(mesh))
+  log("initialised")
   tick = time.perf_counter()
-  for _ in range(warmup):
+  for i in range(warmup):
     state, metrics = step(state, data)
+    jax.block_until_ready(metrics)
+    log(f"warmup step {i}")
   loss = float(metrics["loss"])
   warmup_s = time.perf_counter() - tick
   times = []
@@ -74,7 +82,8 @@ def main(argv):
     if attention == "stickbreaking" and _FALLBACK.value:
       impls.append(_FALLBACK.value)
     for impl in impls:
-      config = lm_config(_PRESET.value, attention=attention, implementation=impl, dtype="bfloat16")
+      config = lm_config(_PRESET.value, attention=attention, implementation=impl, dtype="bfloat16",
+                         softmax_implementation=_SOFTMAX_IMPLEMENTATION.value)
       name = attention if impl is None else f"{attention}[{impl}]"
       try:
         results["runs"][name] = measure(config, _BATCH.value, _SEQ_LEN.value, _WARMUP.value,
