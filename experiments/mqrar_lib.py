@@ -87,7 +87,8 @@ def train_and_score(config, run: dict, workdir: str) -> list[dict]:
 
   graphdef, _, rest = nnx.split(model, nnx.Param, ...)
   params = result.state.params
-  eval_step = training.make_eval_step(graphdef, rest, mesh, jax.tree.map(lambda x: x.sharding, params))
+  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+  eval_step = training.make_eval_step(graphdef, rest, mesh, param_shardings)
   last = result.metrics[-1] if result.metrics else {}  # empty when resumed at the last step
   records = []
   for seq_len in config.eval_seq_lens:
@@ -127,13 +128,19 @@ def _mean_by(records, x):
 
 def plot(records: list[dict], path: str) -> None:
   """Accuracy against difficulty, one line per attention: number of keys at the trained length
-  (left), eval length (right); each point averages the other axes and the seeds."""
+  (left), eval length (right); each line averages the other axes and the seeds, faint dots are
+  single runs."""
   at_train_len = [r for r in records if r["seq_len"] == r["train_seq_len"]]
   fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-  for ax, data, x, label in ((axes[0], at_train_len, "num_keys", "keys per sequence (at the trained length)"),
+  keys_label = "keys per sequence at the trained length\n(fewer keys: more stale values per key)"
+  for ax, data, x, label in ((axes[0], at_train_len, "num_keys", keys_label),
                              (axes[1], records, "seq_len", "eval sequence length T")):
     for attention, (xs, accs) in sorted(_mean_by(data, x).items()):
-      ax.plot(xs, accs, marker="o", label=attention)
+      line, = ax.plot(xs, accs, marker="o", label=attention)
+      # Single runs, faint: a mean of 0.4 may be one seed at 1.0 and two that never learned.
+      runs_of = [r for r in data if r["attention"] == attention]
+      ax.scatter([r[x] for r in runs_of], [r["accuracy"] for r in runs_of], s=12,
+                 color=line.get_color(), alpha=0.35)
     ax.set_xlabel(label)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({r[x] for r in data}))

@@ -14,7 +14,8 @@ limit=${2:-0}
 shift $(( $# > 1 ? 2 : 1 ))
 here=$(cd "$(dirname "$0")" && pwd)
 python=${PYTHON:-python3}
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.08}  # 9 processes, one GPU
+# 9 processes share one GPU: each takes a slice of its memory, not the default 75%.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.08}
 mkdir -p "$workdir"
 key_orders=("(16,32,64)" "(32,64,16)" "(64,16,32)")
 for attention in stickbreaking softmax_rope softmax_nope; do

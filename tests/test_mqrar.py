@@ -16,7 +16,8 @@ import mqrar_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _load_config(variant="cpu"):
-  spec = importlib.util.spec_from_file_location("mqrar_config", EXPERIMENTS / "configs" / "mqrar.py")
+  path = EXPERIMENTS / "configs" / "mqrar.py"
+  spec = importlib.util.spec_from_file_location("mqrar_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(variant)

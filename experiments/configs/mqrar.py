@@ -4,10 +4,12 @@ Trains a 2-layer decoder LM per attention on multi-query repeated associative re
 recall of the most recent assignment on held-out sequences at the trained length and longer ones.
 Command lines (from the repository root):
 
-  # The default: 3 runs on a 2-core CPU in about 3 minutes.
+  # The default: 3 runs on a 2-core CPU in about 2 minutes.
   python experiments/mqrar.py --config=experiments/configs/mqrar.py --workdir=/tmp/mqrar
-  # The GPU sweep (3 attentions x 3 seeds x 3 key counts; see experiments/results/mqrar/).
+  # The GPU sweep (3 attentions x 3 seeds x 3 key counts), one process after another:
   python experiments/mqrar.py --config=experiments/configs/mqrar.py:sweep --workdir=/tmp/mqrar_sweep
+  # ... or all at once on one GPU, as for experiments/results/mqrar/ (about 7 minutes on an H200):
+  experiments/mqrar_sweep.sh /tmp/mqrar_sweep
 
 Fields can be overridden, e.g. ``--config.num_steps=200 "--config.attentions=('stickbreaking',)"``.
 Fields typed as tuples are sweep axes: the runs are the product of attentions, seeds, d_model,
