@@ -64,26 +64,22 @@ def stick_breaking_attention(query, key, value, scale, segment_ids=None, *, atte
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _attention(q, k, v, scale, seg, static):
-  return _forward(q, k, v, scale, seg, static)[:2]
-
-
-def _forward(q, k, v, scale, seg, static):
   attend_current, block_sizes, interpret = static
   return pallas_triton_fwd.forward(q, k, v, scale, seg, attend_current=attend_current,
                                    block_sizes=block_sizes, interpret=interpret)
 
 
 def _attention_fwd(q, k, v, scale, seg, static):
-  out, rem, lrem = _forward(q, k, v, scale, seg, static)
-  return (out, rem), (q, k, v, scale, seg, out, lrem)
+  # The backward recomputes everything it needs from the inputs: no residual beyond them.
+  return _attention(q, k, v, scale, seg, static), (q, k, v, scale, seg)
 
 
 def _attention_bwd(static, residuals, cotangents):
   attend_current, block_sizes, interpret = static
-  q, k, v, scale, seg, out, lrem = residuals
+  q, k, v, scale, seg = residuals
   d_out, d_rem = cotangents
   dq, dk, dv, dscale = pallas_triton_bwd.backward(
-      q, k, v, scale, seg, lrem, d_out, d_rem, attend_current=attend_current,
+      q, k, v, scale, seg, d_out, d_rem, attend_current=attend_current,
       block_sizes=block_sizes, interpret=interpret)
   return dq, dk, dv, dscale, None
 

@@ -1,18 +1,19 @@
-"""Backward Pallas Triton kernels: dq (with the per-row boundary sums), then dk/dv.
+"""Backward Pallas Triton kernels: dq (with per-row boundary sums), then dk/dv.
 
-With ``g_ji = A_ji (do_j . v_i - drem_j)`` (DESIGN.md §1), the logit gradient needs the inclusive
-prefix of ``g`` from the left:
+With ``g_ji = A_ji (do_j . v_i - drem_j)`` (DESIGN.md §1) the logit gradient is
 
-    dz_jm = g_jm - sigmoid(z_jm) * sum_{i <= m} g_ji
+    dz_jm = g_jm - sigmoid(z_jm) * sum_{i <= m} g_ji        (a prefix from the LEFT)
 
-so the dq kernel walks each row block's keys left to right, carrying that prefix and the prefix
-of ``log2(1 - beta)``; ``log2 A`` then follows from the forward's saved row total ``log2 rem``.
-(Taking the prefix of ``g`` as a row total minus a suffix, as softmax kernels do with
-``delta = do . o``, would multiply the rounding of ``o`` by ``sum_m sigmoid(z_jm)``, which grows
-with T.) The dq kernel records both prefixes at every key-block boundary (``lpre``, ``gpre``: fp32
-``[B, N, T / block_k_bwd, T]``) and the dk/dv kernel, one program per key block and kv head, starts
-from them instead of re-walking the keys to its left. No atomics: each output element is written
-by one program, so gradients are bitwise deterministic.
+while ``A`` needs suffix sums of ``log2(1 - beta)`` from the RIGHT. Keys are walked right to left,
+as in the forward pass, so ``A`` is built exactly whatever the size of the logits. The dq kernel
+walks each row block twice: first for the row sums of ``g`` over each key block, which it turns
+into exact left prefixes (no "total minus suffix" cancellation: softmax kernels' ``delta = do . o``
+analogue would multiply the bf16 rounding of ``o`` by ``sum_m sigmoid(z_jm)``, which grows with T);
+then for ``dz``, ``dq`` and ``dscale``. It leaves each row's ``log2``-stick and ``g`` prefix at every
+key-block boundary (fp32 ``[B, N, T / block_k_bwd, T]`` each) for the dk/dv kernel, one program
+per key block and kv head, which starts from them instead of re-walking the row. Blocks that no
+row's stick reaches are skipped (exact in fp32). No atomics: each output element is written by one
+program, so gradients are bitwise deterministic.
 """
 
 from __future__ import annotations
@@ -26,75 +27,122 @@ from jax.experimental.pallas import triton as plgpu
 
 from sbjax.kernels import pallas_triton_tiles as tiles
 from sbjax.kernels.pallas_triton_config import BlockSizes
-from sbjax.kernels.pallas_triton_fwd import key_block_range
+
+_NO_STICK = -1e30  # log2-stick recorded for the key blocks a row's walk never reached
+# In-block prefixes of g always get fp32 accuracy (3 bf16 parts), whatever the input dtype: g spans
+# many magnitudes, and dscale weighs its errors by q . k (2 parts failed the saturated-logit test).
+_G_PARTS = 3
 
 
-def _logit_grads(q, k, v, do, drem, scale2, log_stick, g_prefix, mask, *, lower, parts,
-                 fast_math):
-  """One ``[Q, S]`` tile: weights ``A`` and logit gradients ``dz`` (fp32), and the row sums.
+def _triangles(block_k):
+  """In-block sums over the nearer keys (m > i), the farther ones (m < i), and those with m <= i."""
+  return (tiles.triangle(block_k, lambda m, i: m > i), tiles.triangle(block_k, lambda m, i: m < i),
+          tiles.triangle(block_k, lambda m, i: m <= i))
 
-  ``log_stick [Q]`` is ``log2 rem`` minus the sum of ``log2(1 - beta)`` over keys left of the
-  tile, ``g_prefix [Q]`` the sum of ``g`` over those keys.
+
+def _tile_grads(q, k, v, do, drem, scale2, log_stick, g_prefix, mask, *, triangles, parts, gpu):
+  """One ``[Q, S]`` tile of the backward pass, all fp32.
+
+  Args:
+    log_stick: ``[Q]`` sum of ``log2(1 - beta)`` over the keys right of the tile.
+    g_prefix: ``[Q]`` sum of ``g`` over the keys left of the tile (None: skip ``dz``).
+    parts: bf16 parts of the in-block sums of ``log2(1 - beta)`` (see ``tiles.masked_row_sums``).
+
+  Returns:
+    ``(q . k, A, g, dz or None, row sums of log2(1 - beta))``.
   """
+  nearer, farther, not_nearer = triangles
   precision = tiles.dot_precision(q.dtype)
-  x = tiles.dot(q, k, trans_b=True, precision=precision) * scale2  # [Q, S] base-2 logits
-  sp = tiles.softplus2(x, fast=fast_math)
+  exact = q.dtype == jnp.float32
+  qk = tiles.dot(q, k, trans_b=True, precision=precision)  # [Q, S]
+  x = qk * scale2  # base-2 logits
+  sp = tiles.softplus2(x, fast=gpu)
   log_1m_beta = -sp if mask is None else jnp.where(mask, -sp, 0.0)
-  # Sum over keys nearer than m (right of it) = row total - keys left of the tile - (m' <= m).
-  log_a = x - sp + log_stick[:, None] - tiles.masked_row_sums(log_1m_beta, lower, parts=parts)
-  a = jnp.exp2(log_a)
+  log_beta = tiles.log2_sigmoid(x, sp, exact=exact, fast=gpu)
+  a = jnp.exp2(log_beta + tiles.masked_row_sums(log_1m_beta, nearer, parts=parts)
+               + log_stick[:, None])
   if mask is not None:
     a = jnp.where(mask, a, 0.0)
-  dp = tiles.dot(do, v, trans_b=True, precision=precision)  # [Q, S]
-  g = a * (dp - drem[:, None])
-  prefix = g_prefix[:, None] + tiles.masked_row_sums(g, lower, parts=parts)  # sum_{i <= m} g
-  dz = g - jnp.exp2(x - sp) * prefix  # exp2(x - sp) = sigmoid(z)
-  if mask is not None:
-    dz = jnp.where(mask, dz, 0.0)
-  return a, dz, jnp.sum(log_1m_beta, axis=1), jnp.sum(g, axis=1)
+  g = a * (tiles.dot(do, v, trans_b=True, precision=precision) - drem[:, None])  # [Q, S]
+  dz = None
+  if g_prefix is not None:
+    if exact:  # where sigmoid ~ 1, g - sigmoid * g cancels: use g (1 - sigmoid) instead
+      dz = g * jnp.exp2(-sp) - jnp.exp2(log_beta) * (
+          g_prefix[:, None] + tiles.masked_row_sums(g, farther, parts=_G_PARTS))
+    else:
+      dz = g - jnp.exp2(log_beta) * (
+          g_prefix[:, None] + tiles.masked_row_sums(g, not_nearer, parts=_G_PARTS))
+    if mask is not None:
+      dz = jnp.where(mask, dz, 0.0)
+  return qk, a, g, dz, jnp.sum(log_1m_beta, axis=1)
 
 
-def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, do_ref, drem_ref, lrem_ref, *refs, block_q,
-               block_k, num_q_blocks, attend_current, has_segments, cumsum_parts, fast_math):
+def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, do_ref, drem_ref, *refs, block_q, block_k,
+               num_q_blocks, attend_current, has_segments, cumsum_parts, gpu, skip):
   if has_segments:
-    seg_ref, dq_ref, lpre_ref, gpre_ref = refs
+    seg_ref, dq_ref, dscale_ref, lsuf_ref, gpre_ref = refs
   else:
-    (dq_ref, lpre_ref, gpre_ref), seg_ref = refs, None
+    (dq_ref, dscale_ref, lsuf_ref, gpre_ref), seg_ref = refs, None
   q_block = num_q_blocks - 1 - pl.program_id(0)
   q, do, drem = q_ref[...], do_ref[...], drem_ref[...]  # [block_q, H], [block_q, Hv], [block_q]
-  scale2 = scale_ref[0] * tiles.LOG2E
+  scale = scale_ref[0]
   precision = tiles.dot_precision(q.dtype)
-  lower = tiles.inclusive_lower(block_k)
   q_pos = q_block * block_q + jnp.arange(block_q)
   q_seg = seg_ref[pl.ds(q_block * block_q, block_q)] if has_segments else None
+  n_full, n_total = tiles.key_block_range(q_block, block_q=block_q, block_k=block_k,
+                                          attend_current=attend_current)
+  walk = functools.partial(tiles.walk_right_to_left, n_full=n_full, n_total=n_total, skip=skip)
+  grads = functools.partial(_tile_grads, scale2=scale * tiles.LOG2E, triangles=_triangles(block_k),
+                            parts=cumsum_parts, gpu=gpu)
 
-  def tile(kb, carry, *, masked):
-    dq, log_stick, g_prefix = carry
-    lpre_ref[kb, :] = log_stick  # the dk/dv kernel starts key block kb from these sums
-    gpre_ref[kb, :] = g_prefix
+  def load(kb, masked):
     keys = pl.ds(kb * block_k, block_k)
-    k, v = k_ref[keys, :], v_ref[keys, :]  # [block_k, H], [block_k, Hv]
     mask = None
     if masked or has_segments:
       mask = tiles.visible(q_pos, kb * block_k + jnp.arange(block_k), q_seg,
                            seg_ref[keys] if has_segments else None, attend_current=attend_current)
-    _, dz, l_sum, g_sum = _logit_grads(q, k, v, do, drem, scale2, log_stick, g_prefix, mask,
-                                       lower=lower, parts=cumsum_parts, fast_math=fast_math)
+    return k_ref[keys, :], v_ref[keys, :], mask  # [block_k, H], [block_k, Hv], [Q, S]
+
+  def sum_tile(kb, log_stick, *, masked):  # first walk: row sums of g per key block
+    k, v, mask = load(kb, masked)
+    _, _, g, _, l_sum = grads(q, k, v, do, drem, log_stick=log_stick, g_prefix=None, mask=mask)
+    gpre_ref[kb, :] = jnp.sum(g, axis=1)
+    return log_stick + l_sum
+
+  zeros = jnp.zeros((block_q,), jnp.float32)
+  first, _ = walk(sum_tile, zeros, lambda c: c)
+  if gpu:
+    plgpu.debug_barrier()  # the block sums were stored by other threads than may read them
+
+  def to_prefix(kb, running):  # block sums -> exclusive prefixes from the left
+    block_sum = jnp.where(kb >= first, gpre_ref[kb, :], 0.0)  # unwalked blocks hold g = 0
+    gpre_ref[kb, :] = running
+    lsuf_ref[kb, :] = jnp.full((block_q,), _NO_STICK, jnp.float32)  # overwritten where walked
+    return running + block_sum
+
+  jax.lax.fori_loop(0, n_total, to_prefix, zeros)
+  if gpu:
+    plgpu.debug_barrier()
+
+  def dq_tile(kb, carry, *, masked):  # second walk: dz, dq, dscale and the stick at boundaries
+    dq, dscale, log_stick = carry
+    lsuf_ref[kb, :] = log_stick
+    k, v, mask = load(kb, masked)
+    qk, _, _, dz, l_sum = grads(q, k, v, do, drem, log_stick=log_stick, g_prefix=gpre_ref[kb, :],
+                                mask=mask)
     dq += tiles.dot(dz.astype(k.dtype), k, precision=precision)  # [block_q, H]
-    return dq, log_stick - l_sum, g_prefix + g_sum
+    # dL/dscale = sum dz * (q . k), from the fp32 logits as autodiff of the reference would.
+    return dq, dscale + jnp.sum(dz * qk, axis=1), log_stick + l_sum
 
-  n_full, n_total = key_block_range(q_block, block_q=block_q, block_k=block_k,
-                                    attend_current=attend_current)
-  # Left to right: first the fully visible blocks, then the masked diagonal ones.
-  carry = (jnp.zeros(q.shape, jnp.float32), lrem_ref[...], jnp.zeros((block_q,), jnp.float32))
-  carry = jax.lax.fori_loop(0, n_full, functools.partial(tile, masked=False), carry)
-  dq, _, _ = jax.lax.fori_loop(n_full, n_total, functools.partial(tile, masked=True), carry)
-  dq_ref[...] = dq  # unscaled: dq = scale * dq_raw, dscale = sum(q * dq_raw)
+  _, (dq, dscale, _) = walk(dq_tile, (jnp.zeros(q.shape, jnp.float32), zeros, zeros),
+                            lambda c: c[2])
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+  dscale_ref[...] = dscale
 
 
-def _dkv_kernel(scale_ref, q_ref, k_ref, v_ref, do_ref, drem_ref, lpre_ref, gpre_ref, *refs,
+def _dkv_kernel(scale_ref, q_ref, k_ref, v_ref, do_ref, drem_ref, lsuf_ref, gpre_ref, *refs,
                 block_q, block_k, num_q_blocks, group, attend_current, has_segments, cumsum_parts,
-                fast_math):
+                gpu, skip):
   if has_segments:
     seg_ref, dk_ref, dv_ref = refs
   else:
@@ -103,25 +151,34 @@ def _dkv_kernel(scale_ref, q_ref, k_ref, v_ref, do_ref, drem_ref, lpre_ref, gpre
   k, v = k_ref[...], v_ref[...]  # [block_k, H], [block_k, Hv]
   scale = scale_ref[0]
   precision = tiles.dot_precision(k.dtype)
-  lower = tiles.inclusive_lower(block_k)
+  grads = functools.partial(_tile_grads, scale2=scale * tiles.LOG2E, triangles=_triangles(block_k),
+                            parts=cumsum_parts, gpu=gpu)
   k_pos = kb * block_k + jnp.arange(block_k)
   k_seg = seg_ref[pl.ds(kb * block_k, block_k)] if has_segments else None
 
   def tile(j, carry, *, g, masked):
-    dk, dv = carry
     rows = pl.ds(j * block_q, block_q)
-    q, do = q_ref[rows, g, :], do_ref[rows, g, :]  # [block_q, H], [block_q, Hv]
-    mask = None
-    if masked or has_segments:
-      mask = tiles.visible(j * block_q + jnp.arange(block_q), k_pos,
-                           seg_ref[rows] if has_segments else None, k_seg,
-                           attend_current=attend_current)
-    a, dz, _, _ = _logit_grads(
-        q, k, v, do, drem_ref[g, rows], scale * tiles.LOG2E, lpre_ref[g, rows], gpre_ref[g, rows],
-        mask, lower=lower, parts=cumsum_parts, fast_math=fast_math)
-    dv += tiles.dot(a.astype(do.dtype), do, trans_a=True, precision=precision)  # [block_k, Hv]
-    dk += tiles.dot(dz.astype(q.dtype), q, trans_a=True, precision=precision)  # [block_k, H]
-    return dk, dv
+    log_stick = lsuf_ref[g, rows]  # [block_q]
+
+    def compute(carry):
+      dk, dv = carry
+      q, do = q_ref[rows, g, :], do_ref[rows, g, :]  # [block_q, H], [block_q, Hv]
+      mask = None
+      if masked or has_segments:
+        mask = tiles.visible(j * block_q + jnp.arange(block_q), k_pos,
+                             seg_ref[rows] if has_segments else None, k_seg,
+                             attend_current=attend_current)
+      _, a, _, dz, _ = grads(q, k, v, do, drem_ref[g, rows], log_stick=log_stick,
+                             g_prefix=gpre_ref[g, rows], mask=mask)
+      dv += tiles.dot(a.astype(do.dtype), do, trans_a=True, precision=precision)  # [block_k, Hv]
+      dk += tiles.dot(dz.astype(q.dtype), q, trans_a=True, precision=precision)  # [block_k, H]
+      return dk, dv
+
+    if not skip:
+      return compute(carry)
+    # No row's stick reaches this key block: its weights and gradients are exactly 0. (NaN, from
+    # rows that see no key here and so were never written, compares False and computes, masked.)
+    return jax.lax.cond(jnp.max(log_stick) < tiles.SKIP_LOG2, lambda c: c, compute, carry)
 
   # Query blocks with a row that sees a key of this block: [j_first, num_q_blocks); rows of
   # [j_first, j_full) may miss some of its keys (masked), later rows see them all.
@@ -140,13 +197,12 @@ def _dkv_kernel(scale_ref, q_ref, k_ref, v_ref, do_ref, drem_ref, lpre_ref, gpre
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def backward(q, k, v, scale, segment_ids, lrem, d_out, d_rem, *, attend_current: bool,
+def backward(q, k, v, scale, segment_ids, d_out, d_rem, *, attend_current: bool,
              block_sizes: BlockSizes, interpret: bool):
   """Gradients of ``pallas_triton_fwd.forward`` on padded inputs.
 
   Args:
     q, k, v, scale, segment_ids: as for ``pallas_triton_fwd.forward``.
-    lrem: ``[B, N, T]`` float32 ``log2(rem)`` saved by the forward kernel.
     d_out: ``[B, T, N, Hv]``; d_rem: ``[B, N, T]`` cotangents.
 
   Returns:
@@ -159,7 +215,8 @@ def backward(q, k, v, scale, segment_ids, lrem, d_out, d_rem, *, attend_current:
   nkb = t // bk
   d_rem = d_rem.astype(jnp.float32)
   common = dict(attend_current=attend_current, has_segments=segment_ids is not None,
-                cumsum_parts=tiles.cumsum_parts(q.dtype), fast_math=not interpret)
+                cumsum_parts=tiles.cumsum_parts(q.dtype), gpu=not interpret,
+                skip=block_sizes.skip_used_stick)
   params = plgpu.CompilerParams(num_warps=block_sizes.num_warps_bwd,
                                 num_stages=block_sizes.num_stages_bwd)
   seg_args = [] if segment_ids is None else [segment_ids]
@@ -168,7 +225,7 @@ def backward(q, k, v, scale, segment_ids, lrem, d_out, d_rem, *, attend_current:
   rev = lambda i: nq - 1 - i  # heaviest (last) query blocks start first
   row_vec = pl.BlockSpec((None, None, bq), lambda i, bi, ni: (bi, ni, rev(i)))
   boundary = pl.BlockSpec((None, None, nkb, bq), lambda i, bi, ni: (bi, ni, 0, rev(i)))
-  dq_raw, lpre, gpre = pl.pallas_call(
+  dq, dscale, lsuf, gpre = pl.pallas_call(
       functools.partial(_dq_kernel, block_q=bq, block_k=bk, num_q_blocks=nq, **common),
       grid=(nq, b, n),
       in_specs=[
@@ -178,22 +235,23 @@ def backward(q, k, v, scale, segment_ids, lrem, d_out, d_rem, *, attend_current:
           pl.BlockSpec((None, t, None, hv), lambda i, bi, ni: (bi, 0, ni // group, 0)),
           pl.BlockSpec((None, bq, None, hv), lambda i, bi, ni: (bi, rev(i), ni, 0)),
           row_vec,
-          row_vec,
       ] + [pl.BlockSpec((None, t), lambda i, bi, ni: (bi, 0))] * len(seg_args),
       out_specs=[
           pl.BlockSpec((None, bq, None, h), lambda i, bi, ni: (bi, rev(i), ni, 0)),
+          row_vec,
           boundary,
           boundary,
       ],
       out_shape=[
-          jax.ShapeDtypeStruct((b, t, n, h), jnp.float32),
+          jax.ShapeDtypeStruct((b, t, n, h), q.dtype),
+          jax.ShapeDtypeStruct((b, n, t), jnp.float32),
           jax.ShapeDtypeStruct((b, n, nkb, t), jnp.float32),
           jax.ShapeDtypeStruct((b, n, nkb, t), jnp.float32),
       ],
       compiler_params=params,
       interpret=interpret,
       name="stick_breaking_bwd_dq",
-  )(scale, q, k, v, d_out, d_rem, lrem, *seg_args)
+  )(scale, q, k, v, d_out, d_rem, *seg_args)
 
   group_rows = pl.BlockSpec((None, group, t), lambda kb, bi, ki: (bi, ki, 0))
   group_boundary = pl.BlockSpec((None, group, None, t), lambda kb, bi, ki: (bi, ki, kb, 0))
@@ -219,8 +277,5 @@ def backward(q, k, v, scale, segment_ids, lrem, d_out, d_rem, *, attend_current:
       compiler_params=params,
       interpret=interpret,
       name="stick_breaking_bwd_dkv",
-  )(scale, q, k, v, d_out, d_rem, lpre, gpre, *seg_args)
-
-  dq = (dq_raw * scale[0]).astype(q.dtype)
-  dscale = jnp.sum(q.astype(jnp.float32) * dq_raw).reshape(scale.shape).astype(scale.dtype)
-  return dq, dk, dv, dscale
+  )(scale, q, k, v, d_out, d_rem, lsuf, gpre, *seg_args)
+  return dq, dk, dv, jnp.sum(dscale).reshape(scale.shape)

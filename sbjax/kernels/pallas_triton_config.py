@@ -26,19 +26,26 @@ class BlockSizes:
     block_q_dkv: query rows per tile of the dk/dv kernel.
     num_warps_bwd: warps per backward program.
     num_stages_bwd: pipelining stages of the backward loops.
+    skip_used_stick: stop walking a row block's keys once every row's stick is below 2^-152: the
+      farther keys' weights and gradients are then exactly 0 in fp32, so results are unchanged
+      bit for bit, and long sequences cost what the rows really attend to. False walks every key
+      (for timing the dense worst case).
   """
 
-  block_q: int = 128
+  block_q: int = 64
   block_k: int = 64
-  num_warps: int = 8
+  num_warps: int = 4
   num_stages: int = 2
   block_q_dq: int = 64
-  block_k_bwd: int = 64
+  block_k_bwd: int = 32
   block_q_dkv: int = 64
   num_warps_bwd: int = 4
-  num_stages_bwd: int = 2
+  num_stages_bwd: int = 3
+  skip_used_stick: bool = True
 
   def __post_init__(self):
+    if not isinstance(self.skip_used_stick, bool):
+      raise ValueError(f"BlockSizes.skip_used_stick must be a bool, got {self.skip_used_stick!r}.")
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
       if field.name.startswith("block_") and not (_is_power_of_two(value) and value >= 16):

@@ -1,8 +1,9 @@
 """Forward Pallas Triton kernel: one program per (query block, batch, head).
 
 Each program walks key blocks from the diagonal leftwards (nearest first), carrying the row's
-log2-remainder (the sum of ``log2(1 - beta)`` over the keys already walked) and the output in fp32.
-Only the diagonal blocks are masked; blocks wholly left of them are fully visible.
+log2-stick (the sum of ``log2(1 - beta)`` over the keys already walked) and the output in fp32.
+Only the diagonal blocks are masked, and the walk stops once every row's stick is used up
+(``tiles.SKIP_LOG2``; exact in fp32).
 """
 
 from __future__ import annotations
@@ -18,30 +19,18 @@ from sbjax.kernels import pallas_triton_tiles as tiles
 from sbjax.kernels.pallas_triton_config import BlockSizes
 
 
-def key_block_range(q_block, *, block_q, block_k, attend_current):
-  """Key blocks seen by query block ``q_block``: ``(n_full, n_total)``.
-
-  Blocks ``[0, n_full)`` are visible to every row; ``[n_full, n_total)`` need the causal mask.
-  """
-  first_row = q_block * block_q
-  last_key = first_row + block_q - 1 - (0 if attend_current else 1)  # of the block's last row
-  # lax.div: Triton lowers it directly (operands are non-negative, so it is floor division).
-  n_total = jax.lax.div(last_key + 1 + block_k - 1, block_k)
-  n_full = jnp.minimum(jax.lax.div(first_row + int(attend_current), block_k), n_total)
-  return n_full, n_total
-
-
 def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, block_q, block_k, num_q_blocks,
-                attend_current, has_segments, cumsum_parts, fast_math):
+                attend_current, has_segments, cumsum_parts, gpu, skip):
   if has_segments:
-    seg_ref, out_ref, rem_ref, lrem_ref = refs
+    seg_ref, out_ref, rem_ref = refs
   else:
-    (out_ref, rem_ref, lrem_ref), seg_ref = refs, None
+    (out_ref, rem_ref), seg_ref = refs, None
   q_block = num_q_blocks - 1 - pl.program_id(0)  # heaviest (last) query blocks start first
   q = q_ref[...]  # [block_q, H]
   scale2 = scale_ref[0] * tiles.LOG2E
   precision = tiles.dot_precision(q.dtype)
-  upper = tiles.strict_upper(block_k)  # [block_k, block_k]
+  exact_log_beta = q.dtype == jnp.float32
+  nearer_keys = tiles.triangle(block_k, lambda m, i: m > i)  # [block_k, block_k]
   q_pos = q_block * block_q + jnp.arange(block_q)
   q_seg = seg_ref[pl.ds(q_block * block_q, block_q)] if has_segments else None
 
@@ -50,7 +39,7 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, block_q, block_k, num_q_b
     keys = pl.ds(kb * block_k, block_k)
     k, v = k_ref[keys, :], v_ref[keys, :]  # [block_k, H], [block_k, Hv]
     x = tiles.dot(q, k, trans_b=True, precision=precision) * scale2  # [block_q, block_k]
-    sp = tiles.softplus2(x, fast=fast_math)
+    sp = tiles.softplus2(x, fast=gpu)
     mask = None
     if masked or has_segments:
       k_seg = seg_ref[keys] if has_segments else None
@@ -60,25 +49,20 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, block_q, block_k, num_q_b
     else:
       log_1m_beta = -sp
     # log2 A = log2 beta + (log2(1 - beta) summed over nearer keys, in this block and to its right)
-    log_a = x - sp + tiles.masked_row_sums(log_1m_beta, upper, parts=cumsum_parts) + log_stick[:, None]
-    a = jnp.exp2(log_a)
+    nearer = tiles.masked_row_sums(log_1m_beta, nearer_keys, parts=cumsum_parts) + log_stick[:, None]
+    a = jnp.exp2(tiles.log2_sigmoid(x, sp, exact=exact_log_beta, fast=gpu) + nearer)
     if mask is not None:
       a = jnp.where(mask, a, 0.0)
     acc += tiles.dot(a.astype(v.dtype), v, precision=precision)
     return acc, log_stick + jnp.sum(log_1m_beta, axis=1)
 
-  n_full, n_total = key_block_range(q_block, block_q=block_q, block_k=block_k,
-                                    attend_current=attend_current)
+  n_full, n_total = tiles.key_block_range(q_block, block_q=block_q, block_k=block_k,
+                                          attend_current=attend_current)
   carry = (jnp.zeros((block_q, v_ref.shape[-1]), jnp.float32), jnp.zeros((block_q,), jnp.float32))
-  # Right to left: first the masked diagonal blocks, then the fully visible ones.
-  carry = jax.lax.fori_loop(
-      0, n_total - n_full,
-      lambda t, c: tile(n_total - 1 - t, c, masked=True), carry)
-  acc, log_stick = jax.lax.fori_loop(
-      0, n_full, lambda t, c: tile(n_full - 1 - t, c, masked=False), carry)
+  _, (acc, log_stick) = tiles.walk_right_to_left(
+      tile, carry, lambda c: c[1], n_full=n_full, n_total=n_total, skip=skip)
   out_ref[...] = acc.astype(out_ref.dtype)
   rem_ref[...] = jnp.exp2(log_stick)
-  lrem_ref[...] = log_stick  # the backward's residual: rem may underflow, its log does not
 
 
 def forward(q, k, v, scale, segment_ids, *, attend_current: bool, block_sizes: BlockSizes,
@@ -92,7 +76,7 @@ def forward(q, k, v, scale, segment_ids, *, attend_current: bool, block_sizes: B
     segment_ids: ``[B, T]`` int32 or None.
 
   Returns:
-    ``(out [B, T, N, Hv] in q.dtype, rem [B, N, T] float32, log2(rem) [B, N, T] float32)``.
+    ``(out [B, T, N, Hv] in q.dtype, rem [B, N, T] float32)``.
   """
   b, t, n, h = q.shape
   kv_heads, hv = k.shape[2], v.shape[-1]
@@ -102,7 +86,7 @@ def forward(q, k, v, scale, segment_ids, *, attend_current: bool, block_sizes: B
   kernel = functools.partial(
       _fwd_kernel, block_q=bq, block_k=bk, num_q_blocks=nq, attend_current=attend_current,
       has_segments=segment_ids is not None, cumsum_parts=tiles.cumsum_parts(q.dtype),
-      fast_math=not interpret)
+      gpu=not interpret, skip=block_sizes.skip_used_stick)
   rev = lambda i: nq - 1 - i
   in_specs = [
       pl.BlockSpec((1,), lambda i, bi, ni: (0,)),
@@ -121,11 +105,9 @@ def forward(q, k, v, scale, segment_ids, *, attend_current: bool, block_sizes: B
       out_specs=[
           pl.BlockSpec((None, bq, None, hv), lambda i, bi, ni: (bi, rev(i), ni, 0)),
           pl.BlockSpec((None, None, bq), lambda i, bi, ni: (bi, ni, rev(i))),
-          pl.BlockSpec((None, None, bq), lambda i, bi, ni: (bi, ni, rev(i))),
       ],
       out_shape=[
           jax.ShapeDtypeStruct((b, t, n, hv), q.dtype),
-          jax.ShapeDtypeStruct((b, n, t), jnp.float32),
           jax.ShapeDtypeStruct((b, n, t), jnp.float32),
       ],
       compiler_params=plgpu.CompilerParams(

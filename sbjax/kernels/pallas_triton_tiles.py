@@ -13,6 +13,9 @@ import jax.numpy as jnp
 from jax.experimental.pallas import triton as plgpu
 
 LOG2E = math.log2(math.e)
+# Once a row's stick is below 2^SKIP_LOG2, every farther key's weight exp2(log2 beta + stick) is
+# below 2^-152 and rounds to exactly 0 in fp32: stopping the walk there changes no bit of the result.
+SKIP_LOG2 = -152.0
 # softplus(z) = z above 15 nats (exact to fp32 rounding there: log(1 + e^-15) = 3e-7 < ulp(15)).
 SOFTPLUS_CUT = 15.0 * LOG2E
 
@@ -40,6 +43,16 @@ def softplus2(x, *, fast: bool):
   return jnp.where(x > SOFTPLUS_CUT, x, jnp.log2(1.0 + jnp.exp2(x)))
 
 
+def log2_sigmoid(x, sp, *, exact: bool, fast: bool):
+  """``log2 sigmoid(z)`` from base-2 logits ``x`` and ``sp = softplus2(x)``.
+
+  ``x - sp`` cancels for large positive ``x`` (absolute error ``eps * x``), which is far below bf16
+  and fp16 resolution but not fp32's: ``exact`` spends two more special-function calls on
+  ``-softplus2(-x)`` instead.
+  """
+  return -softplus2(-x, fast=fast) if exact else x - sp
+
+
 def dot_precision(dtype):
   """fp32 inputs get true fp32 products (IEEE); bf16/fp16 the tensor cores' native precision."""
   return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
@@ -51,18 +64,12 @@ def dot(a, b, *, trans_a=False, trans_b=False, precision=None):
   return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def strict_upper(block: int):
-  """``U [block, block]`` in bf16, ``U[m, i] = (m > i)``: ``x @ U`` sums ``x`` over ``m > i``."""
+def triangle(block: int, keep):
+  """``T [block, block]`` in bf16 with ``T[m, i] = keep(m, i)``: ``(x @ T)[r, i]`` sums ``x[r, m]``
+  over the keys ``m`` that ``keep`` pairs with ``i`` (e.g. ``m > i``: the nearer keys)."""
   m = jax.lax.broadcasted_iota(jnp.int32, (block, block), 0)
   i = jax.lax.broadcasted_iota(jnp.int32, (block, block), 1)
-  return (m > i).astype(jnp.bfloat16)
-
-
-def inclusive_lower(block: int):
-  """``L [block, block]`` in bf16, ``L[m, i] = (m <= i)``: ``x @ L`` sums ``x`` over ``m <= i``."""
-  m = jax.lax.broadcasted_iota(jnp.int32, (block, block), 0)
-  i = jax.lax.broadcasted_iota(jnp.int32, (block, block), 1)
-  return (m <= i).astype(jnp.bfloat16)
+  return keep(m, i).astype(jnp.bfloat16)
 
 
 def masked_row_sums(x, triangle, *, parts: int):
@@ -90,3 +97,36 @@ def visible(q_pos, k_pos, q_seg, k_seg, *, attend_current: bool):
   if q_seg is not None:
     mask = mask & (q_seg[:, None] == k_seg[None, :])
   return mask
+
+
+def key_block_range(q_block, *, block_q, block_k, attend_current):
+  """Key blocks seen by query block ``q_block``: ``(n_full, n_total)``.
+
+  Blocks ``[0, n_full)`` are visible to every row; ``[n_full, n_total)`` need the causal mask.
+  """
+  first_row = q_block * block_q
+  last_key = first_row + block_q - 1 - (0 if attend_current else 1)  # of the block's last row
+  # lax.div: Triton lowers it directly (operands are non-negative, so it is floor division).
+  n_total = jax.lax.div(last_key + block_k, block_k)
+  n_full = jnp.minimum(jax.lax.div(first_row + int(attend_current), block_k), n_total)
+  return n_full, n_total
+
+
+def walk_right_to_left(tile, carry, log_stick, *, n_full, n_total, skip: bool):
+  """Runs ``carry = tile(kb, carry, masked=...)`` for key blocks from the diagonal leftwards.
+
+  The masked diagonal blocks come first; the walk over the fully visible ones stops early, when
+  ``skip``, once ``log_stick(carry) [Q]`` (each row's log2 stick) is below ``SKIP_LOG2`` in every
+  row. Returns ``(first, carry)``: blocks ``[first, n_total)`` were walked.
+  """
+  carry = jax.lax.fori_loop(
+      0, n_total - n_full, lambda t, c: tile(n_total - 1 - t, c, masked=True), carry)
+  if not skip:
+    carry = jax.lax.fori_loop(
+        0, n_full, lambda t, c: tile(n_full - 1 - t, c, masked=False), carry)
+    return jnp.int32(0), carry
+  kb, carry = jax.lax.while_loop(
+      lambda state: (state[0] >= 0) & (jnp.max(log_stick(state[1])) > SKIP_LOG2),
+      lambda state: (state[0] - 1, tile(state[0], state[1], masked=False)),
+      (n_full - 1, carry))
+  return kb + 1, carry
