@@ -25,10 +25,13 @@ import sbjax
 _SHAPES = flags.DEFINE_list(
     "shapes", ["4:12:128:2048", "4:12:128:4096", "4:12:128:8192", "4:12:128:16384", "8:16:64:4096"],
     "B:N:H:T per entry.")
-_IMPLS = flags.DEFINE_list("impls", ["pallas", "cudnn", "scan"], "pallas | scan | xla | cudnn.")
+_IMPLS = flags.DEFINE_list(
+    "impls", ["pallas", "pallas_dense", "cudnn", "scan"],
+    "pallas | pallas_dense (no skipping of used-up sticks: every key walked) | scan | xla | cudnn.")
 _MODES = flags.DEFINE_list("modes", ["fwd", "fwdbwd"], "fwd and/or fwdbwd.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "Input dtype.")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed repetitions (after 3 warm-ups).")
+_SLOW_ITERS = flags.DEFINE_integer("slow_iters", 3, "Timed repetitions of the scan and xla paths.")
 _BLOCK_SIZES = flags.DEFINE_string("block_sizes", None, "JSON dict overriding BlockSizes fields.")
 _MAX_SCAN_T = flags.DEFINE_integer("max_scan_t", 16384, "Skip the scan/xla paths above this T.")
 _OUT = flags.DEFINE_string("out", None, "Write the records here as JSON.")
@@ -37,8 +40,13 @@ _OUT = flags.DEFINE_string("out", None, "Write the records here as JSON.")
 def attention(impl: str, block_sizes=None):
   if impl == "cudnn":
     return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+  if impl.startswith("pallas"):
+    block_sizes = block_sizes or sbjax.BlockSizes()
+    if impl == "pallas_dense":
+      block_sizes = dataclasses.replace(block_sizes, skip_used_stick=False)
+    impl = "pallas"
   return lambda q, k, v: sbjax.stick_breaking_attention(
-      q, k, v, implementation=impl, block_sizes=block_sizes if impl == "pallas" else None)
+      q, k, v, implementation=impl, block_sizes=block_sizes)
 
 
 def time_fn(fn, args, iters: int) -> float:
@@ -72,7 +80,8 @@ def bench_one(impl, mode, b, n, h, t, dtype, iters, block_sizes=None) -> dict:
               tflops=flops / ms / 1e9, peak_gib=None if peak is None else peak / 2**30)
 
 
-def run(shapes, impls, modes, dtype, iters, block_sizes=None, max_scan_t=16384, log=print):
+def run(shapes, impls, modes, dtype, iters, block_sizes=None, max_scan_t=16384, slow_iters=3,
+        log=print):
   records = []
   for shape in shapes:
     b, n, h, t = shape
@@ -81,7 +90,8 @@ def run(shapes, impls, modes, dtype, iters, block_sizes=None, max_scan_t=16384, 
         if impl in ("scan", "xla") and t > max_scan_t:
           continue
         try:
-          rec = bench_one(impl, mode, b, n, h, t, dtype, iters, block_sizes)
+          rec = bench_one(impl, mode, b, n, h, t, dtype,
+                          slow_iters if impl in ("scan", "xla") else iters, block_sizes)
         except Exception as e:  # pylint: disable=broad-except
           rec = dict(impl=impl, mode=mode, B=b, N=n, H=h, T=t, error=f"{type(e).__name__}: {e}"[:300])
         log(json.dumps(rec))
@@ -109,7 +119,7 @@ def main(argv):
   if _BLOCK_SIZES.value:
     block_sizes = sbjax.BlockSizes(**json.loads(_BLOCK_SIZES.value))
   records = run(shapes, _IMPLS.value, _MODES.value, jnp.dtype(_DTYPE.value), _ITERS.value,
-                block_sizes, _MAX_SCAN_T.value)
+                block_sizes, _MAX_SCAN_T.value, _SLOW_ITERS.value)
   if _OUT.value:
     meta = dict(jax=jax.__version__, device=jax.devices()[0].device_kind,
                 block_sizes=None if block_sizes is None else dataclasses.asdict(block_sizes),
