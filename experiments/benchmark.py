@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
 import time
 
 from absl import app, flags
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sbjax
+from sbjax.testing import median_time_ms
 
 _SHAPES = flags.DEFINE_list(
     "shapes", ["4:12:128:2048", "4:12:128:4096", "4:12:128:8192", "4:12:128:16384", "8:16:64:4096"],
@@ -49,18 +49,6 @@ def attention(impl: str, block_sizes=None):
       q, k, v, implementation=impl, block_sizes=block_sizes)
 
 
-def time_fn(fn, args, iters: int) -> float:
-  """Median wall time in ms of ``fn(*args)`` (device work included), after 3 warm-ups."""
-  for _ in range(3):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) * 1e3)
-  return statistics.median(times)
-
-
 def bench_one(impl, mode, b, n, h, t, dtype, iters, block_sizes=None) -> dict:
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, h)), dtype) for _ in range(3))
@@ -74,7 +62,7 @@ def bench_one(impl, mode, b, n, h, t, dtype, iters, block_sizes=None) -> dict:
   mem = compiled.memory_analysis()
   peak = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
                                    + mem.temp_size_in_bytes)
-  ms = time_fn(compiled, (q, k, v), iters)
+  ms = median_time_ms(compiled, (q, k, v), iters)
   flops = 4 * b * n * t * t * h / 2 * (1 if mode == "fwd" else 3.5)
   return dict(impl=impl, mode=mode, B=b, N=n, H=h, T=t, dtype=jnp.dtype(dtype).name, ms=ms,
               tflops=flops / ms / 1e9, peak_gib=None if peak is None else peak / 2**30)

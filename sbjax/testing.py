@@ -7,6 +7,8 @@ against the float64 definition.
 from __future__ import annotations
 
 import dataclasses
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -69,3 +71,15 @@ def float64_result(q, k, v, seg, scale, attend_current):
     out, rem = reference.stick_breaking_attention(
         up(q), up(k), up(v), jnp.float64(scale), seg, attend_current=attend_current)
     return np.asarray(out), np.asarray(rem)
+
+
+def median_time_ms(fn, args, iters: int) -> float:
+  """Median wall time in ms of ``fn(*args)`` until its results are ready, after 3 warm-up calls."""
+  for _ in range(3):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append((time.perf_counter() - start) * 1e3)
+  return statistics.median(times)
