@@ -33,7 +33,7 @@ def main(argv):
   print(f"JAX {jax.__version__} on {jax.devices()[0].device_kind}; {shape}, {dtype.name}")
   q, k, v, seg = random_inputs(0, shape, dtype, segments=False)
   want_out, want_rem = float64_result(q, k, v, seg, shape.h**-0.5, False)
-  print(f"{"implementation":26} {'out rel RMS':>12} {'rem rel RMS':>12} {'ms':>9}")
+  print(f"{'implementation':26} {'out rel RMS':>12} {'rem rel RMS':>12} {'ms':>9}")
   for impl in ("xla", "scan", "pallas"):
     interpret = impl == "pallas" and not on_gpu
     args = (q, k, v)
