@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 import sbjax
 from sbjax.nn import ATTENTIONS, SoftmaxAttention, StickBreakingAttention, apply_rope, make_attention
-from tests.helpers import rel_rms, stick_loop
+from helpers import rel_rms, stick_loop
 
 D, N = 16, 4
 

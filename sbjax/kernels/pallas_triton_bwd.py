@@ -80,9 +80,9 @@ def _tile_grads(q, k, v, do, drem, scale2, log_stick, g_prefix, mask, *, triangl
 def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, do_ref, drem_ref, *refs, block_q, block_k,
                num_q_blocks, attend_current, has_segments, cumsum_parts, gpu, skip):
   if has_segments:
-    seg_ref, dq_ref, dscale_ref, lsuf_ref, gpre_ref = refs
+    seg_ref, dq_ref, dscale_ref, first_ref, lsuf_ref, gpre_ref = refs
   else:
-    (dq_ref, dscale_ref, lsuf_ref, gpre_ref), seg_ref = refs, None
+    (dq_ref, dscale_ref, first_ref, lsuf_ref, gpre_ref), seg_ref = refs, None
   q_block = num_q_blocks - 1 - pl.program_id(0)
   q, do, drem = q_ref[...], do_ref[...], drem_ref[...]  # [block_q, H], [block_q, Hv], [block_q]
   scale = scale_ref[0]
@@ -134,13 +134,15 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, do_ref, drem_ref, *refs, block_q,
     # dL/dscale = sum dz * (q . k), from the fp32 logits as autodiff of the reference would.
     return dq, dscale + jnp.sum(dz * qk, axis=1), log_stick + l_sum
 
-  _, (dq, dscale, _) = walk(dq_tile, (jnp.zeros(q.shape, jnp.float32), zeros, zeros),
-                            lambda c: c[2])
+  first, (dq, dscale, _) = walk(dq_tile, (jnp.zeros(q.shape, jnp.float32), zeros, zeros),
+                                lambda c: c[2])
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
   dscale_ref[...] = dscale
+  first_ref[...] = jnp.full((block_q,), first, jnp.int32)
 
 
-def _dkv_kernel(scale_ref, q_ref, k_ref, v_ref, do_ref, drem_ref, lsuf_ref, gpre_ref, *refs,
+def _dkv_kernel(scale_ref, row_end_ref, q_ref, k_ref, v_ref, do_ref, drem_ref, lsuf_ref, gpre_ref,
+                *refs,
                 block_q, block_k, num_q_blocks, group, attend_current, has_segments, cumsum_parts,
                 gpu, skip):
   if has_segments:
@@ -180,21 +182,34 @@ def _dkv_kernel(scale_ref, q_ref, k_ref, v_ref, do_ref, drem_ref, lsuf_ref, gpre
     # rows that see no key here and so were never written, compares False and computes, masked.)
     return jax.lax.cond(jnp.max(log_stick) < tiles.SKIP_LOG2, lambda c: c, compute, carry)
 
-  # Query blocks with a row that sees a key of this block: [j_first, num_q_blocks); rows of
-  # [j_first, j_full) may miss some of its keys (masked), later rows see them all.
+  # Query blocks with a row that sees a key of this block and whose walk reached it:
+  # [j_first, j_end); rows of [j_first, j_full) may miss some of its keys (masked).
   j_first = jax.lax.div(kb * block_k + 1 - int(attend_current), block_q)
-  j_full = jnp.minimum(
-      jax.lax.div((kb + 1) * block_k - int(attend_current) + block_q - 1, block_q), num_q_blocks)
+  j_end = jax.lax.div(row_end_ref[0] + block_q - 1, block_q)
+  j_full = jax.lax.div((kb + 1) * block_k - int(attend_current) + block_q - 1, block_q)
 
   def head(g, carry):
-    carry = jax.lax.fori_loop(j_first, j_full, functools.partial(tile, g=g, masked=True), carry)
-    return jax.lax.fori_loop(j_full, num_q_blocks, functools.partial(tile, g=g, masked=False),
-                             carry)
+    carry = jax.lax.fori_loop(j_first, jnp.minimum(j_full, j_end),
+                              functools.partial(tile, g=g, masked=True), carry)
+    return jax.lax.fori_loop(j_full, j_end, functools.partial(tile, g=g, masked=False), carry)
 
   dk, dv = jax.lax.fori_loop(
       0, group, head, (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)))
   dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _live_row_end(first, block_q, num_key_blocks, kv_heads):
+  """``[B, K, num_key_blocks]``: rows past this never reach the key block (their stick is used up).
+
+  ``first [B, N, num_row_blocks]`` is the leftmost key block each dq row block walked. Row blocks
+  that reach key block ``kb`` all lie before the first point from which every later row block
+  stopped right of ``kb``: where the suffix minimum of ``first`` exceeds ``kb``.
+  """
+  suffix_min = jax.lax.cummin(first, axis=2, reverse=True)  # non-decreasing along row blocks
+  reach = jnp.sum(suffix_min[..., None] <= jnp.arange(num_key_blocks), axis=2)  # [B, N, nkb]
+  b, n, _ = first.shape
+  return reach.reshape(b, kv_heads, n // kv_heads, num_key_blocks).max(axis=2) * block_q
 
 
 def backward(q, k, v, scale, segment_ids, d_out, d_rem, *, attend_current: bool,
@@ -225,7 +240,7 @@ def backward(q, k, v, scale, segment_ids, d_out, d_rem, *, attend_current: bool,
   rev = lambda i: nq - 1 - i  # heaviest (last) query blocks start first
   row_vec = pl.BlockSpec((None, None, bq), lambda i, bi, ni: (bi, ni, rev(i)))
   boundary = pl.BlockSpec((None, None, nkb, bq), lambda i, bi, ni: (bi, ni, 0, rev(i)))
-  dq, dscale, lsuf, gpre = pl.pallas_call(
+  dq, dscale, first, lsuf, gpre = pl.pallas_call(
       functools.partial(_dq_kernel, block_q=bq, block_k=bk, num_q_blocks=nq, **common),
       grid=(nq, b, n),
       in_specs=[
@@ -239,12 +254,14 @@ def backward(q, k, v, scale, segment_ids, d_out, d_rem, *, attend_current: bool,
       out_specs=[
           pl.BlockSpec((None, bq, None, h), lambda i, bi, ni: (bi, rev(i), ni, 0)),
           row_vec,
+          row_vec,
           boundary,
           boundary,
       ],
       out_shape=[
           jax.ShapeDtypeStruct((b, t, n, h), q.dtype),
           jax.ShapeDtypeStruct((b, n, t), jnp.float32),
+          jax.ShapeDtypeStruct((b, n, t), jnp.int32),
           jax.ShapeDtypeStruct((b, n, nkb, t), jnp.float32),
           jax.ShapeDtypeStruct((b, n, nkb, t), jnp.float32),
       ],
@@ -253,6 +270,7 @@ def backward(q, k, v, scale, segment_ids, d_out, d_rem, *, attend_current: bool,
       name="stick_breaking_bwd_dq",
   )(scale, q, k, v, d_out, d_rem, *seg_args)
 
+  row_end = _live_row_end(first[:, :, ::bq], bq, nkb, kv_heads)
   group_rows = pl.BlockSpec((None, group, t), lambda kb, bi, ki: (bi, ki, 0))
   group_boundary = pl.BlockSpec((None, group, None, t), lambda kb, bi, ki: (bi, ki, kb, 0))
   dk, dv = pl.pallas_call(
@@ -261,6 +279,7 @@ def backward(q, k, v, scale, segment_ids, d_out, d_rem, *, attend_current: bool,
       grid=(nkb, b, kv_heads),
       in_specs=[
           pl.BlockSpec((1,), lambda kb, bi, ki: (0,)),
+          pl.BlockSpec((None, None, 1), lambda kb, bi, ki: (bi, ki, kb)),
           pl.BlockSpec((None, t, group, h), lambda kb, bi, ki: (bi, 0, ki, 0)),
           pl.BlockSpec((None, bk, None, h), lambda kb, bi, ki: (bi, kb, ki, 0)),
           pl.BlockSpec((None, bk, None, hv), lambda kb, bi, ki: (bi, kb, ki, 0)),
@@ -277,5 +296,5 @@ def backward(q, k, v, scale, segment_ids, d_out, d_rem, *, attend_current: bool,
       compiler_params=params,
       interpret=interpret,
       name="stick_breaking_bwd_dkv",
-  )(scale, q, k, v, d_out, d_rem, lsuf, gpre, *seg_args)
+  )(scale, row_end, q, k, v, d_out, d_rem, lsuf, gpre, *seg_args)
   return dq, dk, dv, jnp.sum(dscale).reshape(scale.shape)
