@@ -9,7 +9,6 @@ memory is about ``B * N * block * T`` floats instead of ``B * N * T^2``. Differe
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp

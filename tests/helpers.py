@@ -7,8 +7,10 @@ import functools
 import numpy as np
 
 import sbjax
-from sbjax.testing import (  # pylint: disable=unused-import
-    Shape, assert_within_tolerance, float64_result, random_inputs, rel_rms)
+from sbjax.testing import Shape, assert_within_tolerance, float64_result, random_inputs, rel_rms
+
+__all__ = ["SMALL_BLOCKS", "Shape", "assert_within_tolerance", "attention_fn", "float64_result",
+           "random_inputs", "rel_rms", "stick_loop"]
 
 
 def stick_loop(q, k, v, scale, seg=None, attend_current=False):

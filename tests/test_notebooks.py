@@ -1,7 +1,6 @@
 """Every notebook runs top to bottom (code cells executed in order in one namespace)."""
 
 import json
-import os
 import pathlib
 
 import matplotlib

@@ -104,6 +104,28 @@ def test_skipping_a_used_stick_is_exact(dtype, logit_scale):
     assert_within_tolerance(rel_rms(got, w), rel_rms(s, w), dtype, name)
 
 
+def test_head_dim_256():
+  """The largest head dim, with the default blocks for it, forward and gradients (bf16)."""
+  shape = Shape(1, 40, 2, 1, 256)
+  q, k, v, _ = random_inputs(2, shape, jnp.bfloat16)
+  rng = np.random.default_rng(3)
+  d_out = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  d_rem = jnp.asarray(rng.normal(size=q.shape[:3]), jnp.float32)
+  got = jax.jit(functools.partial(_grads, block_sizes=None, d_out=d_out, d_rem=d_rem))(q, k, v, None)
+
+  def reference_grads(q, k, v, dtype=None):
+    f = lambda q, k, v: sbjax.reference.stick_breaking_attention(q, k, v, 0.25, dtype=dtype)
+    (out, rem), vjp = jax.vjp(f, q, k, v)
+    return (out, rem) + vjp((d_out.astype(out.dtype), d_rem.astype(rem.dtype)))
+
+  with jax.enable_x64(True):
+    up = lambda x: jnp.asarray(np.asarray(x, np.float64))
+    want = [np.asarray(x) for x in reference_grads(up(q), up(k), up(v))]
+  same = reference_grads(q, k, v, dtype=jnp.bfloat16)
+  for name, g, w, s in zip(("out", "rem", "dq", "dk", "dv"), got, want, same):
+    assert_within_tolerance(rel_rms(g, w), rel_rms(s, w), jnp.bfloat16, name)
+
+
 def test_block_sizes_validation():
   with pytest.raises(ValueError, match=r"BlockSizes.block_q must be a power of two >= 16, got 48"):
     sbjax.BlockSizes(block_q=48)
