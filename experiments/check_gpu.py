@@ -79,7 +79,8 @@ def check_accuracy(name, shape, dtype, *, segments=False, attend_current=False, 
     record["errors"][out_name] = err
     try:
       if s is None:
-        assert err <= REL_RMS_CAP[dtype], f"{out_name}: {err:.3g} > cap {REL_RMS_CAP[dtype]}"
+        cap = REL_RMS_CAP[jnp.dtype(dtype)]
+        assert err <= cap, f"{out_name}: {err:.3g} > cap {cap}"
       else:
         assert_within_tolerance(err, rel_rms(s, w), dtype, out_name)
     except AssertionError as e:

@@ -19,8 +19,8 @@ from sbjax import reference
 # The tolerance rule, stated once. An implementation's relative RMS error against the float64
 # result must be at most twice that of a same-precision computation (the reference with its math in
 # the input dtype) plus a noise floor, and under an absolute cap per dtype.
-NOISE_FLOOR = {jnp.float32: 1e-5, jnp.bfloat16: 4e-3, jnp.float16: 1e-3}
-REL_RMS_CAP = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
+NOISE_FLOOR = {jnp.dtype(d): x for d, x in ((jnp.float32, 1e-5), (jnp.bfloat16, 4e-3), (jnp.float16, 1e-3))}
+REL_RMS_CAP = {jnp.dtype(d): x for d, x in ((jnp.float32, 1e-4), (jnp.bfloat16, 2e-2), (jnp.float16, 4e-3))}
 
 
 def rel_rms(x, ref) -> float:
@@ -32,6 +32,7 @@ def rel_rms(x, ref) -> float:
 
 
 def assert_within_tolerance(err: float, same_precision_err: float, dtype, what: str = ""):
+  dtype = jnp.dtype(dtype)
   bound = min(2 * same_precision_err + NOISE_FLOOR[dtype], REL_RMS_CAP[dtype])
   assert err <= bound, (
       f"{what}: rel RMS error {err:.3g} > bound {bound:.3g} "

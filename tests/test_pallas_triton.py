@@ -59,6 +59,27 @@ def _grads(q, k, v, seg, block_sizes, d_out, d_rem):
   return (out, rem) + vjp((d_out.astype(out.dtype), d_rem))
 
 
+def _assert_close_to_float64(got, q, k, v, d_out, d_rem):
+  """``got = _grads(...)`` (scale 0.25) against float64 under the tolerance rule; ``rem`` is
+  compared absolutely, since it is exactly 0 in many rows once sticks are used up."""
+  dtype = q.dtype
+
+  def reference_grads(q, k, v, scale, math_dtype=None):
+    f = lambda q, k, v, s: sbjax.reference.stick_breaking_attention(q, k, v, s, dtype=math_dtype)
+    (out, rem), vjp = jax.vjp(f, q, k, v, scale)
+    return (out, rem) + vjp((d_out.astype(out.dtype), d_rem.astype(rem.dtype)))
+
+  with jax.enable_x64(True):
+    up = lambda x: jnp.asarray(np.asarray(x, np.float64))
+    want = [np.asarray(x) for x in reference_grads(up(q), up(k), up(v), jnp.float64(0.25))]
+  same = reference_grads(q, k, v, jnp.float32(0.25), math_dtype=dtype)
+  for name, g, w, sp in zip(("out", "rem", "dq", "dk", "dv", "dscale"), got, want, same):
+    if name == "rem":
+      np.testing.assert_allclose(g, w, atol=1e-6)
+    else:
+      assert_within_tolerance(rel_rms(g, w), rel_rms(sp, w), dtype, name)
+
+
 def test_backward_is_bitwise_deterministic():
   q, k, v, seg = random_inputs(0, Shape(1, 96, 4, 2, 16), jnp.bfloat16, segments=True)
   rng = np.random.default_rng(1)
@@ -88,20 +109,7 @@ def test_skipping_a_used_stick_is_exact(dtype, logit_scale):
   for a, b in zip(skipped, full):
     np.testing.assert_array_equal(a, b)
 
-  def reference_grads(q, k, v, dtype=None):
-    f = lambda q, k, v, s: sbjax.reference.stick_breaking_attention(q, k, v, s, dtype=dtype)
-    (out, rem), vjp = jax.vjp(f, q, k, v, jnp.asarray(0.25, q.dtype if dtype is None else jnp.float32))
-    return (out, rem) + vjp((d_out.astype(out.dtype), d_rem.astype(rem.dtype)))
-
-  with jax.enable_x64(True):
-    up = lambda x: jnp.asarray(np.asarray(x, np.float64))
-    want = [np.asarray(x) for x in reference_grads(up(q), up(k), up(v))]
-  same = reference_grads(q, k, v, dtype=dtype)
-  for name, got, w, s in zip(("out", "rem", "dq", "dk", "dv", "dscale"), skipped, want, same):
-    if name == "rem":  # exactly 0 past the first few rows in every implementation
-      np.testing.assert_allclose(got, w, atol=1e-6)
-      continue
-    assert_within_tolerance(rel_rms(got, w), rel_rms(s, w), dtype, name)
+  _assert_close_to_float64(skipped, q, k, v, d_out, d_rem)
 
 
 def test_head_dim_256():
@@ -112,18 +120,7 @@ def test_head_dim_256():
   d_out = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
   d_rem = jnp.asarray(rng.normal(size=q.shape[:3]), jnp.float32)
   got = jax.jit(functools.partial(_grads, block_sizes=None, d_out=d_out, d_rem=d_rem))(q, k, v, None)
-
-  def reference_grads(q, k, v, dtype=None):
-    f = lambda q, k, v: sbjax.reference.stick_breaking_attention(q, k, v, 0.25, dtype=dtype)
-    (out, rem), vjp = jax.vjp(f, q, k, v)
-    return (out, rem) + vjp((d_out.astype(out.dtype), d_rem.astype(rem.dtype)))
-
-  with jax.enable_x64(True):
-    up = lambda x: jnp.asarray(np.asarray(x, np.float64))
-    want = [np.asarray(x) for x in reference_grads(up(q), up(k), up(v))]
-  same = reference_grads(q, k, v, dtype=jnp.bfloat16)
-  for name, g, w, s in zip(("out", "rem", "dq", "dk", "dv"), got, want, same):
-    assert_within_tolerance(rel_rms(g, w), rel_rms(s, w), jnp.bfloat16, name)
+  _assert_close_to_float64(got, q, k, v, d_out, d_rem)
 
 
 def test_block_sizes_validation():
