@@ -41,7 +41,7 @@ def _triangles(block_k):
 
 
 def _tile_grads(q, k, v, do, drem, scale2, log_stick, g_prefix, mask, *, triangles, parts, gpu):
-  """One ``[Q, S]`` tile of the backward pass, all fp32.
+  """One ``[Q, S]`` tile of the backward pass (inputs in their dtype, results in fp32).
 
   Args:
     log_stick: ``[Q]`` sum of ``log2(1 - beta)`` over the keys right of the tile.
@@ -56,7 +56,7 @@ def _tile_grads(q, k, v, do, drem, scale2, log_stick, g_prefix, mask, *, triangl
   exact = q.dtype == jnp.float32
   qk = tiles.dot(q, k, trans_b=True, precision=precision)  # [Q, S]
   x = qk * scale2  # base-2 logits
-  sp = tiles.softplus2(x, fast=gpu)
+  sp = tiles.softplus2(x, fast=gpu, exact=exact)
   log_1m_beta = -sp if mask is None else jnp.where(mask, -sp, 0.0)
   log_beta = tiles.log2_sigmoid(x, sp, exact=exact, fast=gpu)
   a = jnp.exp2(log_beta + tiles.masked_row_sums(log_1m_beta, nearer, parts=parts)
@@ -87,7 +87,7 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, do_ref, drem_ref, *refs, block_q,
   q, do, drem = q_ref[...], do_ref[...], drem_ref[...]  # [block_q, H], [block_q, Hv], [block_q]
   scale = scale_ref[0]
   precision = tiles.dot_precision(q.dtype)
-  q_pos = q_block * block_q + jnp.arange(block_q)
+  q_pos = tiles.positions(q_block * block_q, block_q)
   q_seg = seg_ref[pl.ds(q_block * block_q, block_q)] if has_segments else None
   n_full, n_total = tiles.key_block_range(q_block, block_q=block_q, block_k=block_k,
                                           attend_current=attend_current)
@@ -99,7 +99,7 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, do_ref, drem_ref, *refs, block_q,
     keys = pl.ds(kb * block_k, block_k)
     mask = None
     if masked or has_segments:
-      mask = tiles.visible(q_pos, kb * block_k + jnp.arange(block_k), q_seg,
+      mask = tiles.visible(q_pos, tiles.positions(kb * block_k, block_k), q_seg,
                            seg_ref[keys] if has_segments else None, attend_current=attend_current)
     return k_ref[keys, :], v_ref[keys, :], mask  # [block_k, H], [block_k, Hv], [Q, S]
 
@@ -116,6 +116,8 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, do_ref, drem_ref, *refs, block_q,
 
   def to_prefix(kb, running):  # block sums -> exclusive prefixes from the left
     block_sum = jnp.where(kb >= first, gpre_ref[kb, :], 0.0)  # unwalked blocks hold g = 0
+    if gpu:
+      plgpu.debug_barrier()  # every thread has read the sums before any overwrites them
     gpre_ref[kb, :] = running
     lsuf_ref[kb, :] = jnp.full((block_q,), _NO_STICK, jnp.float32)  # overwritten where walked
     return running + block_sum
@@ -155,7 +157,7 @@ def _dkv_kernel(scale_ref, row_end_ref, q_ref, k_ref, v_ref, do_ref, drem_ref, l
   precision = tiles.dot_precision(k.dtype)
   grads = functools.partial(_tile_grads, scale2=scale * tiles.LOG2E, triangles=_triangles(block_k),
                             parts=cumsum_parts, gpu=gpu)
-  k_pos = kb * block_k + jnp.arange(block_k)
+  k_pos = tiles.positions(kb * block_k, block_k)
   k_seg = seg_ref[pl.ds(kb * block_k, block_k)] if has_segments else None
 
   def tile(j, carry, *, g, masked):
@@ -167,7 +169,7 @@ def _dkv_kernel(scale_ref, row_end_ref, q_ref, k_ref, v_ref, do_ref, drem_ref, l
       q, do = q_ref[rows, g, :], do_ref[rows, g, :]  # [block_q, H], [block_q, Hv]
       mask = None
       if masked or has_segments:
-        mask = tiles.visible(j * block_q + jnp.arange(block_q), k_pos,
+        mask = tiles.visible(tiles.positions(j * block_q, block_q), k_pos,
                              seg_ref[rows] if has_segments else None, k_seg,
                              attend_current=attend_current)
       _, a, _, dz, _ = grads(q, k, v, do, drem_ref[g, rows], log_stick=log_stick,
@@ -178,15 +180,16 @@ def _dkv_kernel(scale_ref, row_end_ref, q_ref, k_ref, v_ref, do_ref, drem_ref, l
 
     if not skip:
       return compute(carry)
-    # No row's stick reaches this key block: its weights and gradients are exactly 0. (NaN, from
-    # rows that see no key here and so were never written, compares False and computes, masked.)
+    # No row's stick reaches this key block: its weights and gradients are exactly 0. Rows that
+    # see no key here were never written (NaN in interpret mode, arbitrary on a GPU); every tile
+    # also holds a written row, and the mask selects the unwritten ones away where computed.
     return jax.lax.cond(jnp.max(log_stick) < tiles.SKIP_LOG2, lambda c: c, compute, carry)
 
   # Query blocks with a row that sees a key of this block and whose walk reached it:
   # [j_first, j_end); rows of [j_first, j_full) may miss some of its keys (masked).
-  j_first = jax.lax.div(kb * block_k + 1 - int(attend_current), block_q)
-  j_end = jax.lax.div(row_end_ref[0] + block_q - 1, block_q)
-  j_full = jax.lax.div((kb + 1) * block_k - int(attend_current) + block_q - 1, block_q)
+  j_first = tiles.div(kb * block_k + 1 - int(attend_current), block_q)
+  j_end = tiles.div(row_end_ref[0] + block_q - 1, block_q)
+  j_full = tiles.div((kb + 1) * block_k - int(attend_current) + block_q - 1, block_q)
 
   def head(g, carry):
     carry = jax.lax.fori_loop(j_first, jnp.minimum(j_full, j_end),
@@ -209,7 +212,8 @@ def _live_row_end(first, block_q, num_key_blocks, kv_heads):
   suffix_min = jax.lax.cummin(first, axis=2, reverse=True)  # non-decreasing along row blocks
   reach = jnp.sum(suffix_min[..., None] <= jnp.arange(num_key_blocks), axis=2)  # [B, N, nkb]
   b, n, _ = first.shape
-  return reach.reshape(b, kv_heads, n // kv_heads, num_key_blocks).max(axis=2) * block_q
+  reach = reach.reshape(b, kv_heads, n // kv_heads, num_key_blocks).max(axis=2)
+  return (reach * block_q).astype(jnp.int32)
 
 
 def backward(q, k, v, scale, segment_ids, d_out, d_rem, *, attend_current: bool,

@@ -29,9 +29,9 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, block_q, block_k, num_q_b
   q = q_ref[...]  # [block_q, H]
   scale2 = scale_ref[0] * tiles.LOG2E
   precision = tiles.dot_precision(q.dtype)
-  exact_log_beta = q.dtype == jnp.float32
+  exact = q.dtype == jnp.float32  # fp32-accurate softplus and log-sigmoid
   nearer_keys = tiles.triangle(block_k, lambda m, i: m > i)  # [block_k, block_k]
-  q_pos = q_block * block_q + jnp.arange(block_q)
+  q_pos = tiles.positions(q_block * block_q, block_q)
   q_seg = seg_ref[pl.ds(q_block * block_q, block_q)] if has_segments else None
 
   def tile(kb, carry, *, masked):
@@ -39,18 +39,18 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, block_q, block_k, num_q_b
     keys = pl.ds(kb * block_k, block_k)
     k, v = k_ref[keys, :], v_ref[keys, :]  # [block_k, H], [block_k, Hv]
     x = tiles.dot(q, k, trans_b=True, precision=precision) * scale2  # [block_q, block_k]
-    sp = tiles.softplus2(x, fast=gpu)
+    sp = tiles.softplus2(x, fast=gpu, exact=exact)
     mask = None
     if masked or has_segments:
       k_seg = seg_ref[keys] if has_segments else None
-      mask = tiles.visible(q_pos, kb * block_k + jnp.arange(block_k), q_seg, k_seg,
+      mask = tiles.visible(q_pos, tiles.positions(kb * block_k, block_k), q_seg, k_seg,
                            attend_current=attend_current)
       log_1m_beta = jnp.where(mask, -sp, 0.0)
     else:
       log_1m_beta = -sp
     # log2 A = log2 beta + (log2(1 - beta) summed over nearer keys, in this block and to its right)
     nearer = tiles.masked_row_sums(log_1m_beta, nearer_keys, parts=cumsum_parts) + log_stick[:, None]
-    a = jnp.exp2(tiles.log2_sigmoid(x, sp, exact=exact_log_beta, fast=gpu) + nearer)
+    a = jnp.exp2(tiles.log2_sigmoid(x, sp, exact=exact, fast=gpu) + nearer)
     if mask is not None:
       a = jnp.where(mask, a, 0.0)
     acc += tiles.dot(a.astype(v.dtype), v, precision=precision)

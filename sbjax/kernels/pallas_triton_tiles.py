@@ -33,8 +33,15 @@ _SOFTPLUS2_ASM = """
 """ % ("0f" + struct.pack(">f", SOFTPLUS_CUT).hex().upper())  # PTX spells f32 literals in hex
 
 
-def softplus2(x, *, fast: bool):
-  """``log2(1 + 2^x)``, cut to ``x`` above ``SOFTPLUS_CUT``; ``fast`` uses the PTX above."""
+def softplus2(x, *, fast: bool, exact: bool = False):
+  """``log2(1 + 2^x)``, cut to ``x`` above ``SOFTPLUS_CUT``.
+
+  ``fast`` uses the PTX above. ``log2(1 + 2^x)`` rounds ``1 + 2^x``: an absolute error up to
+  2^-24 per key (2^x itself once x < -24), which sums along the row; below bf16/fp16 resolution,
+  not below fp32's. ``exact`` (fp32 inputs) takes ``log1p`` instead.
+  """
+  if exact:
+    return jnp.where(x > SOFTPLUS_CUT, x, jnp.log1p(jnp.exp2(x)) * LOG2E)
   if fast:
     (y,) = plgpu.elementwise_inline_asm(
         _SOFTPLUS2_ASM, args=[x], constraints="=r,r", pack=1,
@@ -50,7 +57,7 @@ def log2_sigmoid(x, sp, *, exact: bool, fast: bool):
   and fp16 resolution but not fp32's: ``exact`` spends two more special-function calls on
   ``-softplus2(-x)`` instead.
   """
-  return -softplus2(-x, fast=fast) if exact else x - sp
+  return -softplus2(-x, fast=fast, exact=True) if exact else x - sp
 
 
 def dot_precision(dtype):
@@ -91,6 +98,17 @@ def cumsum_parts(dtype) -> int:
   return 3 if jnp.dtype(dtype) == jnp.float32 else 2
 
 
+def div(a, b: int):
+  """``a // b`` for non-negative int32 ``a`` (``lax.div``, which Triton lowers directly; the int32
+  divisor keeps it int32 under ``jax_enable_x64``)."""
+  return jax.lax.div(a, jnp.int32(b))
+
+
+def positions(start, size: int):
+  """``start + [0, size)`` as int32."""
+  return start + jnp.arange(size, dtype=jnp.int32)
+
+
 def visible(q_pos, k_pos, q_seg, k_seg, *, attend_current: bool):
   """``[Q, S]`` bool: key ``k_pos[s]`` is visible to query ``q_pos[r]``."""
   mask = (k_pos[None, :] <= q_pos[:, None]) if attend_current else (k_pos[None, :] < q_pos[:, None])
@@ -106,9 +124,8 @@ def key_block_range(q_block, *, block_q, block_k, attend_current):
   """
   first_row = q_block * block_q
   last_key = first_row + block_q - 1 - (0 if attend_current else 1)  # of the block's last row
-  # lax.div: Triton lowers it directly (operands are non-negative, so it is floor division).
-  n_total = jax.lax.div(last_key + block_k, block_k)
-  n_full = jnp.minimum(jax.lax.div(first_row + int(attend_current), block_k), n_total)
+  n_total = div(last_key + block_k, block_k)
+  n_full = jnp.minimum(div(first_row + int(attend_current), block_k), n_total)
   return n_full, n_total
 
 
