@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import typing
 from typing import Literal
 
 import jax
@@ -10,22 +11,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from sbjax import reference, scan
+from sbjax.common import compute_dtype
 from sbjax.kernels import pallas_triton
+from sbjax.kernels.pallas_triton_config import BlockSizes
 
 Implementation = Literal["pallas", "scan", "xla"]
-IMPLEMENTATIONS = ("pallas", "scan", "xla")
+IMPLEMENTATIONS = typing.get_args(Implementation)
 
 
 def _check_array(name, x):
   if not hasattr(x, "shape") or not hasattr(x, "dtype"):
     raise TypeError(f"{name} must be an array, got {type(x).__name__}.")
   if x.ndim != 4:
-    raise ValueError(f"{name} must have rank 4 [B, T, heads, head_dim], got {name}.shape={x.shape}.")
+    raise ValueError(f"{name} must have rank 4 [B, T, N|K, H], got {name}.shape={x.shape}.")
+  if 0 in x.shape:
+    raise ValueError(f"{name} must have no empty axis, got {name}.shape={x.shape}.")
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"{name} must have a floating dtype, got {name}.dtype={x.dtype}.")
 
 
-def check_inputs(query, key, value, scale, segment_ids, implementation, block_sizes):
+def check_inputs(query, key, value, scale, segment_ids, implementation, interpret, block_sizes):
   """Raises ``ValueError``/``TypeError`` naming the bad argument, before any computation."""
   for name, x in (("query", query), ("key", key), ("value", value)):
     _check_array(name, x)
@@ -47,24 +52,44 @@ def check_inputs(query, key, value, scale, segment_ids, implementation, block_si
         f"query heads must be a multiple of key/value heads, got N={n} query heads and "
         f"K={key.shape[2]} key/value heads.")
   if segment_ids is not None:
-    if not hasattr(segment_ids, "shape") or segment_ids.shape != (b, t):
+    if not hasattr(segment_ids, "shape") or not hasattr(segment_ids, "dtype"):
+      raise TypeError(f"segment_ids must be an array, got {type(segment_ids).__name__}.")
+    if segment_ids.shape != (b, t):
       raise ValueError(
-          f"segment_ids must have shape [B, T]=({b}, {t}), got "
-          f"{getattr(segment_ids, 'shape', type(segment_ids).__name__)}.")
+          f"segment_ids must have shape [B, T]=({b}, {t}), got {segment_ids.shape}.")
     if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-      raise TypeError(f"segment_ids must have an integer dtype, got segment_ids.dtype={segment_ids.dtype}.")
-  if scale is not None and not isinstance(scale, (int, float)):
-    if not hasattr(scale, "shape") or np.shape(scale) != ():
-      raise ValueError(f"scale must be a Python float or a scalar array, got {scale!r}.")
+      raise TypeError(
+          f"segment_ids must have an integer dtype, got segment_ids.dtype={segment_ids.dtype}.")
+  if scale is not None:
+    is_number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+    is_array = hasattr(scale, "shape") and hasattr(scale, "dtype")
+    if not (is_number or is_array) or (is_array and not jnp.issubdtype(scale.dtype, jnp.number)):
+      raise TypeError(f"scale must be a Python float or a scalar array, got {scale!r}.")
+    if is_array and np.shape(scale) != ():
+      raise ValueError(f"scale must be a scalar, got scale.shape={np.shape(scale)}.")
   if implementation is not None and implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}.")
-  if block_sizes is not None and implementation not in (None, "pallas"):
-    raise ValueError(f"block_sizes applies to implementation='pallas' only, got {implementation=}.")
+    raise ValueError(
+        f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}.")
+  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+    raise TypeError(f"block_sizes must be a sbjax.BlockSizes, got {type(block_sizes).__name__}.")
+  for name, given in (("block_sizes", block_sizes is not None), ("interpret", interpret)):
+    if given and implementation not in (None, "pallas"):
+      raise ValueError(f"{name} applies to implementation='pallas' only, got {implementation=}.")
+  if implementation == "pallas":
+    reason = pallas_triton.unsupported(query, value)
+    if reason:
+      raise ValueError(f"implementation='pallas' {reason}; use implementation='scan' or 'xla'.")
 
 
-def default_implementation() -> str:
-  """The Pallas kernels on an NVIDIA GPU, the scan path elsewhere."""
-  return "pallas" if jax.default_backend() == "gpu" else "scan"
+def on_nvidia_gpu() -> bool:
+  return any("nvidia" in d.device_kind.lower() for d in jax.devices()[:1])
+
+
+def default_implementation(query=None, value=None) -> str:
+  """The Pallas kernels on an NVIDIA GPU for inputs they support, the scan path otherwise."""
+  if on_nvidia_gpu() and (query is None or not pallas_triton.unsupported(query, value)):
+    return "pallas"
+  return "scan"
 
 
 def stick_breaking_attention(
@@ -97,7 +122,8 @@ def stick_breaking_attention(
     segment_ids: optional ``[B, T]`` integers; keys of another segment are invisible and leave
       the stick unchanged.
     return_remainder: also return ``rem``.
-    implementation: ``None`` (auto: ``"pallas"`` on an NVIDIA GPU, else ``"scan"``),
+    implementation: ``None`` (auto: ``"pallas"`` on an NVIDIA GPU for inputs it supports, else
+      ``"scan"``),
       ``"pallas"`` (Pallas Triton kernels), ``"scan"`` (pure JAX, query blocks and an
       associative scan) or ``"xla"`` (the dense reference, O(T^2) memory).
     interpret: run the Pallas kernels in interpret mode (any backend; slow).
@@ -107,13 +133,13 @@ def stick_breaking_attention(
     ``out [B, T, N, Hv]`` in ``query.dtype``; with ``return_remainder``, ``(out, rem)`` where
     ``rem [B, T, N] = 1 - sum_i A_ji`` is float32 (float64 for float64 inputs).
   """
-  check_inputs(query, key, value, scale, segment_ids, implementation, block_sizes)
+  check_inputs(query, key, value, scale, segment_ids, implementation, interpret, block_sizes)
   if scale is None:
     scale = 1.0 / math.sqrt(query.shape[-1])
-  scale = jnp.asarray(scale, jnp.float32 if query.dtype != jnp.float64 else jnp.float64)
+  scale = jnp.asarray(scale, compute_dtype(query.dtype))
   if segment_ids is not None:
     segment_ids = segment_ids.astype(jnp.int32)
-  implementation = implementation or default_implementation()
+  implementation = implementation or default_implementation(query, value)
   if implementation == "xla":
     out, rem = reference.stick_breaking_attention(
         query, key, value, scale, segment_ids, attend_current=attend_current)

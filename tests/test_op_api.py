@@ -15,6 +15,8 @@ SEG = jnp.zeros((2, 8), jnp.int32)
 
 BAD_INPUTS = [  # (kwargs overriding a valid call, error type, message fragment)
     (dict(query=Q[0]), ValueError, r"query must have rank 4 .* got query.shape=\(8, 4, 16\)"),
+    (dict(query=Q[:, :0], key=K[:, :0], value=V[:, :0], segment_ids=None), ValueError,
+     r"query must have no empty axis, got query.shape=\(2, 0, 4, 16\)"),
     (dict(key=K[..., None]), ValueError, r"key must have rank 4"),
     (dict(value=np.zeros(3)), ValueError, r"value must have rank 4"),
     (dict(query=[[1.0]]), TypeError, r"query must be an array, got list"),
@@ -28,9 +30,20 @@ BAD_INPUTS = [  # (kwargs overriding a valid call, error type, message fragment)
      r"multiple of key/value heads, got N=5 query heads and K=2"),
     (dict(segment_ids=SEG[0]), ValueError, r"segment_ids must have shape \[B, T\]=\(2, 8\), got \(8,\)"),
     (dict(segment_ids=SEG.astype(jnp.float32)), TypeError, r"segment_ids must have an integer dtype"),
-    (dict(scale=jnp.ones(2)), ValueError, r"scale must be a Python float or a scalar array"),
+    (dict(segment_ids=[[0] * 8] * 2), TypeError, r"segment_ids must be an array, got list"),
+    (dict(scale=jnp.ones(2)), ValueError, r"scale must be a scalar, got scale.shape=\(2,\)"),
+    (dict(scale="0.5"), TypeError, r"scale must be a Python float or a scalar array, got '0.5'"),
+    (dict(scale=True), TypeError, r"scale must be a Python float or a scalar array, got True"),
     (dict(implementation="triton"), ValueError, r"implementation must be None or one of .*'triton'"),
-    (dict(implementation="scan", block_sizes=object()), ValueError, r"block_sizes applies to implementation='pallas'"),
+    (dict(implementation="scan", block_sizes=sbjax.BlockSizes()), ValueError,
+     r"block_sizes applies to implementation='pallas' only"),
+    (dict(implementation="xla", interpret=True), ValueError,
+     r"interpret applies to implementation='pallas' only"),
+    (dict(block_sizes={"block_q": 16}), TypeError, r"block_sizes must be a sbjax.BlockSizes, got dict"),
+    (dict(implementation="pallas", query=Q[..., None].repeat(32, -1).reshape(2, 8, 4, 512),
+          key=K[..., None].repeat(32, -1).reshape(2, 8, 2, 512),
+          value=V[..., None].repeat(32, -1).reshape(2, 8, 2, 512)), ValueError,
+     r"implementation='pallas' supports head dims up to 256, got query.shape=\(2, 8, 4, 512\)"),
 ]
 
 

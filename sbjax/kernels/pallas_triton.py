@@ -31,23 +31,20 @@ def _pad_to(x, axis: int, size: int):
   return jnp.pad(x, widths)
 
 
-def check_supported(query, value, block_sizes):
+def unsupported(query, value) -> str | None:
+  """Why the kernels cannot take these inputs, or None if they can."""
   if query.dtype not in SUPPORTED_DTYPES:
-    raise ValueError(
-        "implementation='pallas' supports float32, bfloat16 and float16 inputs, got "
-        f"query.dtype={query.dtype}; use implementation='scan' or 'xla'.")
+    return f"supports float32, bfloat16 and float16 inputs, got query.dtype={query.dtype}"
   for name, x in (("query", query), ("value", value)):
     if x.shape[-1] > MAX_HEAD_DIM:
-      raise ValueError(f"implementation='pallas' supports head dims up to {MAX_HEAD_DIM}, got "
-                       f"{name}.shape={x.shape}.")
-  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
-    raise TypeError(f"block_sizes must be a sbjax.BlockSizes, got {type(block_sizes).__name__}.")
+      return f"supports head dims up to {MAX_HEAD_DIM}, got {name}.shape={x.shape}"
+  return None
 
 
 def stick_breaking_attention(query, key, value, scale, segment_ids=None, *, attend_current=False,
                              block_sizes: BlockSizes | None = None, interpret: bool = False):
-  """Same contract as ``sbjax.reference.stick_breaking_attention``; float32/bf16/fp16 inputs."""
-  check_supported(query, value, block_sizes)
+  """Same contract as ``sbjax.reference.stick_breaking_attention`` for inputs that ``unsupported``
+  accepts; ``segment_ids`` int32. Arguments are checked by ``sbjax.ops``."""
   b, t, n, h = query.shape
   hv = value.shape[-1]
   hp, hvp = _next_power_of_two(max(h, 16)), _next_power_of_two(max(hv, 16))
@@ -56,7 +53,7 @@ def stick_breaking_attention(query, key, value, scale, segment_ids=None, *, atte
   q = _pad_to(_pad_to(query, 3, hp), 1, tp)
   k = _pad_to(_pad_to(key, 3, hp), 1, tp)
   v = _pad_to(_pad_to(value, 3, hvp), 1, tp)
-  seg = None if segment_ids is None else _pad_to(segment_ids.astype(jnp.int32), 1, tp)
+  seg = None if segment_ids is None else _pad_to(segment_ids, 1, tp)
   out, rem = _attention(q, k, v, jnp.reshape(scale, (1,)).astype(jnp.float32), seg,
                         (attend_current, block_sizes, interpret))
   return out[:, :t, :, :hv], rem.transpose(0, 2, 1)[:, :t]  # rem [B, N, T] -> [B, T, N]

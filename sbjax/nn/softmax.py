@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sbjax.nn.projections import AttentionProjections
+from sbjax.ops import on_nvidia_gpu
 from sbjax.nn.rope import apply_rope
 from sbjax.parallel import shard_attention
 
@@ -17,7 +18,7 @@ SOFTMAX_IMPLEMENTATIONS = ("xla", "cudnn")
 
 def default_softmax_implementation() -> str:
   """cuDNN on an NVIDIA GPU (``jax.nn.dot_product_attention`` itself defaults to XLA), else XLA."""
-  return "cudnn" if jax.default_backend() == "gpu" else "xla"
+  return "cudnn" if on_nvidia_gpu() else "xla"
 
 
 class SoftmaxAttention(AttentionProjections):
