@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 
 from absl import app, flags
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sbjax
+from sbjax.kernels import pallas_triton
 from sbjax.testing import median_time_ms
 
 _SHAPES = flags.DEFINE_list(
@@ -37,13 +39,13 @@ _MAX_SCAN_T = flags.DEFINE_integer("max_scan_t", 16384, "Skip the scan/xla paths
 _OUT = flags.DEFINE_string("out", None, "Write the records here as JSON.")
 
 
-def attention(impl: str, block_sizes=None):
+def attention(impl: str, head_dim: int, dtype, block_sizes=None):
   if impl == "cudnn":
     return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+  if impl == "pallas_dense":  # the library's blocks for this shape, every key walked
+    block_sizes = dataclasses.replace(block_sizes or sbjax.BlockSizes.get_default(head_dim, dtype),
+                                      skip_used_stick=False)
   if impl.startswith("pallas"):
-    block_sizes = block_sizes or sbjax.BlockSizes()
-    if impl == "pallas_dense":
-      block_sizes = dataclasses.replace(block_sizes, skip_used_stick=False)
     impl = "pallas"
   return lambda q, k, v: sbjax.stick_breaking_attention(
       q, k, v, implementation=impl, block_sizes=block_sizes)
@@ -52,7 +54,7 @@ def attention(impl: str, block_sizes=None):
 def bench_one(impl, mode, b, n, h, t, dtype, iters, block_sizes=None) -> dict:
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, h)), dtype) for _ in range(3))
-  attn = attention(impl, block_sizes)
+  attn = attention(impl, pallas_triton.padded_head_dim(h), dtype, block_sizes)
   if mode == "fwd":
     fn = jax.jit(attn)
   else:
@@ -111,6 +113,7 @@ def main(argv):
   if _OUT.value:
     meta = dict(jax=jax.__version__, device=jax.devices()[0].device_kind,
                 block_sizes=None if block_sizes is None else dataclasses.asdict(block_sizes),
+                iters=_ITERS.value, slow_iters=_SLOW_ITERS.value, argv=sys.argv[1:],
                 date=time.strftime("%Y-%m-%d"))
     with open(_OUT.value, "w") as f:
       json.dump(dict(meta=meta, records=records), f, indent=1)

@@ -104,37 +104,37 @@ def check_determinism(runs=20):
 
 
 def checks(quick: bool):
+  """``(name, fn)`` pairs; each ``fn()`` returns a record."""
   bf16 = jnp.bfloat16
-  yield lambda: check_accuracy("small fp32", Shape(1, 300, 4, 2, 64), jnp.float32, segments=True)
-  yield lambda: check_accuracy("small fp16", Shape(1, 300, 4, 1, 80), jnp.float16, attend_current=True)
-  yield lambda: check_accuracy("H128 T4096", Shape(2, 4096, 4, 2, 128), bf16)
-  yield lambda: check_accuracy("H64 T4096 seg cur", Shape(1, 4096, 4, 4, 64), bf16, segments=True,
-                               attend_current=True)
-  yield lambda: check_accuracy("H96 T3000 MQA", Shape(1, 3000, 4, 1, 96), bf16)
-  yield lambda: check_accuracy("saturated |z|<=1e4", Shape(1, 2048, 2, 2, 64), bf16,
-                               logit_scale=1250.0)
+  acc = lambda name, *a, **kw: (name, functools.partial(check_accuracy, name, *a, **kw))
+  yield acc("small fp32", Shape(1, 300, 4, 2, 64), jnp.float32, segments=True)
+  yield acc("small fp16", Shape(1, 300, 4, 1, 80), jnp.float16, attend_current=True)
+  yield acc("H128 T4096", Shape(2, 4096, 4, 2, 128), bf16)
+  yield acc("H64 T4096 seg cur", Shape(1, 4096, 4, 4, 64), bf16, segments=True,
+            attend_current=True)
+  yield acc("H96 T3000 MQA", Shape(1, 3000, 4, 1, 96), bf16)
+  yield acc("saturated |z|<=1e4", Shape(1, 2048, 2, 2, 64), bf16, logit_scale=1250.0)
   if quick:
     return
-  yield lambda: check_accuracy("H128 T16384", Shape(1, 16384, 2, 1, 128), bf16, same_precision=False)
-  yield lambda: check_accuracy("H64 T16384 seg", Shape(1, 16384, 2, 2, 64), bf16, segments=True,
-                               same_precision=False)
-  yield lambda: check_accuracy("T65536 one head", Shape(1, 65536, 1, 1, 64), bf16,
-                               same_precision=False)
-  yield lambda: check_accuracy("T131072 fwd", Shape(1, 131072, 1, 1, 64), bf16, with_grads=False,
-                               same_precision=False)
-  yield check_determinism
+  yield acc("H128 T16384", Shape(1, 16384, 2, 1, 128), bf16, same_precision=False)
+  yield acc("H64 T16384 seg", Shape(1, 16384, 2, 2, 64), bf16, segments=True,
+            same_precision=False)
+  yield acc("T65536 one head", Shape(1, 65536, 1, 1, 64), bf16, same_precision=False)
+  yield acc("T131072 fwd", Shape(1, 131072, 1, 1, 64), bf16, with_grads=False,
+            same_precision=False)
+  yield "determinism x20", check_determinism
 
 
 def main(argv):
   del argv
   print(jax.__version__, jax.devices()[0].device_kind, flush=True)
   records = []
-  for check in checks(_QUICK.value):
+  for name, check in checks(_QUICK.value):
     start = time.time()
     try:
       rec = check()
     except Exception as e:  # pylint: disable=broad-except
-      rec = dict(check=getattr(check, "__name__", "?"), ok=False, failure=f"{type(e).__name__}: {e}"[:400])
+      rec = dict(check=name, ok=False, failure=f"{type(e).__name__}: {e}"[:400])
     rec["seconds"] = round(time.time() - start, 1)
     print(json.dumps(rec), flush=True)
     records.append(rec)

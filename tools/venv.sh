@@ -7,19 +7,22 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
-if [[ ! -x "$venv/bin/python" ]]; then
+stamp="$venv/.installed"  # written last: an interrupted install is redone
+if [[ ! -f "$stamp" ]]; then
   py="${SBJAX_PYTHON:-}"
   if [[ -z "$py" ]]; then
     if command -v python3.12 >/dev/null && python3.12 -c '' 2>/dev/null; then
       py=python3.12
     elif command -v pyenv >/dev/null; then
-      py="$(pyenv root)/versions/$(pyenv versions --bare | grep -E '^3\.12(\.|$)' | tail -n 1)/bin/python"
+      v="$(pyenv versions --bare | grep -E '^3\.12(\.|$)' | tail -n 1 || true)"
+      [[ -n "$v" ]] && py="$(pyenv root)/versions/$v/bin/python"
     fi
   fi
   [[ -n "$py" && -x "$(command -v "$py")" ]] || { echo "sbjax needs Python 3.12 (or set SBJAX_PYTHON)" >&2; exit 1; }
-  "$py" -m venv "$venv"
+  "$py" -m venv --clear "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip
   "$venv/bin/python" -m pip install -q -c "$root/constraints.txt" -e "$root[test]"
+  touch "$stamp"
 fi
 export PATH="$venv/bin:$PATH"
 cd "$root"

@@ -19,8 +19,9 @@ SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_HEAD_DIM = 256
 
 
-def _next_power_of_two(x: int) -> int:
-  return 1 << (x - 1).bit_length()
+def padded_head_dim(h: int) -> int:
+  """Head dims are padded to a power of two (Triton tiles), at least 16 (the smallest dot)."""
+  return 1 << (max(h, 16) - 1).bit_length()
 
 
 def _pad_to(x, axis: int, size: int):
@@ -47,7 +48,7 @@ def stick_breaking_attention(query, key, value, scale, segment_ids=None, *, atte
   accepts; ``segment_ids`` int32. Arguments are checked by ``sbjax.ops``."""
   b, t, n, h = query.shape
   hv = value.shape[-1]
-  hp, hvp = _next_power_of_two(max(h, 16)), _next_power_of_two(max(hv, 16))
+  hp, hvp = padded_head_dim(h), padded_head_dim(hv)
   block_sizes = block_sizes or BlockSizes.get_default(hp, query.dtype)
   tp = -(-t // block_sizes.seq_multiple) * block_sizes.seq_multiple
   q = _pad_to(_pad_to(query, 3, hp), 1, tp)
