@@ -24,12 +24,12 @@ def padded_head_dim(h: int) -> int:
   return 1 << (max(h, 16) - 1).bit_length()
 
 
-def _pad_to(x, axis: int, size: int):
+def _pad_to(x, axis: int, size: int, mode: str = "constant"):
   if x.shape[axis] == size:
     return x
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths)
+  return jnp.pad(x, widths, mode=mode)
 
 
 def unsupported(query, value) -> str | None:
@@ -54,7 +54,8 @@ def stick_breaking_attention(query, key, value, scale, segment_ids=None, *, atte
   q = _pad_to(_pad_to(query, 3, hp), 1, tp)
   k = _pad_to(_pad_to(key, 3, hp), 1, tp)
   v = _pad_to(_pad_to(value, 3, hvp), 1, tp)
-  seg = None if segment_ids is None else _pad_to(segment_ids, 1, tp)
+  # Padded rows continue the last segment, so they let their row block stop as early as it would.
+  seg = None if segment_ids is None else _pad_to(segment_ids, 1, tp, mode="edge")
   out, rem = _attention(q, k, v, jnp.reshape(scale, (1,)).astype(jnp.float32), seg,
                         (attend_current, block_sizes, interpret))
   return out[:, :t, :, :hv], rem.transpose(0, 2, 1)[:, :t]  # rem [B, N, T] -> [B, T, N]
