@@ -55,10 +55,19 @@ ACCURACY_CASES = [  # (shape, segments, attend_current): odd T, head dims 40 and
 ]
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=lambda d: d.__name__)
-@pytest.mark.parametrize("shape,segments,attend_current", ACCURACY_CASES,
-                         ids=[f"{s}-seg{int(g)}-cur{int(c)}" for s, g, c in ACCURACY_CASES])
+def over_accuracy_cases(test):
+  """Parameterises ``test`` over implementations, the three dtypes and ``ACCURACY_CASES``."""
+  for mark in reversed((
+      pytest.mark.parametrize("implementation", IMPLEMENTATIONS),
+      pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16],
+                              ids=lambda d: d.__name__),
+      pytest.mark.parametrize("shape,segments,attend_current", ACCURACY_CASES,
+                              ids=[f"{s}-seg{int(g)}-cur{int(c)}" for s, g, c in ACCURACY_CASES]))):
+    test = mark(test)
+  return test
+
+
+@over_accuracy_cases
 def test_low_precision_accuracy(implementation, dtype, shape, segments, attend_current):
   q, k, v, seg = random_inputs(1, shape, dtype, segments=segments, logit_scale=3.0)
   scale = shape.h**-0.5
@@ -85,10 +94,7 @@ def test_check_grads_float64(implementation, segments, attend_current):
                               modes=("rev",), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=lambda d: d.__name__)
-@pytest.mark.parametrize("shape,segments,attend_current", ACCURACY_CASES,
-                         ids=[f"{s}-seg{int(g)}-cur{int(c)}" for s, g, c in ACCURACY_CASES])
+@over_accuracy_cases
 def test_grads_against_float64(implementation, dtype, shape, segments, attend_current):
   """Gradients of q, k, v and the scale, with random cotangents on both ``out`` and ``rem``."""
   q, k, v, seg = random_inputs(4, shape, dtype, segments=segments, logit_scale=2.0)
