@@ -123,9 +123,8 @@ def stick_breaking_attention(
       the stick unchanged.
     return_remainder: also return ``rem``.
     implementation: ``None`` (auto: ``"pallas"`` on an NVIDIA GPU for inputs it supports, else
-      ``"scan"``),
-      ``"pallas"`` (Pallas Triton kernels), ``"scan"`` (pure JAX, query blocks and an
-      associative scan) or ``"xla"`` (the dense reference, O(T^2) memory).
+      ``"scan"``), ``"pallas"`` (Pallas Triton kernels), ``"scan"`` (pure JAX, query blocks and
+      an associative scan) or ``"xla"`` (the dense reference, O(T^2) memory).
     interpret: run the Pallas kernels in interpret mode (any backend; slow).
     block_sizes: a ``sbjax.BlockSizes`` for the Pallas kernels; defaults by head dim and dtype.
 
