@@ -16,12 +16,13 @@ def compute_dtype(dtype) -> jnp.dtype:
 def visible_mask(q_pos, k_pos, q_seg=None, k_seg=None, *, attend_current: bool):
   """Which keys each query sees: ``[Tq, Tk]`` bool from positions ``q_pos [Tq]``, ``k_pos [Tk]``.
 
-  With ``q_seg [B, Tq]`` and ``k_seg [B, Tk]`` the result is ``[B, Tq, Tk]``.
+  With segment ids ``q_seg [..., Tq]`` and ``k_seg [..., Tk]`` (any leading axes, e.g. ``[B]``;
+  both or neither) the result is ``[..., Tq, Tk]``: keys of another segment are invisible.
   """
   rel = q_pos[:, None] - k_pos[None, :]
   mask = rel >= 0 if attend_current else rel > 0
   if q_seg is not None:
-    mask = mask & (q_seg[:, :, None] == k_seg[:, None, :])
+    mask = mask & (q_seg[..., :, None] == k_seg[..., None, :])
   return mask
 
 
@@ -36,19 +37,29 @@ def reverse_cumsum(x):
   return jax.lax.cumsum(x, axis=x.ndim - 1, reverse=True)
 
 
-def stick_breaking_weights(logits, mask, cumsum: Callable = reverse_cumsum):
-  """Attention weights and log-remainder of each row (DESIGN.md §1).
+def stick_breaking_weights(logits, mask, cumsum: Callable = reverse_cumsum, gate=None):
+  """Attention weights and log-remainder of each row (DESIGN.md §1), in log space.
 
   Args:
     logits: ``[..., Tq, Tk]`` scaled scores ``z``, float32 or wider.
     mask: bool, broadcastable to ``logits``; False marks invisible keys.
     cumsum: inclusive right-to-left cumulative sum over the last axis.
+    gate: optional forget-gate logits ``g``, broadcastable to ``logits`` (one per key, e.g.
+      ``[..., 1, Tk]``), same dtype: key ``i`` takes ``beta_ji = sigmoid(g_i) sigmoid(z_ji)``.
 
   Returns:
     ``(A [..., Tq, Tk], log_rem [..., Tq])``.
   """
-  log_beta = jax.nn.log_sigmoid(logits)  # log sigmoid(z)
-  log_1m_beta = jnp.where(mask, -jax.nn.softplus(logits), 0.0)  # log(1 - sigmoid(z)); 0 if invisible
+  if gate is None:
+    log_beta = jax.nn.log_sigmoid(logits)  # log sigmoid(z)
+    log_1m_beta = -jax.nn.softplus(logits)  # log(1 - sigmoid(z))
+  else:
+    log_f = jax.nn.log_sigmoid(gate)  # log f
+    log_beta = log_f + jax.nn.log_sigmoid(logits)
+    # log(1 - f sigmoid(z)) = log((1 - f) + f (1 - sigmoid(z))): two non-positive log terms, so
+    # saturated g or z lose nothing, and g = +inf gives -softplus(z) exactly (the ungated op).
+    log_1m_beta = jnp.logaddexp(jax.nn.log_sigmoid(-gate), log_f + jax.nn.log_sigmoid(-logits))
+  log_1m_beta = jnp.where(mask, log_1m_beta, 0.0)  # an invisible key leaves the stick unchanged
   incl = cumsum(log_1m_beta)  # sum over m >= i
   # The exclusive sum (m > i) is the inclusive one shifted left by one key: nothing is added and
   # subtracted again, so a saturated key (softplus ~ 1e4) costs no precision elsewhere.

@@ -30,7 +30,8 @@ def _check_array(name, x):
     raise TypeError(f"{name} must have a floating dtype, got {name}.dtype={x.dtype}.")
 
 
-def check_inputs(query, key, value, scale, segment_ids, implementation, interpret, block_sizes):
+def check_inputs(query, key, value, scale, segment_ids, implementation, interpret, block_sizes,
+                 forget_gate=None):
   """Raises ``ValueError``/``TypeError`` naming the bad argument, before any computation."""
   for name, x in (("query", query), ("key", key), ("value", value)):
     _check_array(name, x)
@@ -60,6 +61,16 @@ def check_inputs(query, key, value, scale, segment_ids, implementation, interpre
     if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
       raise TypeError(
           f"segment_ids must have an integer dtype, got segment_ids.dtype={segment_ids.dtype}.")
+  if forget_gate is not None:
+    if not hasattr(forget_gate, "shape") or not hasattr(forget_gate, "dtype"):
+      raise TypeError(f"forget_gate must be an array, got {type(forget_gate).__name__}.")
+    if forget_gate.shape != (b, t, key.shape[2]):
+      raise ValueError(
+          f"forget_gate must have shape [B, T, K]=({b}, {t}, {key.shape[2]}), "
+          f"got forget_gate.shape={forget_gate.shape}.")
+    if not jnp.issubdtype(forget_gate.dtype, jnp.floating):
+      raise TypeError(
+          f"forget_gate must have a floating dtype, got forget_gate.dtype={forget_gate.dtype}.")
   if scale is not None:
     is_number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
     is_array = hasattr(scale, "shape") and hasattr(scale, "dtype")
@@ -100,6 +111,7 @@ def stick_breaking_attention(
     scale=None,
     attend_current: bool = False,
     segment_ids=None,
+    forget_gate=None,
     return_remainder: bool = False,
     implementation: Implementation | None = None,
     interpret: bool = False,
@@ -121,6 +133,11 @@ def stick_breaking_attention(
     attend_current: if True, query ``j`` also sees key ``j`` (``i <= j`` instead of ``i < j``).
     segment_ids: optional ``[B, T]`` integers; keys of another segment are invisible and leave
       the stick unchanged.
+    forget_gate: optional ``[B, T, K]`` floating logits ``g``, one per key position and kv head
+      (the slides' forget gate, computed on the key/value side): key ``i`` takes
+      ``beta_ji = sigmoid(g_i) * sigmoid(z_ji)``. ``g = +inf`` is the ungated op; ``g = -inf`` makes
+      the key take nothing and leave the stick unchanged. Differentiable; math in float32
+      (float64 for float64 inputs).
     return_remainder: also return ``rem``.
     implementation: ``None`` (auto: ``"pallas"`` on an NVIDIA GPU for inputs it supports, else
       ``"scan"``), ``"pallas"`` (Pallas Triton kernels), ``"scan"`` (pure JAX, query blocks and
@@ -132,21 +149,27 @@ def stick_breaking_attention(
     ``out [B, T, N, Hv]`` in ``query.dtype``; with ``return_remainder``, ``(out, rem)`` where
     ``rem [B, T, N] = 1 - sum_i A_ji`` is float32 (float64 for float64 inputs).
   """
-  check_inputs(query, key, value, scale, segment_ids, implementation, interpret, block_sizes)
+  check_inputs(query, key, value, scale, segment_ids, implementation, interpret, block_sizes,
+               forget_gate)
+  dtype = compute_dtype(query.dtype)
   if scale is None:
     scale = 1.0 / math.sqrt(query.shape[-1])
-  scale = jnp.asarray(scale, compute_dtype(query.dtype))
+  scale = jnp.asarray(scale, dtype)
   if segment_ids is not None:
     segment_ids = segment_ids.astype(jnp.int32)
+  if forget_gate is not None:
+    forget_gate = forget_gate.astype(dtype)
   implementation = implementation or default_implementation(query, value)
   if implementation == "xla":
     out, rem = reference.stick_breaking_attention(
-        query, key, value, scale, segment_ids, attend_current=attend_current)
+        query, key, value, scale, segment_ids, forget_gate, attend_current=attend_current)
   elif implementation == "scan":
     out, rem = scan.stick_breaking_attention(
-        query, key, value, scale, segment_ids, attend_current=attend_current)
+        query, key, value, scale, segment_ids, forget_gate, attend_current=attend_current)
   else:
+    # TODO(K1): pass forget_gate unconditionally once the kernels take it.
+    gate = {} if forget_gate is None else dict(forget_gate=forget_gate)
     out, rem = pallas_triton.stick_breaking_attention(
         query, key, value, scale, segment_ids, attend_current=attend_current,
-        block_sizes=block_sizes, interpret=interpret)
+        block_sizes=block_sizes, interpret=interpret, **gate)
   return (out, rem) if return_remainder else out

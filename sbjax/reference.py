@@ -15,7 +15,8 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def stick_breaking_attention(
-    query, key, value, scale, segment_ids=None, *, attend_current=False, dtype=None
+    query, key, value, scale, segment_ids=None, forget_gate=None, *, attend_current=False,
+    dtype=None
 ):
   """Dense stick-breaking attention.
 
@@ -25,6 +26,8 @@ def stick_breaking_attention(
     value: ``[B, T, K, Hv]``.
     scale: scalar multiplying ``q . k``.
     segment_ids: optional ``[B, T]`` integers.
+    forget_gate: optional ``[B, T, K]`` logits ``g``: key ``i`` of kv head ``k`` takes
+      ``sigmoid(g_ik) * sigmoid(z_ji)`` of the stick.
     attend_current: whether query ``j`` also sees key ``j``.
     dtype: dtype of the math and of ``rem``; defaults to ``compute_dtype(query.dtype)`` (float32 or
       wider). Tests pass the input dtype to measure what a same-precision computation gets wrong.
@@ -38,10 +41,12 @@ def stick_breaking_attention(
   logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key.astype(dtype), precision=_HIGHEST)
   logits = logits * jnp.asarray(scale, dtype)
   pos = jnp.arange(t)
-  mask = visible_mask(pos, pos, segment_ids, segment_ids, attend_current=attend_current)
-  if segment_ids is not None:
-    mask = mask[:, None, None]  # [B, T, S] -> [B, 1, 1, T, S]
-  weights, log_rem = stick_breaking_weights(logits, mask)  # [B, K, G, T, S], [B, K, G, T]
+  seg = None if segment_ids is None else segment_ids[:, None, None]  # [B, 1, 1, T]
+  mask = visible_mask(pos, pos, seg, seg, attend_current=attend_current)  # [B, 1, 1, T, S] or [T, S]
+  gate = None
+  if forget_gate is not None:
+    gate = jnp.einsum("BSK->BKS", forget_gate.astype(dtype))[:, :, None, None, :]  # [B, K, 1, 1, S]
+  weights, log_rem = stick_breaking_weights(logits, mask, gate=gate)  # [B, K, G, T, S], [B, K, G, T]
   out = jnp.einsum("BKGTS,BSKH->BTKGH", weights, value.astype(dtype), precision=_HIGHEST)
   rem = jnp.exp(log_rem).transpose(0, 3, 1, 2).reshape(b, t, n)
   return out.reshape(b, t, n, value.shape[-1]).astype(query.dtype), rem

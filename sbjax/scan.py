@@ -32,7 +32,8 @@ def _reverse_scan(x):
 
 
 def stick_breaking_attention(
-    query, key, value, scale, segment_ids=None, *, attend_current=False, block_q=None
+    query, key, value, scale, segment_ids=None, forget_gate=None, *, attend_current=False,
+    block_q=None
 ):
   """Stick-breaking attention by query blocks; same contract as ``sbjax.reference``.
 
@@ -42,6 +43,7 @@ def stick_breaking_attention(
     value: ``[B, T, K, Hv]``.
     scale: scalar multiplying ``q . k`` (may be traced).
     segment_ids: optional ``[B, T]`` integers.
+    forget_gate: optional ``[B, T, K]`` logits (see ``sbjax.reference``).
     attend_current: whether query ``j`` also sees key ``j``.
     block_q: queries per block; default from :func:`default_block_q`.
 
@@ -64,6 +66,10 @@ def stick_breaking_attention(
   k_pos = jnp.arange(t)
   q_pos = jnp.arange(t + pad)
   q_seg = segment_ids
+  k_seg = None if segment_ids is None else segment_ids[:, None, None]  # [B, 1, 1, S]
+  gate = None
+  if forget_gate is not None:
+    gate = jnp.einsum("BSK->BKS", forget_gate.astype(dtype))[:, :, None, None, :]  # [B, K, 1, 1, S]
   if pad:
     q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
     if segment_ids is not None:
@@ -74,10 +80,9 @@ def stick_breaking_attention(
     q_blk, pos_blk, seg_blk = args  # [B, Q, K, G, H], [Q], [B, Q] or None
     logits = jnp.einsum("BQKGH,BSKH->BKGQS", q_blk, key, precision=precision,
                         preferred_element_type=dtype)
-    mask = visible_mask(pos_blk, k_pos, seg_blk, segment_ids, attend_current=attend_current)
-    if segment_ids is not None:
-      mask = mask[:, None, None]  # [B, Q, S] -> [B, 1, 1, Q, S]
-    weights, log_rem = stick_breaking_weights(logits * scale, mask, cumsum=_reverse_scan)
+    seg_blk = None if seg_blk is None else seg_blk[:, None, None]  # [B, 1, 1, Q]
+    mask = visible_mask(pos_blk, k_pos, seg_blk, k_seg, attend_current=attend_current)
+    weights, log_rem = stick_breaking_weights(logits * scale, mask, cumsum=_reverse_scan, gate=gate)
     out = jnp.einsum("BKGQS,BSKH->BQKGH", weights.astype(value.dtype), value, precision=precision,
                      preferred_element_type=dtype)
     return out, log_rem  # [B, Q, K, G, Hv], [B, K, G, Q]

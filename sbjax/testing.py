@@ -7,6 +7,7 @@ against the float64 definition.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
 
@@ -14,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sbjax import reference
+from sbjax import ops, reference
+from sbjax.common import compute_dtype
 
 # The tolerance rule, stated once. An implementation's relative RMS error against the float64
 # result must be at most twice that of a same-precision computation (the reference with its math in
@@ -32,14 +34,19 @@ def rel_rms(x, ref) -> float:
   return float(np.sqrt(np.mean((x - ref) ** 2)) / max(np.sqrt(np.mean(ref**2)), 1e-30))
 
 
+def tolerance_bound(same_precision_err: float, dtype) -> float:
+  """The largest relative RMS error the tolerance rule allows in ``dtype``."""
+  dtype = jnp.dtype(dtype)
+  return min(2 * same_precision_err + NOISE_FLOOR[dtype], REL_RMS_CAP[dtype])
+
+
 def assert_within_tolerance(err: float, same_precision_err: float, dtype, what: str = ""):
   """The tolerance rule above for a relative RMS error ``err`` of an output named ``what``."""
-  dtype = jnp.dtype(dtype)
-  bound = min(2 * same_precision_err + NOISE_FLOOR[dtype], REL_RMS_CAP[dtype])
+  bound = tolerance_bound(same_precision_err, dtype)
   if not err <= bound:
     raise AssertionError(
         f"{what}: rel RMS error {err:.3g} > bound {bound:.3g} "
-        f"(same-precision error {same_precision_err:.3g}, dtype {dtype.name})")
+        f"(same-precision error {same_precision_err:.3g}, dtype {jnp.dtype(dtype).name})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,13 +75,91 @@ def random_inputs(seed: int, shape: Shape, dtype, *, segments: bool = False, log
   return cast(q), cast(k), cast(v), None if seg is None else jnp.asarray(seg)
 
 
-def float64_result(q, k, v, seg, scale, attend_current):
-  """The oracle: the dense reference in float64 on the (already rounded) inputs."""
+def _up(x):
+  """``x`` as a float64 jax array (call inside ``jax.enable_x64``); None stays None."""
+  return None if x is None else jnp.asarray(np.asarray(x, np.float64))
+
+
+def _attention(implementation, seg, attend_current, dtype=None):
+  """``f(q, k, v, scale, forget_gate) -> (out, rem)``; ``dtype`` set: the same-precision reference."""
+  if dtype is not None:
+    return lambda q, k, v, s, g: reference.stick_breaking_attention(
+        q, k, v, s, seg, g, attend_current=attend_current, dtype=dtype)
+  return lambda q, k, v, s, g: ops.stick_breaking_attention(
+      q, k, v, scale=s, segment_ids=seg, forget_gate=g, attend_current=attend_current,
+      implementation=implementation, return_remainder=True)
+
+
+def float64_result(q, k, v, seg, scale, attend_current, forget_gate=None, *,
+                   implementation="xla"):
+  """The oracle: ``(out, rem)`` as float64 NumPy arrays, computed in float64 on the (already
+  rounded) inputs by ``implementation`` (``"xla"``, the dense reference; ``"scan"`` for long T)."""
   with jax.enable_x64(True):
-    up = lambda x: jnp.asarray(np.asarray(x, np.float64))
-    out, rem = reference.stick_breaking_attention(
-        up(q), up(k), up(v), jnp.float64(scale), seg, attend_current=attend_current)
-    return np.asarray(out), np.asarray(rem)
+    fn = jax.jit(_attention(implementation, seg, attend_current))
+    return tuple(np.asarray(x) for x in fn(_up(q), _up(k), _up(v), jnp.float64(scale),
+                                           _up(forget_gate)))
+
+
+def gradients(fn, q, k, v, scale, d_out, d_rem, forget_gate=None):
+  """``(out, rem, dq, dk, dv, dscale[, dforget_gate])`` of ``fn(q, k, v, scale, forget_gate) ->
+  (out, rem)`` under the cotangents ``d_out [B, T, N, Hv]`` and ``d_rem [B, T, N]`` (cast to the
+  outputs' dtypes). ``dforget_gate`` is there only when ``forget_gate`` is given."""
+  if forget_gate is None:
+    f = lambda q, k, v, s: fn(q, k, v, s, None)
+    primals = (q, k, v, scale)
+  else:
+    f, primals = fn, (q, k, v, scale, forget_gate)
+  (out, rem), vjp = jax.vjp(f, *primals)
+  d_out, d_rem = jnp.asarray(d_out, out.dtype), jnp.asarray(d_rem, rem.dtype)
+  return (out, rem) + tuple(vjp((d_out, d_rem)))
+
+
+def float64_gradients(q, k, v, seg, scale, attend_current, d_out, d_rem, forget_gate=None, *,
+                      implementation="xla"):
+  """The gradient oracle: :func:`gradients` of the op in float64 on the (already rounded) inputs,
+  as float64 NumPy arrays. ``implementation="scan"`` keeps memory O(T) for long sequences."""
+  with jax.enable_x64(True):
+    fn = jax.jit(functools.partial(gradients, _attention(implementation, seg, attend_current)))
+    res = fn(_up(q), _up(k), _up(v), jnp.float64(scale), _up(d_out), _up(d_rem), _up(forget_gate))
+    return tuple(np.asarray(x) for x in res)
+
+
+def same_precision_gradients(q, k, v, seg, scale, attend_current, d_out, d_rem, forget_gate=None):
+  """:func:`gradients` of the dense reference with its math in the input dtype: what a
+  same-precision computation gets wrong, the yardstick of the tolerance rule."""
+  fn = jax.jit(functools.partial(
+      gradients, _attention("xla", seg, attend_current, dtype=jnp.dtype(q.dtype))))
+  scale = jnp.asarray(scale, compute_dtype(q.dtype))
+  return fn(q, k, v, scale, d_out, d_rem, forget_gate)
+
+
+RESULT_NAMES = ("out", "rem", "dq", "dk", "dv", "dscale", "dforget_gate")
+
+
+def tolerance_errors(got, want, same, dtype, names=RESULT_NAMES) -> dict[str, tuple[float, float]]:
+  """``{name: (rel RMS error, bound)}`` of each ``got`` against the float64 ``want`` under the
+  tolerance rule; ``same`` holds the same-precision results, or is None (the cap alone)."""
+  dtype = jnp.dtype(dtype)
+  same = [None] * len(want) if same is None else same
+  if not len(got) == len(want) == len(same):
+    raise ValueError(f"got {len(got)} results, want {len(want)} and same {len(same)}")
+  errors = {}
+  for name, g, w, s in zip(names, got, want, same):
+    bound = REL_RMS_CAP[dtype] if s is None else tolerance_bound(rel_rms(s, w), dtype)
+    errors[name] = (rel_rms(g, w), bound)
+  return errors
+
+
+def assert_gradients_within_tolerance(got, want, same, dtype, names=RESULT_NAMES):
+  """Checks results from :func:`gradients` (or ``(out, rem)`` alone) against
+  :func:`float64_gradients` under the tolerance rule; raises naming every output that fails.
+  Returns the errors of :func:`tolerance_errors`."""
+  errors = tolerance_errors(got, want, same, dtype, names)
+  failures = [f"{name}: rel RMS error {err:.3g} > bound {bound:.3g}"
+              for name, (err, bound) in errors.items() if not err <= bound]
+  if failures:
+    raise AssertionError(f"dtype {jnp.dtype(dtype).name}: " + "; ".join(failures))
+  return errors
 
 
 def median_time_ms(fn, args, iters: int) -> float:

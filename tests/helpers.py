@@ -7,20 +7,23 @@ import functools
 import numpy as np
 
 import sbjax
+# Re-exported for the test files that import them from here.
 from sbjax.testing import Shape, assert_within_tolerance, float64_result, random_inputs, rel_rms
 
 __all__ = ["SMALL_BLOCKS", "Shape", "assert_within_tolerance", "attention_fn", "float64_result",
-           "random_inputs", "rel_rms", "stick_loop"]
+           "random_inputs", "rel_rms", "sigmoid", "stick_loop"]
 
 
-def stick_loop(q, k, v, scale, seg=None, attend_current=False):
+def stick_loop(q, k, v, scale, seg=None, attend_current=False, forget_gate=None):
   """The definition as a NumPy float64 loop: each query breaks the stick key by key, nearest first.
 
-  q ``[B, T, N, H]``, k ``[B, T, K, H]``, v ``[B, T, K, Hv]`` -> ``(out [B, T, N, Hv], rem [B, T, N])``.
+  q ``[B, T, N, H]``, k ``[B, T, K, H]``, v ``[B, T, K, Hv]``, optional forget-gate logits
+  ``[B, T, K]`` (key ``i`` takes ``sigmoid(g_i) sigmoid(z_ji)``) -> ``(out [B, T, N, Hv], rem [B, T, N])``.
   """
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   b, t, n, _ = q.shape
   g = n // k.shape[2]
+  f = np.ones((b, t, k.shape[2])) if forget_gate is None else sigmoid(forget_gate)
   out = np.zeros((b, t, n, v.shape[-1]))
   rem = np.ones((b, t, n))
   for bi, j, ni in np.ndindex(b, t, n):
@@ -28,11 +31,18 @@ def stick_loop(q, k, v, scale, seg=None, attend_current=False):
     for i in range(j if attend_current else j - 1, -1, -1):
       if seg is not None and seg[bi, i] != seg[bi, j]:
         continue  # invisible: the stick is unchanged
-      beta = 1.0 / (1.0 + np.exp(-scale * q[bi, j, ni] @ k[bi, i, ni // g]))
+      beta = f[bi, i, ni // g] * sigmoid(scale * q[bi, j, ni] @ k[bi, i, ni // g])
       out[bi, j, ni] += stick * beta * v[bi, i, ni // g]
       stick *= 1.0 - beta
     rem[bi, j, ni] = stick
   return out, rem
+
+
+def sigmoid(x):
+  """Float64 logistic function, exact at +-inf."""
+  x = np.asarray(x, np.float64)
+  with np.errstate(over="ignore"):
+    return 1.0 / (1.0 + np.exp(-x))
 
 
 # Small blocks, so that the interpreted kernels cross several query and key blocks, masked and not,

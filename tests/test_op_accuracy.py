@@ -14,10 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import (
-    Shape, assert_within_tolerance, attention_fn, float64_result, random_inputs, rel_rms,
-    stick_loop)
+from helpers import attention_fn, stick_loop
 from sbjax import reference
+from sbjax.testing import (
+    RESULT_NAMES, Shape, assert_gradients_within_tolerance, assert_within_tolerance,
+    float64_gradients, float64_result, gradients, random_inputs, rel_rms,
+    same_precision_gradients)
 
 IMPLEMENTATIONS = ["xla", "scan", "pallas"]
 PURE_JAX_IMPLEMENTATIONS = ["xla", "scan"]  # the kernels take fp32/bf16/fp16 and interpret slowly
@@ -95,31 +97,19 @@ def test_check_grads_float64(implementation, segments, attend_current):
 
 
 @over_accuracy_cases
-def test_grads_against_float64(implementation, dtype, shape, segments, attend_current):
+def test_grads_against_float64(implementation, dtype, shape, segments, attend_current, cotangents):
   """Gradients of q, k, v and the scale, with random cotangents on both ``out`` and ``rem``."""
   q, k, v, seg = random_inputs(4, shape, dtype, segments=segments, logit_scale=2.0)
-  rng = np.random.default_rng(5)
-  d_out = rng.normal(size=q.shape[:3] + v.shape[-1:])
-  d_rem = rng.normal(size=q.shape[:3])
-
-  @functools.partial(jax.jit, static_argnums=0)
-  def grads(fn, q, k, v, scale):
-    (out, rem), vjp = jax.vjp(fn, q, k, v, scale)
-    return vjp((jnp.asarray(d_out, out.dtype), jnp.asarray(d_rem, rem.dtype)))
-
-  def attn(implementation, **kw):
-    return lambda q, k, v, s: attention_fn(implementation, **kw)(
-        q, k, v, scale=s, segment_ids=seg, attend_current=attend_current)
-
-  got = grads(attn(implementation), q, k, v, jnp.float32(0.3))
-  with jax.enable_x64(True):
-    up = lambda x: jnp.asarray(np.asarray(x, np.float64))
-    want = grads(attn("xla"), up(q), up(k), up(v), jnp.float64(0.3))
-  same = grads(lambda q, k, v, s: reference.stick_breaking_attention(
-      q, k, v, s, seg, attend_current=attend_current, dtype=dtype), q, k, v, jnp.float32(0.3))
-  for name, g, w, sp in zip(("dq", "dk", "dv", "dscale"), got, want, same):
-    assert g.shape == w.shape and g.dtype == (dtype if name != "dscale" else jnp.float32), name
-    assert_within_tolerance(rel_rms(g, w), rel_rms(sp, w), dtype, name)
+  d_out, d_rem = cotangents(q, v.shape[-1])
+  fn = lambda q, k, v, s, g: attention_fn(implementation)(
+      q, k, v, scale=s, segment_ids=seg, attend_current=attend_current, forget_gate=g)
+  got = jax.jit(functools.partial(gradients, fn))(q, k, v, jnp.float32(0.3), d_out, d_rem)
+  want = float64_gradients(q, k, v, seg, 0.3, attend_current, d_out, d_rem)
+  same = same_precision_gradients(q, k, v, seg, 0.3, attend_current, d_out, d_rem)
+  for name, g, w in zip(RESULT_NAMES, got, want):
+    assert g.shape == w.shape, name
+    assert g.dtype == {"out": dtype, "dq": dtype, "dk": dtype, "dv": dtype}.get(name, jnp.float32)
+  assert_gradients_within_tolerance(got, want, same, dtype)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
