@@ -5,7 +5,7 @@ Public API (stable; ``sbjax.nn``, ``sbjax.models`` and ``sbjax.training`` build 
     DATA, MODEL = "data", "model"                    # the two mesh axis names
     make_mesh(data=-1, model=1, *, devices=None) -> jax.sharding.Mesh
     batch_sharding(mesh) -> NamedSharding            # P("data"): leading batch axis over "data"
-    shard_attention(fn, query, key, value, segment_ids=None)  # fn run per (batch, head) shard
+    shard_attention(fn, query, key, value, segment_ids=None, forget_gate=None)  # per (batch, head) shard
 
 Parallelism is data over ``"data"`` (the batch) and tensor over ``"model"`` (attention heads, MLP
 hidden units, vocabulary). Both axes are ``AxisType.Auto``, so the partitioner places activations
@@ -58,8 +58,9 @@ def _mesh_axis(mesh, name: str, dim: int, what: str) -> str | None:
   return name
 
 
-def shard_attention(fn: Callable, query, key, value, segment_ids=None):
-  """``fn(query, key, value, segment_ids)`` run per shard of batch (``"data"``) and heads (``"model"``).
+def shard_attention(fn: Callable, query, key, value, segment_ids=None, forget_gate=None):
+  """``fn(query, key, value, segment_ids, forget_gate)`` run per shard of batch (``"data"``) and
+  heads (``"model"``).
 
   Uses the mesh set by ``jax.set_mesh``; without one (or with neither axis larger than 1) ``fn`` is
   called directly. ``fn`` must be per-example and per-head (attention is), returning arrays whose
@@ -72,23 +73,30 @@ def shard_attention(fn: Callable, query, key, value, segment_ids=None):
     key: ``[B, T, K, H]``.
     value: ``[B, T, K, Hv]``.
     segment_ids: optional ``[B, T]``.
+    forget_gate: optional ``[B, T, K]``, sharded like the kv heads.
   """
   mesh = jax.sharding.get_abstract_mesh()
+  args = (query, key, value, segment_ids, forget_gate)
   if mesh.empty:
-    return fn(query, key, value, segment_ids)
-  b, n, k = query.shape[0], query.shape[2], key.shape[2]
+    return fn(*args)
+  b, n, num_kv_heads = query.shape[0], query.shape[2], key.shape[2]
   data = _mesh_axis(mesh, DATA, b, "batch size B")
   model = _mesh_axis(mesh, MODEL, n, "query heads N")
   if data is None and model is None:
-    return fn(query, key, value, segment_ids)
-  if model is not None and k % dict(mesh.shape)[MODEL]:
+    return fn(*args)
+  if model is not None and num_kv_heads % dict(mesh.shape)[MODEL]:
     # Contiguous head shards keep query head n with kv head n // (N // K) only when K divides too
     # (MQA: K = 1); otherwise give every query head its own copy of its kv head.
-    key, value = (x.repeat(n // k, axis=2) for x in (key, value))
+    group = n // num_kv_heads
+    key, value = (x.repeat(group, axis=2) for x in (key, value))
+    if forget_gate is not None:
+      forget_gate = forget_gate.repeat(group, axis=2)
   qkv_spec = P(data, None, model, None)
   seg_spec = None if segment_ids is None else P(data, None)
-  out_shape = jax.eval_shape(fn, query, key, value, segment_ids)
+  gate_spec = None if forget_gate is None else P(data, None, model)
+  args = (query, key, value, segment_ids, forget_gate)
+  out_shape = jax.eval_shape(fn, *args)
   out_specs = jax.tree.map(lambda s: P(data, None, model, *([None] * (s.ndim - 3))), out_shape)
   return jax.shard_map(
-      fn, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec), out_specs=out_specs,
-      check_vma=False)(query, key, value, segment_ids)
+      fn, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec, gate_spec),
+      out_specs=out_specs, check_vma=False)(*args)

@@ -13,10 +13,15 @@ from sbjax.models import DecoderLM, LMConfig, count_params, lm_config
 from sbjax.nn import ATTENTIONS
 
 
-@pytest.fixture(autouse=True)
-def _no_eager_sharding():
-  with nnx.use_eager_sharding(False):
-    yield
+def test_builds_plainly_and_under_a_mesh():
+  """No mesh, no context (as a user's first line); under a mesh the parameters are placed."""
+  from sbjax.parallel import make_mesh
+  config = lm_config("tiny", num_layers=1)
+  logits = DecoderLM(config, rngs=nnx.Rngs(0))(jnp.ones((1, 4), jnp.int32))
+  assert logits.shape == (1, 4, config.vocab_size) and np.isfinite(np.asarray(logits)).all()
+  with jax.set_mesh(make_mesh(1, 1)):
+    model = DecoderLM(config, rngs=nnx.Rngs(0))
+  assert model.embedding[...].sharding.spec == jax.sharding.PartitionSpec("model", None)
 
 
 def _lm(**overrides):

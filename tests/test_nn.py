@@ -13,17 +13,12 @@ from flax import linen, nnx
 from jax.sharding import PartitionSpec as P
 
 import sbjax
+from sbjax.nn import stick_breaking
 from sbjax.nn import ATTENTIONS, SoftmaxAttention, StickBreakingAttention, apply_rope, make_attention
+from sbjax.parallel import make_mesh
 from helpers import rel_rms, stick_loop
 
 D, N = 16, 4
-
-
-@pytest.fixture(autouse=True)
-def _no_eager_sharding():
-  # Modules carry "model" annotations; without a mesh they must not be placed eagerly.
-  with nnx.use_eager_sharding(False):
-    yield
 
 
 def _rngs(seed=0):
@@ -194,6 +189,51 @@ def test_sharding_annotations():
           "head_norm_scale": P("model", None), "out_bias": P(None)}
   for name, spec in want.items():
     assert specs[name].get_value() == spec, name
+
+
+@pytest.mark.parametrize("name", ATTENTIONS)
+def test_builds_and_runs_plainly(name):
+  """No mesh, no context, default Rngs: as ``nnx.MultiHeadAttention(4, 32, rngs=nnx.Rngs(0))``."""
+  module = make_attention(name, 32, 4, rngs=nnx.Rngs(0))
+  y = module(_x(d=32))
+  assert y.shape == (2, 8, 32) and np.isfinite(np.asarray(y)).all()
+  kernel = module.query_kernel[...]
+  assert len(kernel.devices()) == 1 and nnx.get_partition_spec(
+      nnx.state(module, nnx.Param))["query_kernel"].get_value() == P(None, "model", None)
+
+
+def test_top_level_module_builds_plainly():
+  y = sbjax.StickBreakingAttention(32, 4, rngs=nnx.Rngs(0))(_x(d=32))
+  assert y.shape == (2, 8, 32) and np.isfinite(np.asarray(y)).all()
+
+
+def test_mesh_places_parameters_by_their_annotations():
+  with jax.set_mesh(make_mesh(1, 1)):
+    module = _module(remainder="bias")
+  for name, spec in [("query_kernel", P(None, "model", None)), ("out_kernel", P("model", None, None)),
+                     ("remainder_bias", P("model", None))]:
+    sharding = getattr(module, name)[...].sharding
+    assert isinstance(sharding, jax.sharding.NamedSharding) and sharding.spec == spec, name
+  # A mesh without a "model" axis cannot place them: the module still builds, unplaced.
+  data_only = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",),
+                                axis_types=(jax.sharding.AxisType.Auto,))
+  with jax.set_mesh(data_only):
+    module = _module()
+  assert module.query_kernel[...].sharding.is_fully_replicated
+
+
+def test_block_sizes_reach_the_op(monkeypatch):
+  seen = []
+  def spy(*args, **kwargs):
+    seen.append(kwargs.get("block_sizes"))
+    return stick_breaking.stick_breaking_attention.__wrapped__(*args, **kwargs)
+  spy.__wrapped__ = sbjax.stick_breaking_attention
+  monkeypatch.setattr(stick_breaking, "stick_breaking_attention", spy)
+  blocks = sbjax.BlockSizes(block_q=32, block_k=16)
+  _module(implementation=None, block_sizes=blocks)(_x())
+  assert seen == [blocks]
+  with pytest.raises(TypeError, match="block_sizes"):
+    _module(block_sizes={"block_q": 32})
 
 
 def test_linen_bridge():

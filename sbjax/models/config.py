@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from sbjax.kernels.pallas_triton_config import BlockSizes
 from sbjax.nn import ATTENTIONS
 
 
@@ -23,8 +24,11 @@ class LMConfig:
   attend_current: bool = False  # stick-breaking only
   remainder: str = "none"  # stick-breaking only: "none" | "current" | "bias"
   head_norm: bool = False  # stick-breaking only: RMSNorm of each head's output
+  forget_gate: bool = False  # stick-breaking only: beta_ji = sigmoid(g_i) sigmoid(z_ji), g from x
+  forget_gate_loss_weight: float = 0.0  # auxiliary sparsity loss weight * mean(sigmoid(g))
   rope_base: float = 10000.0  # softmax_rope only
   implementation: str | None = None  # stick-breaking op: None (per backend) | "pallas" | "scan" | "xla"
+  block_sizes: BlockSizes | None = None  # stick-breaking Pallas kernels' tiling; None = defaults
   softmax_implementation: str | None = None  # softmax: None (cuDNN on GPU, else XLA) | "xla" | "cudnn"
   norm_eps: float = 1e-6
   dtype: str = "float32"  # compute dtype ("bfloat16" for mixed precision)

@@ -8,11 +8,8 @@ from flax import nnx
 
 from sbjax.models.config import LMConfig
 from sbjax.nn import make_attention
+from sbjax.nn.params import annotated_param
 from sbjax.parallel import MODEL
-
-
-def _param(rngs, init, shape, sharding, dtype):
-  return nnx.Param(nnx.with_partitioning(init, sharding)(rngs.params(), shape, dtype))
 
 
 class SwiGLU(nnx.Module):
@@ -20,9 +17,9 @@ class SwiGLU(nnx.Module):
 
   def __init__(self, d_model: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype, param_dtype):
     init = nnx.initializers.lecun_normal()
-    self.gate_kernel = _param(rngs, init, (d_model, mlp_dim), (None, MODEL), param_dtype)
-    self.up_kernel = _param(rngs, init, (d_model, mlp_dim), (None, MODEL), param_dtype)
-    self.down_kernel = _param(rngs, init, (mlp_dim, d_model), (MODEL, None), param_dtype)
+    self.gate_kernel = annotated_param(init, rngs, (d_model, mlp_dim), param_dtype, (None, MODEL))
+    self.up_kernel = annotated_param(init, rngs, (d_model, mlp_dim), param_dtype, (None, MODEL))
+    self.down_kernel = annotated_param(init, rngs, (mlp_dim, d_model), param_dtype, (MODEL, None))
     self.dtype = dtype
 
   def __call__(self, x):
@@ -41,7 +38,9 @@ class DecoderBlock(nnx.Module):
                    param_dtype=param_dtype)
     if c.attention == "stickbreaking":
       options.update(attend_current=c.attend_current, remainder=c.remainder,
-                     head_norm=c.head_norm, norm_eps=c.norm_eps, implementation=c.implementation)
+                     head_norm=c.head_norm, norm_eps=c.norm_eps, forget_gate=c.forget_gate,
+                     forget_gate_loss_weight=c.forget_gate_loss_weight,
+                     implementation=c.implementation, block_sizes=c.block_sizes)
     else:
       options.update(implementation=c.softmax_implementation)
       if c.attention == "softmax_rope":
@@ -70,12 +69,13 @@ class DecoderLM(nnx.Module):
     dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     # std 1/sqrt(D): unit-RMS rows after the first RMSNorm, logits of order one when tied.
     embed_init = nnx.initializers.normal(c.d_model ** -0.5)
-    self.embedding = _param(rngs, embed_init, (c.vocab_size, c.d_model), (MODEL, None), param_dtype)
+    self.embedding = annotated_param(embed_init, rngs, (c.vocab_size, c.d_model), param_dtype,
+                                     (MODEL, None))
     self.blocks = nnx.List([DecoderBlock(c, rngs=rngs) for _ in range(c.num_layers)])
     self.final_norm = nnx.RMSNorm(c.d_model, epsilon=c.norm_eps, dtype=dtype,
                                   param_dtype=param_dtype, rngs=rngs)
-    self.output_kernel = None if c.tie_embeddings else _param(
-        rngs, nnx.initializers.lecun_normal(), (c.d_model, c.vocab_size), (None, MODEL), param_dtype)
+    self.output_kernel = None if c.tie_embeddings else annotated_param(
+        nnx.initializers.lecun_normal(), rngs, (c.d_model, c.vocab_size), param_dtype, (None, MODEL))
 
   def __call__(self, tokens, segment_ids=None, positions=None):
     """Args: ``tokens [B, T]`` ints; optional ``segment_ids``, ``positions [B, T]``.

@@ -1,7 +1,7 @@
 """The multi-head projections every attention module here shares (q, k, v in; o out).
 
 ``AttentionProjections`` owns the parameters, their sharding annotations and the argument checks;
-subclasses implement ``attend(query, key, value, segment_ids, positions) -> [B, T, N, H]``.
+subclasses implement ``attend(query, key, value, segment_ids, positions, inputs) -> [B, T, N, H]``.
 Parameter layout follows ``nnx.MultiHeadAttention`` (``kernel [D, N, H]`` in, ``[N, H, D]`` out).
 """
 
@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes
 
+from sbjax.nn.params import annotated_param
 from sbjax.parallel import MODEL
 
 # LeCun normal with the fan-in over the contracted axes: D for [D, N, H], N*H for [N, H, D].
@@ -28,7 +29,8 @@ class AttentionProjections(nnx.Module):
   """Query/key/value projections ``D -> [N|K, H]`` and the output projection ``[N, H] -> D``.
 
   Heads are annotated on the ``"model"`` mesh axis (kernels ``[D, N, H]`` as ``(None, "model",
-  None)``, the output kernel ``[N, H, D]`` as ``("model", None, None)``).
+  None)``, the output kernel ``[N, H, D]`` as ``("model", None, None)``); the annotations place
+  the parameters only when built under a mesh with that axis (``sbjax.nn.params``).
   """
 
   def __init__(
@@ -68,9 +70,8 @@ class AttentionProjections(nnx.Module):
     self.use_bias = use_bias
     self.dtype, self.param_dtype = dtype, param_dtype
 
-    def param(init, shape, sharding):
-      init = nnx.with_partitioning(init, sharding)
-      return nnx.Param(init(rngs.params(), shape, param_dtype))
+    def param(init, shape, names):
+      return annotated_param(init, rngs, shape, param_dtype, names)
 
     d, n, k, h = in_features, num_heads, num_kv_heads, head_dim
     in_init, out_init = kernel_init or _in_kernel_init, kernel_init or _out_kernel_init
@@ -86,8 +87,9 @@ class AttentionProjections(nnx.Module):
     else:
       self.query_bias = self.key_bias = self.value_bias = self.out_bias = None
 
-  def attend(self, query, key, value, segment_ids, positions):
-    """``query [B, T, N, H]``, ``key``/``value [B, T, K, H]`` -> ``[B, T, N, H]``."""
+  def attend(self, query, key, value, segment_ids, positions, inputs):
+    """``query [B, T, N, H]``, ``key``/``value [B, T, K, H]`` -> ``[B, T, N, H]``; ``inputs`` is
+    ``x [B, T, D]`` in the compute dtype, for what a subclass computes from it (a gate)."""
     raise NotImplementedError
 
   def __call__(self, x, segment_ids=None, positions=None):
@@ -111,7 +113,7 @@ class AttentionProjections(nnx.Module):
       query = query + self.query_bias[...].astype(x.dtype)
       key = key + self.key_bias[...].astype(x.dtype)
       value = value + self.value_bias[...].astype(x.dtype)
-    out = self.attend(query, key, value, segment_ids, positions).astype(x.dtype)
+    out = self.attend(query, key, value, segment_ids, positions, x).astype(x.dtype)
     y = jnp.einsum("BTNH,NHD->BTD", out, wo)
     if self.use_bias:
       y = y + self.out_bias[...].astype(x.dtype)

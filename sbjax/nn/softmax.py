@@ -8,9 +8,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sbjax.nn.projections import AttentionProjections
-from sbjax.ops import on_nvidia_gpu
 from sbjax.nn.rope import apply_rope
 from sbjax.parallel import shard_attention
+from sbjax.platform import on_nvidia_gpu
 
 POSITION_EMBEDDINGS = ("rope", "none")
 SOFTMAX_IMPLEMENTATIONS = ("xla", "cudnn")
@@ -59,7 +59,8 @@ class SoftmaxAttention(AttentionProjections):
     self.position_embedding, self.rope_base = position_embedding, rope_base
     self.implementation = implementation
 
-  def attend(self, query, key, value, segment_ids, positions):
+  def attend(self, query, key, value, segment_ids, positions, inputs):
+    del inputs
     if self.position_embedding == "rope":
       if positions is None:
         positions = jnp.arange(query.shape[1])
@@ -67,7 +68,7 @@ class SoftmaxAttention(AttentionProjections):
       key = apply_rope(key, positions, base=self.rope_base)
     implementation = self.implementation or default_softmax_implementation()
 
-    def op(q, k, v, seg):
+    def op(q, k, v, seg, _):
       mask = None if seg is None else (seg[:, None, :, None] == seg[:, None, None, :])  # [B,1,T,S]
       return jax.nn.dot_product_attention(
           q, k, v, mask=mask, is_causal=True, implementation=implementation)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sbjax.kernels.pallas_triton_config import BlockSizes
+from sbjax.nn.params import annotated_param
 from sbjax.nn.projections import AttentionProjections, rms_norm_heads
 from sbjax.ops import IMPLEMENTATIONS, stick_breaking_attention
 from sbjax.parallel import MODEL, shard_attention
@@ -36,8 +39,17 @@ class StickBreakingAttention(AttentionProjections):
     head_norm: RMSNorm of each head's output over ``H`` (learned scale ``[N, H]``) before the
       output projection.
     norm_eps: epsilon of that RMSNorm.
+    forget_gate: the slides' forget gate: ``beta_ji = f_i * sigmoid(z_ji)`` with
+      ``f = sigmoid(x W_f + b_f) [B, T, K]`` computed on the key side (learned ``W_f [D, K]``,
+      initialised to zero, and ``b_f [K]``), so a key can opt out of every query's stick.
+    forget_gate_bias_init: initial ``b_f``; the default 4.0 starts every gate at
+      ``sigmoid(4) = 0.98``, close to the ungated op.
+    forget_gate_loss_weight: with ``forget_gate``, the auxiliary sparsity loss
+      ``weight * mean(f)`` is sown as ``nnx.Intermediate`` named ``"aux_loss"`` (0: not sown);
+      ``sbjax.training`` adds every sown ``aux_loss`` to the training loss.
     implementation: passed to the op: ``None`` (Pallas on an NVIDIA GPU, else ``"scan"``),
       ``"pallas"``, ``"scan"`` or ``"xla"``.
+    block_sizes: a ``sbjax.BlockSizes`` for the Pallas kernels (``None``: per head dim and dtype).
     dtype: computation dtype (e.g. ``jnp.bfloat16``); default: promote ``x`` and the parameters.
     param_dtype: parameter dtype.
     kernel_init: initialiser of the projection kernels; default LeCun normal over the
@@ -59,7 +71,11 @@ class StickBreakingAttention(AttentionProjections):
       remainder: str = "none",
       head_norm: bool = False,
       norm_eps: float = 1e-6,
+      forget_gate: bool = False,
+      forget_gate_bias_init: float = 4.0,
+      forget_gate_loss_weight: float = 0.0,
       implementation: str | None = None,
+      block_sizes: BlockSizes | None = None,
       dtype=None,
       param_dtype=jnp.float32,
       kernel_init=None,
@@ -70,28 +86,57 @@ class StickBreakingAttention(AttentionProjections):
     if implementation is not None and implementation not in IMPLEMENTATIONS:
       raise ValueError(
           f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation=}.")
+    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+      raise TypeError(f"block_sizes must be None or a sbjax.BlockSizes, got {block_sizes!r}.")
+    if not forget_gate_loss_weight >= 0:
+      raise ValueError(f"forget_gate_loss_weight must be >= 0, got {forget_gate_loss_weight=}.")
+    if forget_gate_loss_weight and not forget_gate:
+      raise ValueError("forget_gate_loss_weight needs forget_gate=True, got "
+                       f"{forget_gate_loss_weight=} with {forget_gate=}.")
     super().__init__(
         in_features, num_heads, rngs=rngs, num_kv_heads=num_kv_heads, head_dim=head_dim,
         out_features=out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
         kernel_init=kernel_init, bias_init=bias_init)
     self.attend_current, self.remainder, self.implementation = attend_current, remainder, implementation
+    self.block_sizes = block_sizes
     self.head_norm, self.norm_eps = head_norm, norm_eps
-    shape, sharding = (self.num_heads, self.head_dim), (MODEL, None)
-    self.remainder_bias = (
-        nnx.Param(nnx.with_partitioning(nnx.initializers.zeros_init(), sharding)(
-            rngs.params(), shape, param_dtype)) if remainder == "bias" else None)
-    self.head_norm_scale = (
-        nnx.Param(nnx.with_partitioning(nnx.initializers.ones_init(), sharding)(
-            rngs.params(), shape, param_dtype)) if head_norm else None)
+    self.forget_gate_loss_weight = forget_gate_loss_weight
+    per_head = lambda init: annotated_param(
+        init, rngs, (self.num_heads, self.head_dim), param_dtype, (MODEL, None))
+    self.remainder_bias = per_head(nnx.initializers.zeros_init()) if remainder == "bias" else None
+    self.head_norm_scale = per_head(nnx.initializers.ones_init()) if head_norm else None
+    self.forget_kernel = self.forget_bias = None
+    if forget_gate:
+      self.forget_kernel = annotated_param(
+          nnx.initializers.zeros_init(), rngs, (self.in_features, self.num_kv_heads), param_dtype,
+          (None, MODEL))
+      self.forget_bias = annotated_param(
+          nnx.initializers.constant(forget_gate_bias_init), rngs, (self.num_kv_heads,),
+          param_dtype, (MODEL,))
 
-  def attend(self, query, key, value, segment_ids, positions):
+  def forget_gate_logits(self, x):
+    """``g [B, T, K]`` (float32) from ``x [B, T, D]``, or None without a forget gate."""
+    if self.forget_kernel is None:
+      return None
+    # The gate's logits in fp32 whatever the compute dtype: sigmoid(g) multiplies every beta.
+    g = jnp.einsum("BTD,DK->BTK", x.astype(jnp.float32), self.forget_kernel[...].astype(jnp.float32))
+    g = g + self.forget_bias[...].astype(jnp.float32)
+    if self.forget_gate_loss_weight:
+      self.sow(nnx.Intermediate, "aux_loss",
+               self.forget_gate_loss_weight * jnp.mean(jax.nn.sigmoid(g)))
+    return g
+
+  def attend(self, query, key, value, segment_ids, positions, inputs):
     del positions  # order enters through the stick, not through positions
-    def op(q, k, v, seg):
-      return stick_breaking_attention(
-          q, k, v, attend_current=self.attend_current, segment_ids=seg,
-          return_remainder=True, implementation=self.implementation)
+    gate = self.forget_gate_logits(inputs)  # [B, T, K] or None
 
-    out, rem = shard_attention(op, query, key, value, segment_ids)  # [B, T, N, H], [B, T, N]
+    def op(q, k, v, seg, gate):
+      gated = {} if gate is None else {"forget_gate": gate}  # TODO(lead): always, once ops has it
+      return stick_breaking_attention(
+          q, k, v, attend_current=self.attend_current, segment_ids=seg, return_remainder=True,
+          implementation=self.implementation, block_sizes=self.block_sizes, **gated)
+
+    out, rem = shard_attention(op, query, key, value, segment_ids, gate)  # [B, T, N, H], [B, T, N]
     rem = rem.astype(out.dtype)[..., None]  # [B, T, N, 1]
     if self.remainder == "current":
       group = self.num_heads // self.num_kv_heads

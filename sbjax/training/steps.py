@@ -50,9 +50,17 @@ def cross_entropy(logits, targets, loss_mask=None):
   return sums["loss_sum"] / jnp.maximum(sums["tokens"], 1.0), sums
 
 
+AUX_LOSS = "aux_loss"  # modules sow auxiliary losses under this name (nnx.Intermediate)
+
+
 def _apply(graphdef, params, rest, batch):
+  """``(logits, aux_loss or None)``: the sum of every ``aux_loss`` the modules sowed."""
   model = nnx.merge(graphdef, params, rest)
-  return model(batch["inputs"], batch.get("segment_ids"), batch.get("positions"))
+  logits = model(batch["inputs"], batch.get("segment_ids"), batch.get("positions"))
+  sown = nnx.pop(model, nnx.Intermediate)
+  aux = [jnp.sum(jnp.stack(v)) for path, v in nnx.to_flat_state(sown)
+         if path[-1] == AUX_LOSS or (len(path) > 1 and path[-2] == AUX_LOSS)]
+  return logits, (sum(aux) if aux else None)
 
 
 def state_shardings(params: nnx.State, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
@@ -89,12 +97,16 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, mesh: Mesh
   """``train_step(state, batch) -> (state, metrics)``, jitted with the given shardings.
 
   ``state`` is donated. ``metrics`` (replicated scalars): ``loss``, ``accuracy``, ``tokens``,
-  ``grad_norm`` and, with ``schedule``, ``learning_rate``.
+  ``grad_norm``, with ``schedule`` ``learning_rate``, and, when modules sow an ``aux_loss``
+  (``nnx.Intermediate``), ``cross_entropy`` and ``aux_loss`` (``loss`` is their sum).
   """
 
   def loss_fn(params, batch):
-    return cross_entropy(_apply(graphdef, params, rest, batch), batch["targets"],
-                         batch.get("loss_mask"))
+    logits, aux_loss = _apply(graphdef, params, rest, batch)
+    loss, sums = cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
+    if aux_loss is not None:  # e.g. the forget gate's sparsity loss
+      return loss + aux_loss, {**sums, "cross_entropy": loss, "aux_loss": aux_loss}
+    return loss, sums
 
   def step(state: TrainState, batch):
     (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
@@ -102,6 +114,7 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, mesh: Mesh
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "accuracy": sums["correct"] / jnp.maximum(sums["tokens"], 1.0),
                "tokens": sums["tokens"], "grad_norm": optax.tree.norm(grads)}
+    metrics.update({k: sums[k] for k in ("cross_entropy", "aux_loss") if k in sums})
     if schedule is not None:
       metrics["learning_rate"] = schedule(state.step)
     return TrainState(state.step + 1, params, opt_state), metrics
@@ -120,7 +133,7 @@ def make_eval_step(graphdef, rest, mesh: Mesh, param_shardings) -> Callable:
   """``eval_step(params, batch) -> {"loss_sum", "correct", "tokens"}`` (replicated scalars)."""
 
   def step(params, batch):
-    logits = _apply(graphdef, params, rest, batch)
+    logits, _ = _apply(graphdef, params, rest, batch)
     return cross_entropy(logits, batch["targets"], batch.get("loss_mask"))[1]
 
   jitted = jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh)),
