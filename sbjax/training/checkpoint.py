@@ -35,6 +35,10 @@ class Checkpointer:
       return False
     return self.manager.save(step, args=ocp.args.StandardSave(state._asdict()), force=True)
 
+  def latest_step(self) -> int | None:
+    """The step of the newest finished checkpoint; ``None`` if there is none."""
+    return self.manager.latest_step()
+
   def restore_latest(self, shardings: TrainState, like: TrainState) -> TrainState | None:
     """The newest finished checkpoint, placed with ``shardings``; ``None`` if there is none.
 
@@ -42,7 +46,7 @@ class Checkpointer:
       shardings: ``NamedSharding``s of every leaf of the state.
       like: a state of the right structure, shapes and dtypes (e.g. a freshly initialised one).
     """
-    step = self.manager.latest_step()
+    step = self.latest_step()
     if step is None:
       return None
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Mapping
+
+# Fields that change how a run is watched, saved or laid out on devices, not the numbers it
+# computes: a checkpoint may be resumed under other values of these, and of no other field.
+RESUMABLE_FIELDS = frozenset({"mesh_shape", "log_every", "eval_every", "checkpoint_every",
+                              "keep_checkpoints", "async_checkpoints", "progress_bar"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,3 +46,15 @@ class TrainConfig:
 
   def replace(self, **changes) -> TrainConfig:
     return dataclasses.replace(self, **changes)
+
+  def to_json(self) -> dict[str, Any]:
+    """The fields as JSON values (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+  def resume_conflicts(self, saved: Mapping[str, Any]) -> list[str]:
+    """``"name: saved -> current"`` for each field outside ``RESUMABLE_FIELDS`` where ``saved``
+    (a ``to_json()`` of the config a checkpoint was made with) differs from this config."""
+    current = self.to_json()
+    return [f"{name}: {saved.get(name, '(unset)')!r} -> {current.get(name, '(unset)')!r}"
+            for name in sorted(set(current) | set(saved))
+            if name not in RESUMABLE_FIELDS and saved.get(name) != current.get(name)]
