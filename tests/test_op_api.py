@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,3 +96,28 @@ def test_traced_scale_does_not_recompile_and_is_differentiable():
   eps = 1e-3
   fd = (loss(jnp.float32(0.5 + eps)) - loss(jnp.float32(0.5 - eps))) / (2 * eps)
   np.testing.assert_allclose(g, fd, rtol=1e-2)
+
+
+def _compiled_cost(fn, *shapes):
+  """``(flops, temp bytes)`` of ``jax.jit(fn)`` compiled for ``shapes``. XLA's cost analysis counts
+  a while loop's body once, so flops are multiplied by the loop's known trip count."""
+  compiled = jax.jit(fn).lower(*shapes).compile()
+  trips = [int(n) for n in re.findall(r'"known_trip_count":\{"n":"(\d+)"\}', compiled.as_text())]
+  assert len(trips) <= 1, trips  # one lax.map over query blocks, or none (a single block)
+  return (compiled.cost_analysis()["flops"] * (trips[0] if trips else 1),
+          compiled.memory_analysis().temp_size_in_bytes)
+
+
+def test_scan_cost_grows_smoothly_with_length():
+  """One more query must not pad the scan path up to whole extra blocks (issue: T=8193 cost as
+  much as 10240 queries, T=5000 as much as 8192)."""
+  sd, t = jax.ShapeDtypeStruct, 8192  # two blocks of 4096 queries at B=1, N=4
+
+  def cost(t):
+    q, kv = sd((1, t, 4, 64), jnp.float32), sd((1, t, 1, 64), jnp.float32)
+    return _compiled_cost(lambda q, k, v: sbjax.stick_breaking_attention(
+        q, k, v, implementation="scan"), q, kv, kv)
+
+  (flops, temp), (flops1, temp1) = cost(t), cost(t + 1)
+  assert flops1 / flops < 1.01 * ((t + 1) / t) ** 2, (flops, flops1)
+  assert temp1 / temp < 1.01 * (t + 1) / t, (temp, temp1)
