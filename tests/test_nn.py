@@ -288,3 +288,49 @@ def test_softmax_baselines_shapes(name, k):
   y = _call(module, _x())
   assert y.shape == (2, 8, D) and y.dtype == jnp.bfloat16
   assert np.isfinite(np.asarray(y, np.float32)).all()
+
+
+def test_forget_gate_matches_float64_definition():
+  """With the gate, the module is projections + the gated stick loop (GQA, segments)."""
+  module = _module(num_kv_heads=2, head_dim=8, forget_gate=True)
+  rng = np.random.default_rng(4)
+  module.forget_kernel[...] = jnp.asarray(rng.normal(size=(D, 2)), jnp.float32)  # key-dependent f
+  module.forget_bias[...] = jnp.asarray([1.0, -1.0], jnp.float32)
+  x = _x(b=2, t=7, seed=5)
+  seg = jnp.asarray([[0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0]], jnp.int32)
+  y = _call(module, x, seg)
+  p, x64 = _params_f64(module), np.asarray(x, np.float64)
+  q = np.einsum("BTD,DNH->BTNH", x64, p["query_kernel"])
+  k = np.einsum("BTD,DKH->BTKH", x64, p["key_kernel"])
+  v = np.einsum("BTD,DKH->BTKH", x64, p["value_kernel"])
+  gate = np.einsum("BTD,DK->BTK", x64, p["forget_kernel"]) + p["forget_bias"]
+  out, _ = stick_loop(q, k, v, 1 / math.sqrt(8), np.asarray(seg), forget_gate=gate)
+  want = np.einsum("BTNH,NHD->BTD", out, p["out_kernel"])
+  assert rel_rms(y, want) < 1e-5
+  ungated, _ = stick_loop(q, k, v, 1 / math.sqrt(8), np.asarray(seg))
+  assert rel_rms(np.einsum("BTNH,NHD->BTD", ungated, p["out_kernel"]), want) > 1e-2  # the gate acts
+
+
+def test_forget_gate_aux_loss_is_sown_and_trained():
+  """The sparsity loss weight * mean(f) is sown, and the train step adds it to the loss."""
+  from sbjax import models, training
+  module = _module(forget_gate=True, forget_gate_loss_weight=0.5, forget_gate_bias_init=0.0)
+  _, sown = nnx.capture(module, nnx.Intermediate)(_x())
+  (aux,) = jax.tree.leaves(sown)
+  np.testing.assert_allclose(float(aux), 0.5 * 0.5, rtol=1e-6)  # f = sigmoid(0)
+  with pytest.raises(ValueError, match="forget_gate_loss_weight"):
+    _module(forget_gate_loss_weight=0.1)
+
+  config = models.lm_config("tiny", num_layers=2, forget_gate=True, forget_gate_loss_weight=0.1,
+                            implementation="xla")
+  model = models.DecoderLM(config, rngs=nnx.Rngs(0))
+  mesh = make_mesh(1, 1)
+  tx = training.make_optimizer(training.TrainConfig(num_steps=2, warmup_steps=0))
+  graphdef, rest, state, shardings = training.init_train_state(model, tx, mesh)
+  step = training.make_train_step(graphdef, rest, tx, mesh, shardings)
+  tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 9))
+  state, metrics = step(state, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
+  # Two layers, each 0.1 * mean(sigmoid(4)) at initialisation (the gate's kernel starts at 0).
+  np.testing.assert_allclose(float(metrics["aux_loss"]), 2 * 0.1 * (1 / (1 + np.exp(-4.0))), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["loss"]),
+                             float(metrics["cross_entropy"]) + float(metrics["aux_loss"]), rtol=1e-6)

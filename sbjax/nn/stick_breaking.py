@@ -105,14 +105,13 @@ class StickBreakingAttention(AttentionProjections):
         init, rngs, (self.num_heads, self.head_dim), param_dtype, (MODEL, None))
     self.remainder_bias = per_head(nnx.initializers.zeros_init()) if remainder == "bias" else None
     self.head_norm_scale = per_head(nnx.initializers.ones_init()) if head_norm else None
-    self.forget_kernel = self.forget_bias = None
-    if forget_gate:
-      self.forget_kernel = annotated_param(
-          nnx.initializers.zeros_init(), rngs, (self.in_features, self.num_kv_heads), param_dtype,
-          (None, MODEL))
-      self.forget_bias = annotated_param(
-          nnx.initializers.constant(forget_gate_bias_init), rngs, (self.num_kv_heads,),
-          param_dtype, (MODEL,))
+    # Attributes are assigned once (None or a Param): nnx fixes an attribute's kind on first use.
+    self.forget_kernel = annotated_param(  # zero: every key starts with f = sigmoid(bias)
+        nnx.initializers.zeros_init(), rngs, (self.in_features, self.num_kv_heads), param_dtype,
+        (None, MODEL)) if forget_gate else None
+    self.forget_bias = annotated_param(
+        nnx.initializers.constant(forget_gate_bias_init), rngs, (self.num_kv_heads,), param_dtype,
+        (MODEL,)) if forget_gate else None
 
   def forget_gate_logits(self, x):
     """``g [B, T, K]`` (float32) from ``x [B, T, D]``, or None without a forget gate."""
@@ -131,10 +130,9 @@ class StickBreakingAttention(AttentionProjections):
     gate = self.forget_gate_logits(inputs)  # [B, T, K] or None
 
     def op(q, k, v, seg, gate):
-      gated = {} if gate is None else {"forget_gate": gate}  # TODO(lead): always, once ops has it
       return stick_breaking_attention(
-          q, k, v, attend_current=self.attend_current, segment_ids=seg, return_remainder=True,
-          implementation=self.implementation, block_sizes=self.block_sizes, **gated)
+          q, k, v, attend_current=self.attend_current, segment_ids=seg, forget_gate=gate,
+          return_remainder=True, implementation=self.implementation, block_sizes=self.block_sizes)
 
     out, rem = shard_attention(op, query, key, value, segment_ids, gate)  # [B, T, N, H], [B, T, N]
     rem = rem.astype(out.dtype)[..., None]  # [B, T, N, 1]

@@ -56,10 +56,10 @@ AUX_LOSS = "aux_loss"  # modules sow auxiliary losses under this name (nnx.Inter
 def _apply(graphdef, params, rest, batch):
   """``(logits, aux_loss or None)``: the sum of every ``aux_loss`` the modules sowed."""
   model = nnx.merge(graphdef, params, rest)
-  logits = model(batch["inputs"], batch.get("segment_ids"), batch.get("positions"))
-  sown = nnx.pop(model, nnx.Intermediate)
-  aux = [jnp.sum(jnp.stack(v)) for path, v in nnx.to_flat_state(sown)
-         if path[-1] == AUX_LOSS or (len(path) > 1 and path[-2] == AUX_LOSS)]
+  logits, sown = nnx.capture(model, nnx.Intermediate)(
+      batch["inputs"], batch.get("segment_ids"), batch.get("positions"))
+  aux = [jnp.sum(jnp.stack(jax.tree.leaves(v))) for path, v in nnx.to_flat_state(sown)
+         if AUX_LOSS in path]
   return logits, (sum(aux) if aux else None)
 
 
