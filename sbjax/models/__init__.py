@@ -4,16 +4,17 @@ Public API (stable):
 
     LMConfig(vocab_size, num_layers, d_model, num_heads, num_kv_heads=None, head_dim=None,
              mlp_dim, attention="stickbreaking"|"softmax_rope"|"softmax_nope", tie_embeddings=True,
-             attend_current=False, remainder="none", head_norm=False, rope_base=10000.0,
-             implementation=None, softmax_implementation=None, norm_eps=1e-6, dtype="float32", param_dtype="float32",
-             remat=False)                             # frozen dataclass; .replace(**changes)
+             attend_current=False, remainder="none", head_norm=False, forget_gate=False,
+             forget_gate_loss_weight=0.0, rope_base=10000.0, implementation=None,
+             block_sizes=None, softmax_implementation=None, norm_eps=1e-6, dtype="float32",
+             param_dtype="float32", remat=False)      # frozen dataclass; .replace(**changes)
     lm_config(name, **overrides) -> LMConfig          # name: "tiny" | "125m" | "350m"
     DecoderLM(config, *, rngs)                        # nnx.Module
     model(tokens [B, T], segment_ids=None, positions=None) -> logits [B, T, V] float32
     count_params(model) -> int
 
-Build under ``jax.set_mesh(mesh)`` (parameters are placed by their annotations) or under
-``nnx.use_eager_sharding(False)``; ``sbjax.training`` places them on its mesh either way.
+``DecoderLM`` builds anywhere; under ``jax.set_mesh(mesh)`` its parameters are placed by their
+annotations, and ``sbjax.training`` places them on its mesh either way.
 """
 
 from sbjax.models.config import PRESETS, LMConfig, lm_config

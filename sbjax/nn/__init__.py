@@ -4,7 +4,9 @@ Public API (stable):
 
     StickBreakingAttention(in_features, num_heads, *, rngs, num_kv_heads=None, head_dim=None,
         out_features=None, use_bias=False, attend_current=False, remainder="none"|"current"|"bias",
-        head_norm=False, norm_eps=1e-6, implementation=None, dtype=None, param_dtype=jnp.float32)
+        head_norm=False, norm_eps=1e-6, forget_gate=False, forget_gate_bias_init=4.0,
+        forget_gate_loss_weight=0.0, implementation=None, block_sizes=None, dtype=None,
+        param_dtype=jnp.float32)
     SoftmaxAttention(in_features, num_heads, *, rngs, position_embedding="rope"|"none",
         rope_base=10000.0, implementation=None|"xla"|"cudnn", <same projection options>)
     module(x [B, T, D], segment_ids=None [B, T], positions=None [B, T]) -> [B, T, out_features]
@@ -12,13 +14,16 @@ Public API (stable):
     make_attention(name, in_features, num_heads, *, rngs, **options)
         name: "stickbreaking" | "softmax_rope" | "softmax_nope"
 
-Parameters carry sharding annotations (heads on the "model" mesh axis): build modules under
-``jax.set_mesh(mesh)`` or ``nnx.use_eager_sharding(False)``.
+Modules build anywhere, as ``nnx.MultiHeadAttention`` does. Parameters carry sharding
+annotations (heads on the "model" mesh axis), applied when built under ``jax.set_mesh(mesh)`` with
+that axis; ``sbjax.training`` places them on its own mesh either way.
+
+    default_softmax_implementation() -> "cudnn" on an NVIDIA GPU, else "xla"
 """
 
 from sbjax.nn.projections import AttentionProjections
 from sbjax.nn.rope import apply_rope
-from sbjax.nn.softmax import SoftmaxAttention
+from sbjax.nn.softmax import SoftmaxAttention, default_softmax_implementation
 from sbjax.nn.stick_breaking import StickBreakingAttention
 
 ATTENTIONS = ("stickbreaking", "softmax_rope", "softmax_nope")
@@ -37,5 +42,5 @@ def make_attention(name: str, in_features: int, num_heads: int, *, rngs, **optio
 
 __all__ = [
     "ATTENTIONS", "AttentionProjections", "SoftmaxAttention", "StickBreakingAttention",
-    "apply_rope", "make_attention",
+    "apply_rope", "default_softmax_implementation", "make_attention",
 ]
