@@ -1,9 +1,9 @@
 """MQRAR: stick-breaking vs softmax attention on multi-query repeated associative recall.
 
   python experiments/mqrar.py --config=experiments/configs/mqrar.py --workdir=/tmp/mqrar
-"""
 
-import logging as std_logging
+Ends on a table of accuracy per attention and eval length, and where the outputs are.
+"""
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -19,10 +19,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  # Orbax logs each checkpoint step at INFO; keep the run's own progress readable.
-  logging.get_absl_handler().addFilter(
-      lambda record: record.levelno >= std_logging.WARNING or "orbax" not in record.pathname)
-  mqrar_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  logging.get_absl_handler().addFilter(mqrar_lib.quiet_logs)
+  records = mqrar_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  print("\n" + mqrar_lib.report(records, _WORKDIR.value), flush=True)
 
 
 if __name__ == "__main__":

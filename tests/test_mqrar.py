@@ -1,9 +1,13 @@
 """The MQRAR experiment end to end: the default config, shrunken, trains a few steps per attention,
-writes summary.json, the plot and checkpoints, and a rerun resumes from the summary."""
+writes summary.json, the plot, checkpoints and the final report; a rerun reuses only the runs of
+the same whole config."""
 
 import importlib.util
+import copy
 import json
+import logging
 import os
+import shutil
 import pathlib
 import sys
 
@@ -36,9 +40,16 @@ def _shrunken_config():
   return config
 
 
-def test_default_config_trains_end_to_end(tmp_path):
-  config = _shrunken_config()
-  records = mqrar_lib.train_and_evaluate(config, str(tmp_path))
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """The shrunken default config, trained once: ``(config, records, workdir)``."""
+  config, workdir = _shrunken_config(), tmp_path_factory.mktemp("mqrar")
+  return config, mqrar_lib.train_and_evaluate(config, str(workdir)), workdir
+
+
+def test_default_config_trains_end_to_end(trained, tmp_path):
+  config, records, workdir = trained
+  tmp_path = shutil.copytree(workdir, tmp_path / "copy")
 
   with open(tmp_path / mqrar_lib.SUMMARY) as f:
     summary = json.load(f)
@@ -46,23 +57,92 @@ def test_default_config_trains_end_to_end(tmp_path):
   assert sorted((r["attention"], r["seq_len"]) for r in summary) == sorted(
       (a, t) for a in config.attentions for t in config.eval_seq_lens)
   for r in summary:
-    for field in ("attention", "accuracy", "seq_len", "d_model", "num_keys", "seed"):
-      assert field in r, field
     assert 0.0 <= r["accuracy"] <= 1.0
     assert r["d_model"] == 64 and r["num_keys"] == 4 and r["seed"] == 0
     assert r["train_seq_len"] == 32 and r["num_steps"] == 4
+    assert r["chance"] == 1 / 16 and 0 < r["earlier_value"] < 1
     # Every query of every eval sequence is scored: (T/2 - num_keys) per sequence.
     assert r["queries"] == config.batch_size * (r["seq_len"] // 2 - r["num_keys"])
   with open(tmp_path / mqrar_lib.PLOT, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  for attention in config.attentions:
-    run = tmp_path / "runs" / f"{attention}-D64-N2-T32-K4-seed0"
+  run_dirs = sorted(os.listdir(tmp_path / "runs"))
+  assert len(run_dirs) == 3 and sorted({r["run"] for r in summary}) == run_dirs
+  for name in run_dirs:
+    run = tmp_path / "runs" / name
     assert (run / "checkpoints" / "4").is_dir()
     assert os.listdir(run / "tensorboard")
+    result = json.loads((run / mqrar_lib.RUN_RESULT).read_text())
+    assert result["config"]["num_steps"] == 4 and result["curve"]["step"] == [2, 4]
 
-  # A rerun finds every run in the summary and trains nothing.
-  config.num_steps = 10**6  # would take hours if anything were retrained
+  # The report names every attention and eval length, the trained length, chance and the outputs.
+  text = mqrar_lib.report(records, str(tmp_path))
+  for attention in config.attentions:
+    assert attention in text
+  assert "T=32*" in text and "T=64" in text and "0.062" in text and "trained length" in text
+  for output in ("summary.json", "mqrar.png", "tensorboard --logdir", "checkpoints"):
+    assert output in text
+
+  # A rerun of the same config finds every run finished and trains nothing.
+  config = copy.deepcopy(config)
+  config.progress_bar = True  # display only: not part of a run's identity
   assert mqrar_lib.train_and_evaluate(config, str(tmp_path)) == records
+
+
+def test_changed_config_is_never_answered_with_old_results(trained, tmp_path, caplog):
+  """Issue 15: rerunning with other num_steps on an old workdir reused the old runs."""
+  config, old, workdir = trained
+  tmp_path = shutil.copytree(workdir, tmp_path / "copy")
+  config = copy.deepcopy(config)
+  config.attentions = ("softmax_nope",)
+  config.num_steps = 2
+  caplog.set_level("INFO")
+  new = mqrar_lib.train_and_evaluate(config, str(tmp_path))
+  old = [r for r in old if r["attention"] == "softmax_nope"]
+  assert [r["num_steps"] for r in new] == [2, 2]
+  assert new[0]["config_hash"] != old[0]["config_hash"]
+  assert json.loads((tmp_path / mqrar_lib.SUMMARY).read_text()) == new
+  # Runs are counted (1, not one per eval record), and the other config's run is named with
+  # what differs; it is kept, and its checkpoints are not resumed by the new run.
+  assert "MQRAR: 1 runs, 1 to train, 0 already finished" in caplog.text
+  assert "made with another config" in caplog.text and "num_steps: 4 -> 2" in caplog.text
+  assert "listed 3 runs of another config" in caplog.text
+  run_dirs = sorted(os.listdir(tmp_path / "runs"))
+  assert len(run_dirs) == 4 and {old[0]["run"], new[0]["run"]} < set(run_dirs)
+  assert sorted(os.listdir(tmp_path / "runs" / new[0]["run"] / "checkpoints")) == ["2"]
+
+
+def test_run_identity_covers_the_whole_config():
+  config = _load_config()
+  run = mqrar_lib.runs(config)[0]
+  base = mqrar_lib.run_config(config, run)
+  assert "progress_bar" not in base and base["seq_len"] == 32 and "attentions" not in base
+  for field, value in (("learning_rate", 1e-3), ("num_steps", 10), ("reassign_prob", 0.5),
+                       ("eval_seq_lens", (32,)), ("implementation", "scan")):
+    changed = config.copy_and_resolve_references()
+    changed[field] = value
+    other = mqrar_lib.run_config(changed, run)
+    assert mqrar_lib.config_hash(other) != mqrar_lib.config_hash(base), field
+    assert mqrar_lib.differences(base, other) == [
+        f"{field}: {base[field]!r} -> {json.loads(json.dumps(value))!r}"]
+
+
+def test_log_filter_drops_only_the_tpu_note():
+  def record(name, level, message):
+    return logging.LogRecord(name, level, "/x/xla_bridge.py", 1, message, (), None)
+
+  tpu = "Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so: libtpu.so"
+  assert not mqrar_lib.quiet_logs(record("jax._src.xla_bridge", logging.INFO, tpu))
+  assert mqrar_lib.quiet_logs(record("jax._src.xla_bridge", logging.INFO,
+                                     "Unable to initialize backend 'cuda': no GPU"))
+  assert mqrar_lib.quiet_logs(record("jax._src.xla_bridge", logging.WARNING, tpu))
+
+
+def test_plot_and_report_of_the_committed_sweep(tmp_path):
+  records = json.loads((EXPERIMENTS / "results" / "mqrar" / "summary.json").read_text())
+  mqrar_lib.plot(records, str(tmp_path / "sweep.png"))
+  assert (tmp_path / "sweep.png").stat().st_size > 10_000
+  text = mqrar_lib.report(records, str(tmp_path))
+  assert "stickbreaking num_keys=16" in text and "T=256*" in text and "mean of 3 seeds" in text
 
 
 def test_sweep_config_runs():
