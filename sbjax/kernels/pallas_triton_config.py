@@ -56,11 +56,6 @@ class BlockSizes:
       if not _is_power_of_two(getattr(self, name)):
         raise ValueError(f"BlockSizes.{name} must be a power of two, got {getattr(self, name)!r}.")
 
-  @property
-  def seq_multiple(self) -> int:
-    """Sequences are padded to a multiple of this (every block size divides it)."""
-    return max(self.block_q, self.block_k, self.block_q_dq, self.block_k_bwd, self.block_q_dkv)
-
   @classmethod
   def get_default(cls, head_dim: int, dtype) -> "BlockSizes":
     """Defaults for a (power-of-two padded) head dim and input dtype.

@@ -1,16 +1,23 @@
 """Tile math shared by the forward and backward Pallas Triton kernels.
 
 Logits are in base 2 (``x = z * log2(e)``) so that the special functions are ``exp2``/``log2``.
+One visibility rule (``sbjax.common.visible_mask``, with ``lag`` for the block ranges), one
+function for a tile's stick weights (``stick_weights``), one walk order (``heaviest_first``,
+``walk_right_to_left``), and masked loads/stores for partial blocks (``load``, ``store``).
 """
 
 from __future__ import annotations
 
 import math
 import struct
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from sbjax import common
 
 LOG2E = math.log2(math.e)
 # Once a row's stick is below 2^SKIP_LOG2, every farther key's weight exp2(log2 beta + stick) is
@@ -18,46 +25,61 @@ LOG2E = math.log2(math.e)
 SKIP_LOG2 = -152.0
 # softplus(z) = z above 15 nats (exact to fp32 rounding there: log(1 + e^-15) = 3e-7 < ulp(15)).
 SOFTPLUS_CUT = 15.0 * LOG2E
+# softplus is clamped here (base 2), so that an infinite logit (an infinite query or key element)
+# gives a finite log2(1 - beta): the in-block sums would otherwise form inf - inf (bf16 parts) and
+# 0 * inf (the triangular matmul) and poison whole rows. Any clamp above -SKIP_LOG2 changes no
+# result: weights behind such a key are below 2^-152 either way. 2^20 is exact in bf16.
+SOFTPLUS_MAX = 2.0**20
+
+
+def _f32_hex(x: float) -> str:
+  return "0f" + struct.pack(">f", x).hex().upper()  # PTX spells f32 literals in hex
+
 
 # ex2/lg2.approx on the special-function unit, one branch per element instead of Triton's
-# generic exp2/log2 (which add range reduction). Input and output in base 2.
+# generic exp2/log2 (which add range reduction). Input and output in base 2: softplus2(x), cut to
+# x above SOFTPLUS_CUT and clamped to SOFTPLUS_MAX. A NaN logit takes the lower branch: NaN.
 _SOFTPLUS2_ASM = """
 {
   .reg .pred p;
   setp.gt.f32 p, $1, %s;
-  @p mov.f32 $0, $1;
+  @p min.f32 $0, $1, %s;
   @!p ex2.approx.ftz.f32 $0, $1;
   @!p add.f32 $0, $0, 0f3F800000;
   @!p lg2.approx.ftz.f32 $0, $0;
 }
-""" % ("0f" + struct.pack(">f", SOFTPLUS_CUT).hex().upper())  # PTX spells f32 literals in hex
+""" % (_f32_hex(SOFTPLUS_CUT), _f32_hex(SOFTPLUS_MAX))
 
 
-def softplus2(x, *, fast: bool, exact: bool = False):
-  """``log2(1 + 2^x)``, cut to ``x`` above ``SOFTPLUS_CUT``.
-
-  ``fast`` uses the PTX above. ``log2(1 + 2^x)`` rounds ``1 + 2^x``: an absolute error up to
-  2^-24 per key (2^x itself once x < -24), which sums along the row; below bf16/fp16 resolution,
-  not below fp32's. ``exact`` (fp32 inputs) takes ``log1p`` instead.
-  """
-  if exact:
-    return jnp.where(x > SOFTPLUS_CUT, x, jnp.log1p(jnp.exp2(x)) * LOG2E)
-  if fast:
+def _softplus2(x, *, fast: bool, exact: bool):
+  if fast and not exact:
     (y,) = plgpu.elementwise_inline_asm(
         _SOFTPLUS2_ASM, args=[x], constraints="=r,r", pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
     return y
-  return jnp.where(x > SOFTPLUS_CUT, x, jnp.log2(1.0 + jnp.exp2(x)))
+  sp = jnp.log1p(jnp.exp2(x)) * LOG2E if exact else jnp.log2(1.0 + jnp.exp2(x))
+  return jnp.where(x > SOFTPLUS_CUT, jnp.minimum(x, SOFTPLUS_MAX), sp)
 
 
-def log2_sigmoid(x, sp, *, exact: bool, fast: bool):
-  """``log2 sigmoid(z)`` from base-2 logits ``x`` and ``sp = softplus2(x)``.
+def stick_terms(x, *, fast: bool, exact: bool):
+  """``(log2 beta, log2(1 - beta))`` for base-2 logits ``x``: ``(x - sp, -sp)``, ``sp = softplus2(x)``.
 
-  ``x - sp`` cancels for large positive ``x`` (absolute error ``eps * x``), which is far below bf16
-  and fp16 resolution but not fp32's: ``exact`` spends two more special-function calls on
-  ``-softplus2(-x)`` instead.
+  ``sp = log2(1 + 2^x)`` is cut to ``x`` above ``SOFTPLUS_CUT`` and clamped to ``SOFTPLUS_MAX``;
+  ``x = +inf`` gives ``(0, -SOFTPLUS_MAX)``, ``x = -inf`` gives ``(-inf, 0)``: beta = 1 and 0.
+  ``x - sp`` is capped at 0: exact above the cut, where it is ``x - x`` (NaN for ``x = +inf``
+  without the cap), and a correction of the approximate softplus just below it.
+
+  ``fast`` uses the PTX above (GPU); without it, the same formulas in jnp (interpret mode).
+  ``log2(1 + 2^x)`` rounds ``1 + 2^x``: an absolute error up to 2^-24 per key (2^x itself once
+  x < -24), which sums along the row; below bf16/fp16 resolution, not below fp32's. ``x - sp``
+  cancels for large positive ``x`` (absolute error ``eps * x``), again below bf16/fp16 resolution.
+  ``exact`` (fp32 inputs) takes ``log1p`` and spends two more special-function calls on
+  ``log2 beta = -softplus2(-x)``.
   """
-  return -softplus2(-x, fast=fast, exact=True) if exact else x - sp
+  sp = _softplus2(x, fast=fast, exact=exact)
+  if exact:
+    return -_softplus2(-x, fast=fast, exact=True), -sp
+  return jnp.minimum(x - sp, 0.0), -sp
 
 
 def dot_precision(dtype):
@@ -109,32 +131,155 @@ def positions(start, size: int):
   return start + jnp.arange(size, dtype=jnp.int32)
 
 
+def lag(attend_current: bool) -> int:
+  """Key ``i`` can be visible to query ``j`` iff ``i <= j - lag`` (the causal half of the rule)."""
+  return 0 if attend_current else 1
+
+
 def visible(q_pos, k_pos, q_seg, k_seg, *, attend_current: bool):
-  """``[Q, S]`` bool: key ``k_pos[s]`` is visible to query ``q_pos[r]``."""
-  mask = (k_pos[None, :] <= q_pos[:, None]) if attend_current else (k_pos[None, :] < q_pos[:, None])
-  if q_seg is not None:
-    mask = mask & (q_seg[:, None] == k_seg[None, :])
+  """``[Q, S]`` bool: key ``k_pos[s]`` is visible to query ``q_pos[r]`` (``common.visible_mask``)."""
+  return common.visible_mask(q_pos, k_pos, q_seg, k_seg, attend_current=attend_current)
+
+
+def key_blocks_seen(q_block, *, block_q, block_k, num_k_blocks: int, attend_current):
+  """Key blocks seen by query block ``q_block``: ``(n_full, n_total)``.
+
+  Blocks ``[0, n_full)`` are causally visible to every row; ``[n_full, n_total)`` need the mask.
+  ``n_total`` stops at ``num_k_blocks``, the sequence's last (possibly partial) key block.
+  """
+  first_last_key = q_block * block_q - lag(attend_current)  # last key the block's first row sees
+  n_total = jnp.minimum(div(first_last_key + block_q - 1 + block_k, block_k), num_k_blocks)
+  return jnp.minimum(div(first_last_key + 1, block_k), n_total), n_total
+
+
+def query_blocks_seeing(k_block, *, block_k, block_q, attend_current):
+  """Query blocks that see key block ``k_block``: from ``j_first``; from ``j_full`` on, every row
+  sees every key of it (the mirror of ``key_blocks_seen``)."""
+  first_row = k_block * block_k + lag(attend_current)  # first row that sees the block's first key
+  j_first = div(first_row, block_q)
+  j_full = div(first_row + block_k - 1 + block_q - 1, block_q)
+  return j_first, j_full
+
+
+def heaviest_first(program, num_blocks: int):
+  """Query block of grid index ``program``: the last (heaviest, most keys) blocks start first."""
+  return num_blocks - 1 - program
+
+
+def cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def padded_head_dim(h: int) -> int:
+  """Tiles span head dims padded to a power of two (Triton), at least 16 (the smallest dot); the
+  padding is masked on load, never materialised."""
+  return 1 << (max(h, 16) - 1).bit_length()
+
+
+def load(ref, *, rows=None, cols=None):
+  """``ref[...]`` with out-of-range rows (``rows``: ``[R]`` bool or None) and columns (``cols``:
+  ``[C]`` bool or None) read as 0; masks are None where the block lies inside the array."""
+  mask = _mask(ref.shape, rows, cols)
+  return ref[...] if mask is None else plgpu.load(ref, mask=mask, other=0)
+
+
+def store(ref, value, *, rows=None, cols=None):
+  """``ref[...] = value``, skipping out-of-range rows and columns (see ``load``)."""
+  mask = _mask(ref.shape, rows, cols)
+  if mask is None:
+    ref[...] = value
+  else:
+    plgpu.store(ref, value, mask=mask)
+
+
+def _mask(shape, rows, cols):
+  if rows is None and cols is None:
+    return None
+  if len(shape) == 1:
+    return rows if rows is not None else cols
+  mask = jnp.ones(shape, jnp.bool_)
+  if rows is not None:
+    mask = mask & rows[:, None]
+  if cols is not None:
+    mask = mask & cols[None, :]
   return mask
 
 
-def key_block_range(q_block, *, block_q, block_k, attend_current):
-  """Key blocks seen by query block ``q_block``: ``(n_full, n_total)``.
+def in_range(start, size: int, limit: int, *, partial: bool):
+  """``[size]`` bool ``start + i < limit``, or None where no block can be partial (static)."""
+  return positions(start, size) < limit if partial else None
 
-  Blocks ``[0, n_full)`` are visible to every row; ``[n_full, n_total)`` need the causal mask.
+
+class KeyGate(NamedTuple):
+  """Forget-gate terms of a tile's keys, base 2: ``log2 f`` and ``log2(1 - f)``, ``[S]`` each."""
+  log_f: jax.Array
+  log_1mf: jax.Array
+
+
+def key_gate(gate_logits):
+  """``KeyGate`` from natural-log gate logits ``g [S]`` (fp32): ``f = sigmoid(g)``, not clamped,
+  so ``g = +inf`` gives ``log2(1 - f) = -inf`` and the ungated stick exactly."""
+  x = gate_logits * LOG2E
+  softplus = lambda y: jnp.where(y > SOFTPLUS_CUT, y, jnp.log1p(jnp.exp2(y)) * LOG2E)
+  return KeyGate(-softplus(-x), -softplus(x))
+
+
+def logaddexp2(a, b):
+  """``log2(2^a + 2^b)`` for ``a, b <= 0``, not both ``-inf``."""
+  hi = jnp.maximum(a, b)
+  return hi + jnp.log1p(jnp.exp2(jnp.minimum(a, b) - hi)) * LOG2E
+
+
+class StickTile(NamedTuple):
+  """A ``[Q, S]`` tile of stick weights and the terms the backward needs (base 2).
+
+  a: weights ``A`` (0 where invisible). log_beta: ``log2 beta`` (gated). log_s, log_1m_s:
+  ``log2 sigmoid(z)`` and ``log2(1 - sigmoid(z))`` (ungated). log_1m_beta: ``log2(1 - beta)``,
+  0 where invisible. stick_sum: ``[Q]`` row sums of ``log_1m_beta``.
   """
-  first_row = q_block * block_q
-  last_key = first_row + block_q - 1 - (0 if attend_current else 1)  # of the block's last row
-  n_total = div(last_key + block_k, block_k)
-  n_full = jnp.minimum(div(first_row + int(attend_current), block_k), n_total)
-  return n_full, n_total
+  a: jax.Array
+  log_beta: jax.Array
+  log_s: jax.Array
+  log_1m_s: jax.Array
+  log_1m_beta: jax.Array
+  stick_sum: jax.Array
+
+
+def stick_weights(x, log_stick, *, mask, gate: KeyGate | None, nearer, parts: int, fast: bool,
+                  exact: bool) -> StickTile:
+  """The stick weights of one tile, as the forward and backward kernels compute them.
+
+  Args:
+    x: ``[Q, S]`` base-2 logits.
+    log_stick: ``[Q]`` sum of ``log2(1 - beta)`` over the keys right of the tile.
+    mask: ``[Q, S]`` visibility, or None (every key visible).
+    gate: the tile's ``KeyGate``, or None: ``beta = f sigmoid(z)`` and
+      ``log2(1 - beta) = logaddexp2(log2(1 - f), log2 f + log2(1 - sigmoid(z)))``.
+    nearer: ``triangle(S, m > i)``; parts: bf16 parts of the in-block sums (``masked_row_sums``).
+  """
+  log_s, log_1m_s = stick_terms(x, fast=fast, exact=exact)
+  if gate is None:
+    log_beta, log_1m_beta = log_s, log_1m_s
+  else:
+    log_beta = gate.log_f[None, :] + log_s
+    log_1m_beta = logaddexp2(jnp.broadcast_to(gate.log_1mf[None, :], x.shape),
+                             gate.log_f[None, :] + log_1m_s)
+  if mask is not None:
+    log_1m_beta = jnp.where(mask, log_1m_beta, 0.0)
+  # log2 A = log2 beta + (log2(1 - beta) summed over the nearer keys, in this tile and to its right)
+  a = jnp.exp2(log_beta + masked_row_sums(log_1m_beta, nearer, parts=parts) + log_stick[:, None])
+  if mask is not None:
+    a = jnp.where(mask, a, 0.0)
+  return StickTile(a, log_beta, log_s, log_1m_s, log_1m_beta, jnp.sum(log_1m_beta, axis=1))
 
 
 def walk_right_to_left(tile, carry, log_stick, *, n_full, n_total, skip: bool):
   """Runs ``carry = tile(kb, carry, masked=...)`` for key blocks from the diagonal leftwards.
 
   The masked diagonal blocks come first; the walk over the fully visible ones stops early, when
-  ``skip``, once ``log_stick(carry) [Q]`` (each row's log2 stick) is below ``SKIP_LOG2`` in every
-  row. Returns ``(first, carry)``: blocks ``[first, n_total)`` were walked.
+  ``skip``, once ``log_stick(carry) [Q]`` (each row's log2 stick; rows past the sequence end must
+  read -inf) is below ``SKIP_LOG2`` in every row. Returns ``(first, carry)``: blocks
+  ``[first, n_total)`` were walked.
   """
   carry = jax.lax.fori_loop(
       0, n_total - n_full, lambda t, c: tile(n_total - 1 - t, c, masked=True), carry)
