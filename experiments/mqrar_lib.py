@@ -463,16 +463,21 @@ def plot(records: list[dict], path: str, curves: dict | None = None) -> None:
   if "curves" in axes:
     ax = axes["curves"]
     by_run = {r["run"]: r for r in records if "run" in r}
+    labelled = set()
     for run, curve in sorted(curves.items()):
       if run in by_run:
+        r = by_run[run]
+        label = " ".join([r["attention"], *(f"{f}={r[f]}" for f in varied[:1])])
         ax.plot(curve["step"], curve["accuracy"], linewidth=1, alpha=0.8,
-                **{k: v for k, v in _style(records, by_run[run], varied).items() if k != "marker"})
+                label=None if label in labelled else label,
+                **{k: v for k, v in _style(records, r, varied[:1]).items() if k != "marker"})
+        labelled.add(label)
     ax.axhline(_baseline(records[0])[0], color="gray", linestyle="--", linewidth=1)
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.set_xlabel("training step")
     ax.set_title("training accuracy (logged intervals)")
-  for name in ("length", "keys"):
+  for name in axes:
     if name in axes:
       axes[name].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
   fig.suptitle("MQRAR: recall of each key's most recent value")

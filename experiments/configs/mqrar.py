@@ -13,7 +13,10 @@ Command lines (from the repository root):
 
 Fields can be overridden, e.g. ``--config.num_steps=200 "--config.attentions=('stickbreaking',)"``.
 Fields typed as tuples are sweep axes: the runs are the product of attentions, seeds, d_model,
-num_heads, seq_len and num_keys, in that order.
+num_heads, seq_len and num_keys, in that order. A run is identified by its whole config (all
+fields but progress_bar): rerunning on a workdir reuses the finished runs of the same config and
+trains the others; runs of another config stay in WORKDIR/runs/ and the log says how they differ.
+Redraw a plot from a summary with ``mqrar_lib.replot(directory)``.
 """
 
 import ml_collections
