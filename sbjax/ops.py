@@ -14,6 +14,7 @@ from sbjax import reference, scan
 from sbjax.common import compute_dtype
 from sbjax.kernels import pallas_triton
 from sbjax.kernels.pallas_triton_config import BlockSizes
+from sbjax.platform import on_nvidia_gpu
 
 Implementation = Literal["pallas", "scan", "xla"]
 IMPLEMENTATIONS = typing.get_args(Implementation)
@@ -90,10 +91,19 @@ def check_inputs(query, key, value, scale, segment_ids, implementation, interpre
     reason = pallas_triton.unsupported(query, value)
     if reason:
       raise ValueError(f"implementation='pallas' {reason}; use implementation='scan' or 'xla'.")
+    if not interpret and not _lowering_for_nvidia_gpu():
+      device = jax.devices()[0]
+      raise ValueError(
+          "implementation='pallas' needs an NVIDIA GPU or interpret=True, got interpret=False "
+          f"with JAX's default device {device.device_kind!r} (platform {device.platform!r}); use "
+          "implementation='scan' (runs anywhere) or interpret=True (slow; for tests).")
 
 
-def on_nvidia_gpu() -> bool:
-  return any("nvidia" in d.device_kind.lower() for d in jax.devices()[:1])
+def _lowering_for_nvidia_gpu() -> bool:
+  """True on an NVIDIA GPU, or under an abstract mesh of NVIDIA devices (lowering for a GPU from
+  another machine, e.g. ``jit(...).trace(...).lower(lowering_platforms=("cuda",))``)."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return on_nvidia_gpu() or (device is not None and "nvidia" in device.device_kind.lower())
 
 
 def default_implementation(query=None, value=None) -> str:

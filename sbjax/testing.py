@@ -117,7 +117,13 @@ def gradients(fn, q, k, v, scale, d_out, d_rem, forget_gate=None):
 def float64_gradients(q, k, v, seg, scale, attend_current, d_out, d_rem, forget_gate=None, *,
                       implementation="xla"):
   """The gradient oracle: :func:`gradients` of the op in float64 on the (already rounded) inputs,
-  as float64 NumPy arrays. ``implementation="scan"`` keeps memory O(T) for long sequences."""
+  as float64 NumPy arrays. ``implementation="scan"`` keeps memory O(T) for long sequences.
+
+  The cotangents are first rounded as :func:`gradients` rounds them for the op in ``q.dtype``
+  (``d_out`` to ``q.dtype``, ``d_rem`` to float32), so that both see the same ones.
+  """
+  d_out = jnp.asarray(d_out, q.dtype)
+  d_rem = jnp.asarray(d_rem, compute_dtype(q.dtype))
   with jax.enable_x64(True):
     fn = jax.jit(functools.partial(gradients, _attention(implementation, seg, attend_current)))
     res = fn(_up(q), _up(k), _up(v), jnp.float64(scale), _up(d_out), _up(d_rem), _up(forget_gate))
@@ -136,25 +142,55 @@ def same_precision_gradients(q, k, v, seg, scale, attend_current, d_out, d_rem, 
 RESULT_NAMES = ("out", "rem", "dq", "dk", "dv", "dscale", "dforget_gate")
 
 
-def tolerance_errors(got, want, same, dtype, names=RESULT_NAMES) -> dict[str, tuple[float, float]]:
+def assert_nonfinite_like(x, ref, what: str = ""):
+  """``x`` is NaN only where ``ref`` is, and infinite (same sign) wherever ``ref`` is infinite."""
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  extra_nan = np.isnan(x) & ~np.isnan(ref)
+  if extra_nan.any():
+    raise AssertionError(f"{what}: {extra_nan.sum()} NaN where the reference has none, "
+                         f"first at {tuple(int(i) for i in np.argwhere(extra_nan)[0])}")
+  inf = np.isinf(ref)
+  if not np.array_equal(x[inf], ref[inf]):
+    raise AssertionError(f"{what}: {np.sum(x[inf] != ref[inf])} of the reference's "
+                         f"{inf.sum()} infinite values differ")
+
+
+def tolerance_errors(got, want, same, dtype, names=RESULT_NAMES, *,
+                     nonfinite_like_reference=False) -> dict[str, tuple[float, float]]:
   """``{name: (rel RMS error, bound)}`` of each ``got`` against the float64 ``want`` under the
-  tolerance rule; ``same`` holds the same-precision results, or is None (the cap alone)."""
+  tolerance rule; ``same`` holds the same-precision results, or is None (the cap alone).
+
+  By default every value must be finite. With ``nonfinite_like_reference`` (inputs holding
+  infinities), results may be NaN only where ``want`` is, must equal its infinities, and are
+  compared where ``want`` is finite.
+  """
   dtype = jnp.dtype(dtype)
   same = [None] * len(want) if same is None else same
   if not len(got) == len(want) == len(same):
     raise ValueError(f"got {len(got)} results, want {len(want)} and same {len(same)}")
   errors = {}
   for name, g, w, s in zip(names, got, want, same):
+    g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+    if g.shape != w.shape:
+      raise AssertionError(f"{name}: shape {g.shape} != reference shape {w.shape}")
+    if nonfinite_like_reference:
+      assert_nonfinite_like(g, w, name)
+      finite = np.isfinite(w)
+      if not finite.any():
+        continue
+      g, w, s = g[finite], w[finite], None if s is None else np.asarray(s, np.float64)[finite]
     bound = REL_RMS_CAP[dtype] if s is None else tolerance_bound(rel_rms(s, w), dtype)
     errors[name] = (rel_rms(g, w), bound)
   return errors
 
 
-def assert_gradients_within_tolerance(got, want, same, dtype, names=RESULT_NAMES):
+def assert_gradients_within_tolerance(got, want, same, dtype, names=RESULT_NAMES, *,
+                                      nonfinite_like_reference=False):
   """Checks results from :func:`gradients` (or ``(out, rem)`` alone) against
   :func:`float64_gradients` under the tolerance rule; raises naming every output that fails.
-  Returns the errors of :func:`tolerance_errors`."""
-  errors = tolerance_errors(got, want, same, dtype, names)
+  Returns the errors of :func:`tolerance_errors` (same arguments)."""
+  errors = tolerance_errors(got, want, same, dtype, names,
+                            nonfinite_like_reference=nonfinite_like_reference)
   failures = [f"{name}: rel RMS error {err:.3g} > bound {bound:.3g}"
               for name, (err, bound) in errors.items() if not err <= bound]
   if failures:

@@ -1,7 +1,9 @@
-"""The parameterised accuracy suite: every implementation against the float64 definition.
+"""The shared accuracy suite: one test base, injected with each implementation (tokamax style).
 
-Each test takes the implementation as an argument; ``IMPLEMENTATIONS`` lists them (the Pallas
-kernels run in interpret mode on the CPU, on small odd shapes).
+``OpSuite`` holds every test that all implementations must pass against the float64 definition;
+``TestXla``, ``TestScan`` and ``TestPallasInterpret`` inject the implementation. The pure-JAX paths
+also take float64 inputs and long sequences (``PureJaxSuite``); the Pallas kernels run in interpret
+mode on small odd shapes (their other extras are in test_pallas_triton.py).
 """
 
 from __future__ import annotations
@@ -17,121 +19,165 @@ import pytest
 from helpers import attention_fn, stick_loop
 from sbjax import reference
 from sbjax.testing import (
-    RESULT_NAMES, Shape, assert_gradients_within_tolerance, assert_within_tolerance,
-    float64_gradients, float64_result, gradients, random_inputs, rel_rms,
-    same_precision_gradients)
+    RESULT_NAMES, Shape, assert_gradients_within_tolerance, float64_gradients, float64_result,
+    gradients, random_inputs, same_precision_gradients)
 
-IMPLEMENTATIONS = ["xla", "scan", "pallas"]
-PURE_JAX_IMPLEMENTATIONS = ["xla", "scan"]  # the kernels take fp32/bf16/fp16 and interpret slowly
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 
-DEFINITION_CASES = [  # (shape, segments, attend_current)
-    (Shape(1, 1, 1, 1, 4), False, False),
-    (Shape(1, 1, 2, 1, 4), False, True),
-    (Shape(2, 2, 2, 2, 4), False, False),
-    (Shape(1, 7, 4, 2, 8), False, True),
-    (Shape(2, 13, 3, 1, 5, hv=3), True, False),
-    (Shape(1, 33, 4, 4, 8), True, True),
+
+def random_gate(seed: int, shape: Shape, dtype=np.float32, *, std=3.0):
+  """Forget-gate logits ``[B, T, K]``: normal with ``std``, so that some gates saturate."""
+  g = np.random.default_rng(seed).normal(size=(shape.b, shape.t, shape.k)) * std
+  return np.asarray(g, dtype) if dtype == np.float64 else jnp.asarray(g, dtype)
+
+
+def with_infinite_gates(g):
+  """``g`` with a few entries at +-inf and +-1e4 (saturated both ways)."""
+  g = np.array(g)
+  flat = g.reshape(-1)
+  flat[1::7], flat[3::11], flat[4::13], flat[5::17] = np.inf, -np.inf, 1e4, -1e4
+  return g
+
+
+# (shape, segments, attend_current, gated); odd T, head dims 40 and 80, GQA, MQA.
+ACCURACY_CASES = [
+    (Shape(2, 100, 4, 2, 40), False, False, False),
+    (Shape(1, 77, 3, 1, 80, hv=24), True, True, True),
 ]
+accuracy_cases = pytest.mark.parametrize(
+    "shape,segments,attend_current,gated", ACCURACY_CASES,
+    ids=[f"{s}-seg{int(g)}-cur{int(c)}-gate{int(f)}" for s, g, c, f in ACCURACY_CASES])
+
+# The float64 and same-precision results of a case are the same for every implementation:
+# computed once per test process (compiling them is most of a test's time).
 
 
-@pytest.mark.parametrize("implementation", PURE_JAX_IMPLEMENTATIONS)
-@pytest.mark.parametrize("shape,segments,attend_current", DEFINITION_CASES,
-                         ids=[f"{s}-seg{int(g)}-cur{int(c)}" for s, g, c in DEFINITION_CASES])
-def test_matches_definition_float64(implementation, shape, segments, attend_current):
-  q, k, v, seg = random_inputs(shape.t, shape, np.float64, segments=segments, logit_scale=2.0)
-  want_out, want_rem = stick_loop(q, k, v, 0.7, None if seg is None else np.asarray(seg),
-                                  attend_current)
-  with jax.enable_x64(True):
-    out, rem = attention_fn(implementation)(
-        jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), scale=0.7, segment_ids=seg,
-        attend_current=attend_current)
-  assert out.dtype == jnp.float64 and rem.dtype == jnp.float64
-  assert np.isfinite(out).all() and np.isfinite(rem).all()
-  np.testing.assert_allclose(out, want_out, rtol=0, atol=1e-10)
-  np.testing.assert_allclose(rem, want_rem, rtol=0, atol=1e-10)
-
-
-ACCURACY_CASES = [  # (shape, segments, attend_current): odd T, head dims 40 and 80, GQA, MQA
-    (Shape(2, 100, 4, 2, 40), False, False),
-    (Shape(1, 77, 3, 1, 80, hv=24), True, True),
-]
-
-
-def over_accuracy_cases(test):
-  """Parameterises ``test`` over implementations, the three dtypes and ``ACCURACY_CASES``."""
-  for mark in reversed((
-      pytest.mark.parametrize("implementation", IMPLEMENTATIONS),
-      pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16],
-                              ids=lambda d: d.__name__),
-      pytest.mark.parametrize("shape,segments,attend_current", ACCURACY_CASES,
-                              ids=[f"{s}-seg{int(g)}-cur{int(c)}" for s, g, c in ACCURACY_CASES]))):
-    test = mark(test)
-  return test
-
-
-@over_accuracy_cases
-def test_low_precision_accuracy(implementation, dtype, shape, segments, attend_current):
-  q, k, v, seg = random_inputs(1, shape, dtype, segments=segments, logit_scale=3.0)
-  scale = shape.h**-0.5
-  want_out, want_rem = float64_result(q, k, v, seg, scale, attend_current)
-  same_out, same_rem = reference.stick_breaking_attention(
-      q, k, v, scale, seg, attend_current=attend_current, dtype=dtype)
-  out, rem = attention_fn(implementation)(q, k, v, segment_ids=seg, attend_current=attend_current)
-  assert out.dtype == dtype and out.shape == want_out.shape
-  assert rem.dtype == jnp.float32 and rem.shape == want_rem.shape
-  assert_within_tolerance(rel_rms(out, want_out), rel_rms(same_out, want_out), dtype, "out")
-  assert_within_tolerance(rel_rms(rem, want_rem), rel_rms(same_rem, want_rem), dtype, "rem")
-
-
-@pytest.mark.parametrize("implementation", PURE_JAX_IMPLEMENTATIONS)
-@pytest.mark.parametrize("segments,attend_current", [(False, False), (True, True)])
-def test_check_grads_float64(implementation, segments, attend_current):
-  shape = Shape(1, 9, 2, 1, 4)
-  q, k, v, seg = random_inputs(3, shape, np.float64, segments=segments)
-  f = attention_fn(implementation, segment_ids=seg, attend_current=attend_current)
-  with jax.enable_x64(True):
-    args = tuple(jnp.asarray(x) for x in (q, k, v)) + (jnp.float64(0.8),)
-    # Both outputs, so the remainder's cotangent path is checked too.
-    check_grads(lambda q, k, v, s: f(q, k, v, scale=s), args, order=1,
-                              modes=("rev",), atol=1e-6, rtol=1e-6)
-
-
-@over_accuracy_cases
-def test_grads_against_float64(implementation, dtype, shape, segments, attend_current, cotangents):
-  """Gradients of q, k, v and the scale, with random cotangents on both ``out`` and ``rem``."""
+@functools.cache
+def gradient_case(dtype, shape, segments, attend_current, gated):
+  """``((q, k, v, seg, g, d_out, d_rem), want, same)`` for ``test_gradient_accuracy`` (scale 0.3)."""
   q, k, v, seg = random_inputs(4, shape, dtype, segments=segments, logit_scale=2.0)
-  d_out, d_rem = cotangents(q, v.shape[-1])
-  fn = lambda q, k, v, s, g: attention_fn(implementation)(
-      q, k, v, scale=s, segment_ids=seg, attend_current=attend_current, forget_gate=g)
-  got = jax.jit(functools.partial(gradients, fn))(q, k, v, jnp.float32(0.3), d_out, d_rem)
-  want = float64_gradients(q, k, v, seg, 0.3, attend_current, d_out, d_rem)
-  same = same_precision_gradients(q, k, v, seg, 0.3, attend_current, d_out, d_rem)
-  for name, g, w in zip(RESULT_NAMES, got, want):
-    assert g.shape == w.shape, name
-    assert g.dtype == {"out": dtype, "dq": dtype, "dk": dtype, "dv": dtype}.get(name, jnp.float32)
-  assert_gradients_within_tolerance(got, want, same, dtype)
+  g = random_gate(4, shape) if gated else None
+  rng = np.random.default_rng(5)
+  d_out, d_rem = rng.normal(size=q.shape[:3] + v.shape[-1:]), rng.normal(size=q.shape[:3])
+  want = float64_gradients(q, k, v, seg, 0.3, attend_current, d_out, d_rem, g)
+  same = same_precision_gradients(q, k, v, seg, 0.3, attend_current, d_out, d_rem, g)
+  return (q, k, v, seg, g, d_out, d_rem), want, same
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_saturated_logits(implementation):
-  """All logits very positive: out_j = v_{j-1}, rem = 0 (rem_0 = 1); very negative: out = 0, rem = 1."""
-  b, t, h = 1, 12, 8
-  rng = np.random.default_rng(6)
-  u = np.ones(h, np.float32) / np.sqrt(h)
-  k = jnp.asarray(np.broadcast_to(u, (b, t, 1, h)))
-  v = jnp.asarray(rng.normal(size=(b, t, 1, h)).astype(np.float32))
-  for sign in (1.0, -1.0):
-    q = jnp.asarray(np.broadcast_to(sign * 1e4 * u, (b, t, 1, h)))
-    out, rem = attention_fn(implementation)(q, k, v, scale=1.0)
+@functools.cache
+def infinity_case(where: str):
+  """``((q, k, v, g, d_out, d_rem), want, same)`` for ``test_infinities`` (scale 0.25).
+
+  ``where="inputs"``: batch 0 has a key element at -inf, batch 1 one at +inf and, at another
+  position, a query element at +inf (all in head dim 3, so no dot product meets inf - inf).
+  ``where="forget_gate"``: finite inputs, gates at +-inf and +-1e4 among normal ones.
+  """
+  shape = Shape(2, 40, 4, 2, 16)
+  q, k, v, _ = random_inputs(8, shape, jnp.float32)
+  g = None
+  if where == "forget_gate":
+    g = jnp.asarray(with_infinite_gates(random_gate(8, shape)))
+  else:
+    q, k = np.array(q), np.array(k)
+    k[0, 20, 1, 3], k[1, 12, 0, 3], q[1, 30, 2, 3] = -np.inf, np.inf, np.inf
+    q, k = jnp.asarray(q), jnp.asarray(k)
+  rng = np.random.default_rng(5)
+  d_out, d_rem = rng.normal(size=q.shape), rng.normal(size=q.shape[:3])
+  want = float64_gradients(q, k, v, None, 0.25, False, d_out, d_rem, g)
+  same = same_precision_gradients(q, k, v, None, 0.25, False, d_out, d_rem, g)
+  return (q, k, v, g, d_out, d_rem), want, same
+
+
+class OpSuite:
+  """Tests every implementation must pass; subclasses set ``IMPLEMENTATION``."""
+
+  IMPLEMENTATION: str
+
+  def attention(self, **fixed):
+    """``f(q, k, v, **kw) -> (out, rem)`` of this implementation."""
+    return attention_fn(self.IMPLEMENTATION, **fixed)
+
+  def gradients(self, q, k, v, scale, d_out, d_rem, forget_gate=None, **fixed):
+    """``(out, rem, dq, dk, dv, dscale[, dforget_gate])`` of this implementation, jitted."""
+    attn = self.attention(**fixed)
+    fn = lambda q, k, v, s, g: attn(q, k, v, scale=s, forget_gate=g)
+    return jax.jit(functools.partial(gradients, fn))(
+        q, k, v, jnp.float32(scale), d_out, d_rem, forget_gate)
+
+  @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+  @accuracy_cases
+  def test_gradient_accuracy(self, dtype, shape, segments, attend_current, gated):
+    """``out``, ``rem`` and the gradients of q, k, v, the scale (and the gate), with random
+    cotangents on ``out`` and ``rem``, against float64 under the tolerance rule."""
+    (q, k, v, seg, g, d_out, d_rem), want, same = gradient_case(
+        dtype, shape, segments, attend_current, gated)
+    got = self.gradients(q, k, v, 0.3, d_out, d_rem, g, segment_ids=seg,
+                         attend_current=attend_current)
+    input_dtype = dict(out=dtype, dq=dtype, dk=dtype, dv=dtype)
+    for name, x in zip(RESULT_NAMES, got):
+      assert x.dtype == input_dtype.get(name, jnp.float32), name
+    assert_gradients_within_tolerance(got, want, same, dtype)
+
+  @pytest.mark.parametrize("where", ["inputs", "forget_gate"])
+  def test_infinities(self, where):
+    """sigmoid(+inf) = 1 and sigmoid(-inf) = 0 keep the stick well defined: outputs stay finite
+    and agree with float64; gradients are NaN only where float64's are (an infinite input times
+    a zero cotangent is NaN in any precision) and equal its infinities."""
+    (q, k, v, g, d_out, d_rem), want, same = infinity_case(where)
+    got = self.gradients(q, k, v, 0.25, d_out, d_rem, g)
+    assert np.isfinite(got[0]).all() and np.isfinite(got[1]).all()
+    assert_gradients_within_tolerance(got, want, same, jnp.float32, nonfinite_like_reference=True)
+    if g is not None:  # an open gate (g = +inf, f = 1) gets no gradient at all
+      np.testing.assert_array_equal(np.asarray(got[-1])[np.asarray(g) == np.inf], 0.0)
+
+  def test_open_gate_is_the_ungated_op(self):
+    """``g = +inf`` gives ``f = 1``: the ungated op, bit for bit."""
+    shape = Shape(1, 40, 4, 2, 16)
+    q, k, v, seg = random_inputs(9, shape, jnp.float32, segments=True)
+    open_gate = jnp.full((shape.b, shape.t, shape.k), jnp.inf)
+    ungated = self.attention()(q, k, v, segment_ids=seg)
+    gated = self.attention()(q, k, v, segment_ids=seg, forget_gate=open_gate)
+    for name, a, b in zip(("out", "rem"), ungated, gated):
+      np.testing.assert_array_equal(a, b, err_msg=name)
+
+  def test_saturated_logits(self):
+    """All logits very positive: out_j = v_{j-1}, rem = 0 (rem_0 = 1); very negative: out = 0,
+    rem = 1."""
+    b, t, h = 1, 12, 8
+    rng = np.random.default_rng(6)
+    u = np.ones(h, np.float32) / np.sqrt(h)
+    k = jnp.asarray(np.broadcast_to(u, (b, t, 1, h)))
+    v = jnp.asarray(rng.normal(size=(b, t, 1, h)).astype(np.float32))
+    for sign in (1.0, -1.0):
+      q = jnp.asarray(np.broadcast_to(sign * 1e4 * u, (b, t, 1, h)))
+      out, rem = self.attention()(q, k, v, scale=1.0)
+      assert np.isfinite(out).all() and np.isfinite(rem).all()
+      if sign > 0:
+        np.testing.assert_allclose(out[:, 1:], v[:, :-1], atol=1e-6)
+        np.testing.assert_array_equal(out[:, 0], 0.0)
+        np.testing.assert_allclose(rem[:, 1:], 0.0, atol=1e-6)
+        np.testing.assert_array_equal(rem[:, 0], 1.0)
+      else:
+        np.testing.assert_allclose(out, 0.0, atol=1e-6)
+        np.testing.assert_allclose(rem, 1.0, atol=1e-6)
+
+  @pytest.mark.parametrize("c", [0.5, -2.0])
+  def test_constant_logit_closed_form(self, c):
+    self.check_constant_logit_closed_form(40, c)
+
+  def check_constant_logit_closed_form(self, t, c):
+    """Long sequences stay finite and follow the closed form (a far key's weight underflows to 0)."""
+    h = 8
+    rng = np.random.default_rng(7)
+    u = np.ones(h) / np.sqrt(h)
+    q = jnp.asarray(np.broadcast_to(c * u, (1, t, 1, h)), jnp.float32)
+    k = jnp.asarray(np.broadcast_to(u, (1, t, 1, h)), jnp.float32)
+    v = rng.normal(size=(1, t, 1, h)).astype(np.float32)
+    out, rem = self.attention()(q, k, jnp.asarray(v), scale=1.0)
+    want_out, want_rem = constant_logit_closed_form(v[0, :, 0].astype(np.float64), c)
     assert np.isfinite(out).all() and np.isfinite(rem).all()
-    if sign > 0:
-      np.testing.assert_allclose(out[:, 1:], v[:, :-1], atol=1e-6)
-      np.testing.assert_array_equal(out[:, 0], 0.0)
-      np.testing.assert_allclose(rem[:, 1:], 0.0, atol=1e-6)
-      np.testing.assert_array_equal(rem[:, 0], 1.0)
-    else:
-      np.testing.assert_allclose(out, 0.0, atol=1e-6)
-      np.testing.assert_allclose(rem, 1.0, atol=1e-6)
+    np.testing.assert_allclose(out[0, :, 0], want_out, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(rem[0, :, 0], want_rem, atol=2e-6, rtol=1e-4)
 
 
 def constant_logit_closed_form(v, c):
@@ -146,23 +192,63 @@ def constant_logit_closed_form(v, c):
   return out, (1 - s) ** np.arange(len(v))
 
 
-# T=8192 for the pure-JAX paths only: interpreted kernels are too slow there (the GPU check runs
-# the kernels at T up to 131072).
-CLOSED_FORM_CASES = [(impl, t, c) for impl in IMPLEMENTATIONS for t, c in ((40, 0.5), (40, -2.0))]
-CLOSED_FORM_CASES += [(impl, 8192, -3.0) for impl in PURE_JAX_IMPLEMENTATIONS]
+DEFINITION_CASES = [  # (shape, segments, attend_current, gated)
+    (Shape(1, 1, 1, 1, 4), False, False, False),
+    (Shape(1, 1, 2, 1, 4), False, True, True),
+    (Shape(2, 2, 2, 2, 4), False, False, False),
+    (Shape(1, 7, 4, 2, 8), False, True, True),
+    (Shape(2, 13, 3, 1, 5, hv=3), True, False, True),
+    (Shape(1, 33, 4, 4, 8), True, True, False),
+]
 
 
-@pytest.mark.parametrize("implementation,t,c", CLOSED_FORM_CASES)
-def test_constant_logit_closed_form(implementation, t, c):
-  """Long sequences stay finite and follow the closed form (a far key's weight underflows to 0)."""
-  h = 8
-  rng = np.random.default_rng(7)
-  u = np.ones(h) / np.sqrt(h)
-  q = jnp.asarray(np.broadcast_to(c * u, (1, t, 1, h)), jnp.float32)
-  k = jnp.asarray(np.broadcast_to(u, (1, t, 1, h)), jnp.float32)
-  v = rng.normal(size=(1, t, 1, h)).astype(np.float32)
-  out, rem = attention_fn(implementation)(q, k, jnp.asarray(v), scale=1.0)
-  want_out, want_rem = constant_logit_closed_form(v[0, :, 0].astype(np.float64), c)
-  assert np.isfinite(out).all() and np.isfinite(rem).all()
-  np.testing.assert_allclose(out[0, :, 0], want_out, atol=2e-5, rtol=0)
-  np.testing.assert_allclose(rem[0, :, 0], want_rem, atol=2e-6, rtol=1e-4)
+class PureJaxSuite(OpSuite):
+  """The pure-JAX paths also take float64 inputs and long sequences."""
+
+  @pytest.mark.parametrize(
+      "shape,segments,attend_current,gated", DEFINITION_CASES,
+      ids=[f"{s}-seg{int(g)}-cur{int(c)}-gate{int(f)}" for s, g, c, f in DEFINITION_CASES])
+  def test_matches_definition_float64(self, shape, segments, attend_current, gated, x64):
+    """Against the definition loop, with infinite and saturated gates where gated."""
+    q, k, v, seg = random_inputs(shape.t, shape, np.float64, segments=segments, logit_scale=2.0)
+    g = with_infinite_gates(random_gate(shape.t, shape, np.float64)) if gated else None
+    seg_np = None if seg is None else np.asarray(seg)
+    want_out, want_rem = stick_loop(q, k, v, 0.7, seg_np, attend_current, g)
+    out, rem = self.attention()(
+        jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), scale=0.7, segment_ids=seg,
+        attend_current=attend_current, forget_gate=None if g is None else jnp.asarray(g))
+    assert out.dtype == jnp.float64 and rem.dtype == jnp.float64
+    assert np.isfinite(out).all() and np.isfinite(rem).all()
+    np.testing.assert_allclose(out, want_out, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(rem, want_rem, rtol=0, atol=1e-10)
+
+  @pytest.mark.parametrize("segments,attend_current,gated",
+                           [(False, False, False), (True, True, True)])
+  def test_check_grads_float64(self, segments, attend_current, gated, x64):
+    """Autodiff against finite differences, both outputs, the scale and the gate."""
+    shape = Shape(1, 9, 2, 1, 4)
+    q, k, v, seg = random_inputs(3, shape, np.float64, segments=segments)
+    f = self.attention(segment_ids=seg, attend_current=attend_current)
+    args = tuple(jnp.asarray(x) for x in (q, k, v)) + (jnp.float64(0.8),)
+    if gated:
+      args += (jnp.asarray(random_gate(3, shape, np.float64, std=1.0)),)
+    check_grads(lambda q, k, v, s, g=None: f(q, k, v, scale=s, forget_gate=g), args, order=1,
+                modes=("rev",), atol=1e-6, rtol=1e-6)
+
+  def test_long_constant_logit_closed_form(self):
+    self.check_constant_logit_closed_form(8192, -3.0)
+
+
+class TestXla(PureJaxSuite):
+  IMPLEMENTATION = "xla"
+
+
+class TestScan(PureJaxSuite):
+  IMPLEMENTATION = "scan"
+
+
+class TestPallasInterpret(OpSuite):
+  """The kernels in interpret mode with small blocks (helpers.SMALL_BLOCKS), so that the shapes
+  above cross several query and key blocks; T=8192 is left to experiments/check_gpu.py."""
+
+  IMPLEMENTATION = "pallas"

@@ -1,4 +1,4 @@
-"""The public API's contract: argument checks, dtypes, implementation choice, traced scale."""
+"""The public API's contract: argument checks, dtypes, implementation choice, traced scale, cost."""
 
 from __future__ import annotations
 
@@ -33,6 +33,11 @@ BAD_INPUTS = [  # (kwargs overriding a valid call, error type, message fragment)
     (dict(segment_ids=SEG[0]), ValueError, r"segment_ids must have shape \[B, T\]=\(2, 8\), got \(8,\)"),
     (dict(segment_ids=SEG.astype(jnp.float32)), TypeError, r"segment_ids must have an integer dtype"),
     (dict(segment_ids=[[0] * 8] * 2), TypeError, r"segment_ids must be an array, got list"),
+    (dict(forget_gate=[[0.0] * 2] * 8), TypeError, r"forget_gate must be an array, got list"),
+    (dict(forget_gate=jnp.zeros((2, 8, 4))), ValueError,
+     r"forget_gate must have shape \[B, T, K\]=\(2, 8, 2\), got forget_gate.shape=\(2, 8, 4\)"),
+    (dict(forget_gate=jnp.zeros((2, 8, 2), jnp.int32)), TypeError,
+     r"forget_gate must have a floating dtype, got forget_gate.dtype=int32"),
     (dict(scale=jnp.ones(2)), ValueError, r"scale must be a scalar, got scale.shape=\(2,\)"),
     (dict(scale="0.5"), TypeError, r"scale must be a Python float or a scalar array, got '0.5'"),
     (dict(scale=True), TypeError, r"scale must be a Python float or a scalar array, got True"),
@@ -66,6 +71,16 @@ def test_output_dtypes_and_shapes(dtype):
   assert out.shape == (1, 5, 4, 6) and out.dtype == dtype
   assert rem.shape == (1, 5, 4) and rem.dtype == jnp.float32
   np.testing.assert_array_equal(out, out2)
+
+
+def test_pallas_off_gpu_needs_interpret():
+  """On a CPU the kernels run only interpreted: said in sbjax's words, before any work."""
+  if jax.default_backend() == "gpu":
+    pytest.skip("checks the CPU message")
+  with pytest.raises(ValueError, match=r"implementation='pallas' needs an NVIDIA GPU or "
+                                       r"interpret=True, got interpret=False with JAX's default "
+                                       r"device 'cpu'.*use implementation='scan'"):
+    sbjax.stick_breaking_attention(Q, K, V, implementation="pallas")
 
 
 def test_default_implementation_off_gpu_is_scan():
