@@ -1,0 +1,31 @@
+"""Length extrapolation on real text: stick-breaking vs softmax+RoPE vs NoPE, trained at T and
+scored to 16 T.
+
+  python experiments/length_extrapolation.py \
+      --config=experiments/configs/length_extrapolation.py --workdir=/tmp/length_extrapolation
+"""
+
+import logging as std_logging
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import length_extrapolation_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where summary.json, the plots and runs/ go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Orbax logs each checkpoint step at INFO; keep the run's own progress readable.
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= std_logging.WARNING or "orbax" not in record.pathname)
+  length_extrapolation_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
