@@ -29,7 +29,10 @@ class BlockSizes:
     skip_used_stick: stop walking a row block's keys once every row's stick is below 2^-152: the
       farther keys' weights and gradients are then exactly 0 in fp32, so results are unchanged
       bit for bit, and long sequences cost what the rows really attend to. False walks every key
-      (for timing the dense worst case).
+      (for timing the dense worst case). Bit-for-bit equality also needs the compiler to emit the
+      same arithmetic for a tile inside the ``lax.cond`` that skips it as outside: JAX 0.11.2
+      (CPU interpret mode and Triton on the GPU) does; XLA:CPU of JAX 0.10.2 does not, and there
+      dk differs in the last bits (tests/test_pallas_triton.py::test_skipping_a_used_stick_is_exact).
   """
 
   block_q: int = 64
