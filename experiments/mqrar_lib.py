@@ -21,6 +21,7 @@ import itertools
 import json
 import logging as std_logging
 import os
+import textwrap
 import time
 
 import jax
@@ -236,7 +237,11 @@ def _report_other_configs(workdir: str, planned: list[dict]) -> None:
   runs_dir = os.path.join(workdir, RUNS)
   others = sorted(d for d in (os.listdir(runs_dir) if os.path.isdir(runs_dir) else [])
                   if d not in names)
-  for d in others:
+  shown = 5  # a sweep's worth of runs would fill the screen
+  if len(others) > shown:
+    logging.warning("%d runs in %s were made with other configs and are not reused; the first "
+                    "%d:", len(others), runs_dir, shown)
+  for d in others[:shown]:
     path = os.path.join(runs_dir, d, RUN_CONFIG)
     if not os.path.exists(path):
       logging.warning("%s: a run of an older sbjax (no %s); not reused.", d, RUN_CONFIG)
@@ -326,6 +331,7 @@ def _curves(workdir: str) -> dict:
 
 # Reporting: the table the main job ends on, and the plot.
 
+_WIDTH = 100  # columns of the report's prose
 _COLORS = {"stickbreaking": "C2", "softmax_rope": "C1", "softmax_nope": "C0"}
 _MARKERS = "os^Dv<>p"
 
@@ -362,6 +368,7 @@ def report(records: list[dict], workdir: str) -> str:
   lines = [f"MQRAR accuracy: share of key queries answered with the key's latest value, on "
            f"held-out sequences{f' (mean of {seeds} seeds)' if seeds > 1 else ''}.",
            f"{'':{width}}{header}"]
+  lines[0] = textwrap.fill(lines[0], _WIDTH)
   for row in rows:
     accs = (cells.get((row, t)) for t in lens)
     lines.append(f"{label(row):{width}}" + "".join(
@@ -373,10 +380,11 @@ def report(records: list[dict], workdir: str) -> str:
     lines.append(f"{name:{width}}" + "".join(
         f"{ref[t]:9.3f}" if t in ref else f"{'-':>9}" for t in lens))
   lines += [
-      f"* trained length ({steps[0] if len(steps) == 1 else steps} steps); longer T tests length "
-      f"generalisation. Chance (a guess among the {vocab[0] // 2} values) is "
-      f"{2 / vocab[0]:.3f}; \"key match, no recency\": a model that finds the key's earlier "
-      f"values but picks one at random.",
+      textwrap.fill(
+          f"* trained length ({steps[0] if len(steps) == 1 else steps} steps); longer T tests "
+          f"length generalisation. Chance (a guess among the {vocab[0] // 2} values) is "
+          f"{2 / vocab[0]:.3f}; \"key match, no recency\": a model that finds the key's earlier "
+          f"values but picks one at random.", _WIDTH),
       "",
       f"Outputs in {workdir}:",
       f"  {SUMMARY:14}every run and eval length (accuracy, loss, config hash)",
