@@ -82,6 +82,13 @@ def test_default_config_trains_end_to_end(trained, tmp_path):
   for output in ("summary.json", "mqrar.png", "tensorboard --logdir", "checkpoints"):
     assert output in text
 
+  # The sweep script's merge joins per-process workdirs, with their runs' training curves.
+  sweep = tmp_path / "sweep"
+  shutil.copytree(workdir, sweep / "process0")
+  assert mqrar_lib.merge(str(sweep)) == records
+  assert json.loads((sweep / mqrar_lib.SUMMARY).read_text()) == records
+  assert (sweep / mqrar_lib.PLOT).stat().st_size > 10_000
+
   # A rerun of the same config finds every run finished and trains nothing.
   config = copy.deepcopy(config)
   config.progress_bar = True  # display only: not part of a run's identity
