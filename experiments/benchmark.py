@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import sbjax
-from sbjax.kernels import pallas_triton_tiles
 from sbjax.testing import median_time_ms
 
 _SHAPES = flags.DEFINE_list(
@@ -54,7 +53,7 @@ def attention(impl: str, head_dim: int, dtype, block_sizes=None):
 def bench_one(impl, mode, b, n, h, t, dtype, iters, block_sizes=None) -> dict:
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, h)), dtype) for _ in range(3))
-  attn = attention(impl, pallas_triton_tiles.padded_head_dim(h), dtype, block_sizes)
+  attn = attention(impl, h, dtype, block_sizes)
   if mode == "fwd":
     fn = jax.jit(attn)
   else:

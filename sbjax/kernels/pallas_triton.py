@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 
 from sbjax.kernels import pallas_triton_bwd, pallas_triton_fwd
-from sbjax.kernels import pallas_triton_tiles as tiles
 from sbjax.kernels.pallas_triton_config import BlockSizes
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -42,8 +41,7 @@ def stick_breaking_attention(query, key, value, scale, segment_ids=None, forget_
   ``sbjax.reference.stick_breaking_attention``; when given, the forward kernel runs as usual and
   the gradients are autodiff of that function instead of the backward kernels.
   """
-  block_sizes = block_sizes or BlockSizes.get_default(tiles.padded_head_dim(query.shape[-1]),
-                                                      query.dtype)
+  block_sizes = block_sizes or BlockSizes.get_default(query.shape[-1], query.dtype)
   static = (attend_current, block_sizes, interpret, reference_vjp)  # hashable, not differentiated
   out, rem = _attention(query, key, value, jnp.reshape(scale, (1,)).astype(jnp.float32),
                         segment_ids, forget_gate, static)

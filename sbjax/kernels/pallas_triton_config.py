@@ -61,7 +61,7 @@ class BlockSizes:
 
   @classmethod
   def get_default(cls, head_dim: int, dtype) -> "BlockSizes":
-    """Defaults for a (power-of-two padded) head dim and input dtype.
+    """Defaults for the query/key head dim ``H`` and the input dtype.
 
     bf16/fp16 with head dims up to 128: swept on an H200. fp32 and head dims above 128 take
     smaller tiles to bound registers (not tuned; fp32 was checked on the H200, head dim 256
