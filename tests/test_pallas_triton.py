@@ -10,6 +10,7 @@ import re
 
 import chex
 import jax
+from jax.extend import core as jex_core
 import jax.numpy as jnp
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 import numpy as np
@@ -192,9 +193,9 @@ def _primitives(jaxpr, skip=("pallas_call",)) -> set[str]:
       continue
     for param in eqn.params.values():
       for sub in param if isinstance(param, (tuple, list)) else (param,):
-        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+        if isinstance(sub, jex_core.ClosedJaxpr):
           names |= _primitives(sub.jaxpr, skip)
-        elif isinstance(sub, jax.extend.core.Jaxpr):
+        elif isinstance(sub, jex_core.Jaxpr):
           names |= _primitives(sub, skip)
   return names
 
