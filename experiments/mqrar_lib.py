@@ -47,7 +47,6 @@ RUN_CONFIG, RUN_RESULT = "config.json", "result.json"
 _DISPLAY_FIELDS = ("progress_bar",)
 # Independent NumPy streams per purpose, so eval sequences never come from the training stream.
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
-SOLVED = 0.9  # accuracy from which a run counts as having learned the task
 
 
 def quiet_logs(record: std_logging.LogRecord) -> bool:

@@ -26,7 +26,7 @@ if [[ ! -f "$stamp" ]]; then
   "$py" -m venv --clear "$venv"
   say "upgrading pip"
   "$venv/bin/python" -m pip install -q --upgrade pip
-  say "installing sbjax[test] and its dependencies (JAX pinned by constraints.txt; about a minute)"
+  say "installing sbjax[test] and its dependencies (JAX pinned by constraints.txt; a minute or two)"
   "$venv/bin/python" -m pip install -q -c "$root/constraints.txt" -e "$root[test]"
   touch "$stamp"
   say "ready in $((SECONDS - start)) s; later runs start at once"
