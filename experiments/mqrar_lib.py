@@ -119,11 +119,12 @@ def make_batch(run_cfg: dict, rng: np.random.Generator, seq_len: int) -> dict:
 @functools.lru_cache(maxsize=None)
 def baselines(vocab_size: int, num_keys: int, seq_len: int, reassign_prob: float
               ) -> tuple[float, float]:
-  """Reference accuracies of a setting: ``(chance, earlier_value)``.
+  """Reference accuracies of a setting: ``(chance, key_match_no_recency)``.
 
-  ``chance`` guesses uniformly among the ``V/2`` values. ``earlier_value`` finds the queried key
-  but guesses uniformly among the distinct values it held before: the level of a model that
-  cannot tell its most recent assignment from older ones. Estimated on 64 fixed sequences.
+  ``chance`` guesses uniformly among the ``V/2`` values. ``key_match_no_recency`` finds the
+  queried key but guesses uniformly among the distinct values it held before: the level of a
+  model that cannot tell its most recent assignment from older ones. Estimated on 64 fixed
+  sequences.
   """
   batch = mqrar.make_batch(np.random.default_rng(0), batch_size=64, seq_len=seq_len,
                            vocab_size=vocab_size, num_keys=num_keys, reassign_prob=reassign_prob)
@@ -177,13 +178,13 @@ def train_and_score(run_cfg: dict, workdir: str, progress_bar: bool = True) -> d
     rng = np.random.default_rng((run_cfg["seed"], _EVAL_STREAM, seq_len))
     eval_batches = [make_batch(run_cfg, rng, seq_len) for _ in range(run_cfg["eval_batches"])]
     scores = training.evaluate(eval_step, params, eval_batches, batch_sharding(mesh))
-    chance, earlier_value = baselines(run_cfg["vocab_size"], run_cfg["num_keys"], seq_len,
-                                      run_cfg["reassign_prob"])
+    chance, key_match = baselines(run_cfg["vocab_size"], run_cfg["num_keys"], seq_len,
+                                  run_cfg["reassign_prob"])
     records.append({
         **{field: run_cfg[field] for field in RUN_FIELDS},
         "accuracy": scores["accuracy"], "eval_loss": scores["loss"],
         "queries": int(scores["tokens"]), "seq_len": seq_len, "train_seq_len": run_cfg["seq_len"],
-        "chance": chance, "earlier_value": earlier_value,
+        "chance": chance, "key_match_no_recency": key_match,
         "num_layers": run_cfg["num_layers"], "vocab_size": run_cfg["vocab_size"],
         "reassign_prob": run_cfg["reassign_prob"], "num_steps": run_cfg["num_steps"],
         "learning_rate": run_cfg["learning_rate"], "params": models.count_params(model),
@@ -220,8 +221,9 @@ def _claim_run_dir(run_dir: str, run_cfg: dict) -> dict | None:
   if os.path.exists(path):
     saved = _read_json(path)
     if saved != run_cfg:
-      raise ValueError(f"{run_dir} holds a run of another config ({'; '.join(differences(saved, run_cfg))}); "
-                       f"move it away or use another workdir.")
+      raise ValueError(f"{run_dir} holds a run of another config "
+                       f"({'; '.join(differences(saved, run_cfg))}); move it away or use another "
+                       f"workdir.")
   else:
     os.makedirs(run_dir, exist_ok=True)
     _write_json(path, run_cfg)
@@ -441,19 +443,19 @@ def plot(records: list[dict], path: str, curves: dict | None = None) -> None:
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
 
-  def references(ax, data, x, earlier_value=True):
+  def references(ax, data, x, key_match=True):
     """Chance (dashed) and the "key match, no recency" level (dotted, per number of keys)."""
     ax.axhline(_baseline(data[0])[0], color="gray", linestyle="--", linewidth=1, label="chance")
     # One line per number of keys against the length; one line across the numbers of keys.
     per = "num_keys" if x != "num_keys" else "seq_len"
-    for value in sorted({r[per] for r in data}) if earlier_value else ():
+    for value in sorted({r[per] for r in data}) if key_match else ():
       points = sorted({(r[x], _baseline(r)[1]) for r in data if r[per] == value})
       ax.plot(*zip(*points), color="gray", linestyle=":", linewidth=1.2,
               label="key match, no recency" if value == min(r[per] for r in data) else None)
 
   ax = axes["length"]
   lines(ax, records, "seq_len", varied)
-  references(ax, records, "seq_len", earlier_value="num_keys" not in varied)  # else: clutter
+  references(ax, records, "seq_len", key_match="num_keys" not in varied)  # else: clutter
   for t in sorted({r["train_seq_len"] for r in records}):
     ax.axvline(t, color="black", alpha=0.5, linewidth=1)
     ax.text(t, 0.5, "trained length ", rotation=90, fontsize=8, ha="right", va="center")

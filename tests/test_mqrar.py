@@ -60,7 +60,7 @@ def test_default_config_trains_end_to_end(trained, tmp_path):
     assert 0.0 <= r["accuracy"] <= 1.0
     assert r["d_model"] == 64 and r["num_keys"] == 4 and r["seed"] == 0
     assert r["train_seq_len"] == 32 and r["num_steps"] == 4
-    assert r["chance"] == 1 / 16 and 0 < r["earlier_value"] < 1
+    assert r["chance"] == 1 / 16 and 0 < r["key_match_no_recency"] < 1
     # Every query of every eval sequence is scored: (T/2 - num_keys) per sequence.
     assert r["queries"] == config.batch_size * (r["seq_len"] // 2 - r["num_keys"])
   with open(tmp_path / mqrar_lib.PLOT, "rb") as f:

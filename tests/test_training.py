@@ -100,21 +100,38 @@ def test_train_loop_metrics_eval_and_checkpoints(tmp_path):
                                 result.state.params["final_norm"]["scale"][...])
 
 
-def _tiny_run(workdir, **changes):
-  """A 3-step run of a tiny model on one batch, evaluated at the end."""
+def _tiny_run(workdir, events=None, **changes):
+  """A 3-step run of a tiny model on one batch, evaluated at the end; ``events`` records each
+  batch asked for."""
   model = DecoderLM(lm_config("tiny", attention="softmax_rope"), rngs=nnx.Rngs(0))
   tokens = np.random.default_rng(0).integers(0, 256, size=(4, 17)).astype(np.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
   config = training.TrainConfig(**{**dict(num_steps=3, warmup_steps=1, learning_rate=1e-2,
                                           log_every=1, checkpoint_every=2, progress_bar=False),
                                    **changes})
-  return training.train(model, config, lambda step: batch, str(workdir),
-                        eval_batches=lambda: [batch])
+
+  def batches(step):
+    if events is not None:
+      events.append(("batch", step))
+    return batch
+
+  return training.train(model, config, batches, str(workdir), eval_batches=lambda: [batch])
 
 
-def test_finished_workdir_returns_the_run_and_refuses_another_config(tmp_path, caplog):
-  first = _tiny_run(tmp_path)
+def test_finished_workdir_returns_the_run_and_refuses_another_config(tmp_path, caplog,
+                                                                     monkeypatch):
+  events = []
+
+  class RecordingBar(tqdm.tqdm):
+    def __init__(self, *args, **kwargs):
+      events.append(("bar", kwargs["initial"]))
+      super().__init__(*args, **kwargs)
+
+  monkeypatch.setattr(training.loop, "tqdm", RecordingBar)
+  first = _tiny_run(tmp_path, events)
   assert [m["step"] for m in first.metrics] == [1, 2, 3]
+  # The progress bar's clock (its rate and ETA) starts after the first step, which compiles.
+  assert events == [("batch", 0), ("bar", 1), ("batch", 1), ("batch", 2)]
   # Rerun on the finished workdir: nothing is trained, the run's metrics are read back and the
   # final evaluation is redone; the log says so. Display fields may differ.
   again = _tiny_run(tmp_path, log_every=2, progress_bar=True)
@@ -127,28 +144,6 @@ def test_finished_workdir_returns_the_run_and_refuses_another_config(tmp_path, c
   # Checkpoints of one config are never resumed under another: the error names what differs.
   with pytest.raises(ValueError, match=r"learning_rate: 0\.01 -> 0\.02.*num_steps: 3 -> 5"):
     _tiny_run(tmp_path, learning_rate=2e-2, num_steps=5)
-
-
-def test_progress_bar_clock_starts_after_the_compiling_step(tmp_path, monkeypatch):
-  """tqdm's rate and ETA must not count the first step's compilation."""
-  events = []
-
-  class RecordingBar(tqdm.tqdm):
-    def __init__(self, *args, **kwargs):
-      events.append(("bar", kwargs["initial"]))
-      super().__init__(*args, **kwargs)
-
-  monkeypatch.setattr(training.loop, "tqdm", RecordingBar)
-  model = DecoderLM(lm_config("tiny", attention="softmax_rope"), rngs=nnx.Rngs(0))
-  tokens = np.random.default_rng(0).integers(0, 256, size=(2, 9)).astype(np.int32)
-
-  def batches(step):
-    events.append(("batch", step))
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-
-  config = training.TrainConfig(num_steps=3, warmup_steps=1, progress_bar=False)
-  training.train(model, config, batches)
-  assert events == [("batch", 0), ("bar", 1), ("batch", 1), ("batch", 2)]
 
 
 def test_shard_step_on_8_devices_matches_one_device(tmp_path):

@@ -72,9 +72,9 @@ def _check_resumable(workdir: str, config: TrainConfig) -> None:
     conflicts = config.resume_conflicts(json.load(f))
   if conflicts:
     raise ValueError(
-        f"workdir={workdir!r} holds checkpoints of a run with another config ({'; '.join(conflicts)}); "
-        f"resuming them would mix two runs. Use another workdir, or delete "
-        f"{os.path.join(workdir, 'checkpoints')} to start over.")
+        f"workdir={workdir!r} holds checkpoints of a run with another config "
+        f"({'; '.join(conflicts)}); resuming them would mix two runs. Use another workdir, or "
+        f"delete {os.path.join(workdir, 'checkpoints')} to start over.")
 
 
 def _read_metrics(workdir: str, upto: int) -> tuple[list[dict], list[dict]]:
