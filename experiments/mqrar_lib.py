@@ -473,14 +473,15 @@ def plot(records: list[dict], path: str, curves: dict | None = None) -> None:
     ax = axes["curves"]
     by_run = {r["run"]: r for r in records if "run" in r}
     labelled = set()
-    for run, curve in sorted(curves.items()):
-      if run in by_run:
-        r = by_run[run]
-        label = " ".join([r["attention"], *(f"{f}={r[f]}" for f in varied[:1])])
-        ax.plot(curve["step"], curve["accuracy"], linewidth=1, alpha=0.8,
-                label=None if label in labelled else label,
-                **{k: v for k, v in _style(records, r, varied[:1]).items() if k != "marker"})
-        labelled.add(label)
+    rank = lambda run: (list(_COLORS).index(by_run[run]["attention"])
+                        if by_run[run]["attention"] in _COLORS else 9, run)
+    for run in sorted((run for run in curves if run in by_run), key=rank):
+      r = by_run[run]
+      label = " ".join([r["attention"], *(f"{f}={r[f]}" for f in varied[:1])])
+      ax.plot(curves[run]["step"], curves[run]["accuracy"], linewidth=1, alpha=0.8,
+              label=None if label in labelled else label,
+              **{k: v for k, v in _style(records, r, varied[:1]).items() if k != "marker"})
+      labelled.add(label)
     ax.axhline(_baseline(records[0])[0], color="gray", linestyle="--", linewidth=1)
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
