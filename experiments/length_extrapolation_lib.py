@@ -74,7 +74,7 @@ def prepare_data(config) -> TextData:
   split_json = os.path.expanduser(config.split_json or os.path.join(os.path.dirname(archive),
                                                                    "split.json"))
   data_dir = os.path.expanduser(config.data_dir)
-  book_dir = data.extract_corpus(archive, data_dir)
+  book_dir = data.extract_corpus(archive, data_dir, expected_sha256=config.corpus_sha256 or None)
   split = data.load_split(split_json, book_dir)
   if config.max_train_books:
     split["train"] = split["train"][:config.max_train_books]
@@ -154,10 +154,11 @@ def train_run(config, spec: dict, text: TextData, run_dir: str, *, train: bool =
   mesh = make_mesh(*train_config.mesh_shape)
   with jax.set_mesh(mesh):
     model = models.DecoderLM(_lm_config(config, spec["attention"]), rngs=nnx.Rngs(spec["seed"]))
+  steps = [int(os.path.basename(p))
+           for p in glob.glob(os.path.join(run_dir, "checkpoints", "[0-9]*"))]
+  finished = spec["num_steps"] in steps
   if not train:
-    ckpt = os.path.join(run_dir, "checkpoints")
-    steps = [int(os.path.basename(p)) for p in glob.glob(os.path.join(ckpt, "[0-9]*"))]
-    if spec["num_steps"] not in steps:
+    if not finished:
       raise ValueError(f"run {run_dir} is not trained to step {spec['num_steps']} "
                        f"(checkpoints: {sorted(steps)}); train it first (without eval_text_dir).")
   windows = data.TrainWindows(text.splits["train"], config.train_len, config.batch_size,
@@ -171,7 +172,7 @@ def train_run(config, spec: dict, text: TextData, run_dir: str, *, train: bool =
   info = {"params": models.count_params(model), "mesh": mesh,
           "epochs": spec["num_steps"] * config.batch_size / windows.windows_per_epoch,
           "tokens_seen": spec["num_steps"] * config.batch_size * config.train_len}
-  if len(result.metrics) > 1:  # trained here; the first interval holds the compilation
+  if not finished and len(result.metrics) > 1:  # trained here; the first interval compiles
     rate = np.median([m["steps_per_second"] for m in result.metrics[1:]])
     info["tokens_per_second"] = round(float(rate) * config.batch_size * config.train_len)
     info["train_seconds_this_process"] = round(time.perf_counter() - start, 1)
@@ -256,6 +257,35 @@ def score_windows(position_loss, params, windows: data.EvalWindows, batch_size: 
   return np.concatenate(out)[:w]
 
 
+def dump_qk(model: models.DecoderLM, tokens: np.ndarray, layers, heads, path: str, meta: dict):
+  """Saves the queries and keys of ``heads`` in ``layers`` on ``tokens [T]`` to ``path`` (.npz).
+
+  ``query``/``key`` are ``[layers, 1, T, heads, H]`` float16 (BTNH per layer, as the op takes
+  them), computed in the model's dtype exactly as its attention does, for kernel benchmarks on
+  trained rather than random inputs; ``scale`` is the op's default ``1/sqrt(H)``.
+  """
+  bad = [l for l in layers if not 0 <= l < len(model.blocks)]
+  if bad:
+    raise ValueError(f"qk_layers must be in [0, {len(model.blocks)}), got {bad}.")
+  x = model.embedding[...].astype(jnp.dtype(model.config.dtype))[jnp.asarray(tokens)[None]]
+  queries, keys = [], []
+  for i, block in enumerate(model.blocks):
+    if i in layers:
+      attention = block.attention
+      h = block.attention_norm(x).astype(attention.dtype or x.dtype)  # [1, T, D]
+      q = jnp.einsum("BTD,DNH->BTNH", h, attention.query_kernel[...].astype(h.dtype))
+      k = jnp.einsum("BTD,DKH->BTKH", h, attention.key_kernel[...].astype(h.dtype))
+      queries.append(np.asarray(q[:, :, list(heads)], np.float32))
+      keys.append(np.asarray(k[:, :, list(heads)], np.float32))
+    x = block(x)
+  query, key = np.stack(queries), np.stack(keys)
+  if max(np.abs(query).max(), np.abs(key).max()) > 6e4:
+    raise ValueError("q/k exceed float16's range; save them in float32.")
+  np.savez_compressed(path, query=query.astype(np.float16), key=key.astype(np.float16),
+                      layers=np.asarray(layers), heads=np.asarray(heads), tokens=tokens,
+                      scale=np.float32(query.shape[-1] ** -0.5), meta=json.dumps(meta))
+
+
 # ----------------------------------------------------------------------------------------------
 # Statistics
 
@@ -268,9 +298,9 @@ def position_bin_edges(train_len: int, eval_len: int) -> list[int]:
   return edges
 
 
-def context_lengths(eval_len: int, smallest: int = 512) -> list[int]:
-  """``512, 1024, ..., L`` (powers of two from ``min(smallest, L)``, and ``L``)."""
-  lengths, l = [], min(smallest, eval_len)
+def context_lengths(eval_len: int, train_len: int) -> list[int]:
+  """``l = 512, 1024, ..., L``: doublings from ``min(512, T)`` up to ``L``, and ``L``."""
+  lengths, l = [], min(512, train_len)
   while l < eval_len:
     lengths.append(l)
     l *= 2
@@ -326,7 +356,7 @@ def summarize(losses: np.ndarray, documents: np.ndarray, train_len: int, num_sam
   mean, low, high = book_bootstrap(losses, documents, _bin_means(edges), num_samples, seed)
   bins = [{"start": lo, "end": hi, "mean_loss": float(m), "ci_low": float(a), "ci_high": float(b)}
           for lo, hi, m, a, b in zip(edges[:-1], edges[1:], mean, low, high)]
-  lengths = context_lengths(length)
+  lengths = context_lengths(length, train_len)
   ppl, low, high = book_bootstrap(losses, documents, _prefix_ppl(lengths), num_samples, seed)
   ppl_at = {str(l): {"ppl": float(p), "ci_low": float(a), "ci_high": float(b)}
             for l, p, a, b in zip(lengths, ppl, low, high)}
@@ -439,16 +469,22 @@ def _write_json(path: str, obj) -> None:
   os.replace(tmp, path)  # a killed process never leaves a half-written file
 
 
-def _evaluate_run(config, model, state, info, windows: data.EvalWindows, cache: str) -> np.ndarray:
-  """Per-position losses ``[W, L]`` of a run on ``windows``, cached in ``cache`` (.npy)."""
+def _evaluate_run(config, model, state, info, windows: data.EvalWindows, cache: str,
+                  scorers: dict, name: str) -> np.ndarray:
+  """Per-position losses ``[W, L]`` of a run on ``windows``, cached in ``cache`` (.npy).
+
+  ``scorers[name]`` keeps the run's jitted scorer, so later splits reuse its compilation.
+  """
   if os.path.exists(cache):
     losses = np.load(cache)
     if losses.shape == (len(windows.tokens), windows.tokens.shape[1] - 1):
       return losses
   mesh = info["mesh"]
-  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-  shardings = jax.tree.map(lambda x: x.sharding, state.params)
-  position_loss = make_position_loss(graphdef, rest, mesh, shardings, config.loss_chunk)
+  if name not in scorers:
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    shardings = jax.tree.map(lambda x: x.sharding, state.params)
+    scorers[name] = make_position_loss(graphdef, rest, mesh, shardings, config.loss_chunk)
+  position_loss = scorers[name]
   start = time.perf_counter()
   losses = score_windows(position_loss, state.params, windows, config.eval_batch_size,
                          batch_sharding(mesh), progress=config.progress_bar)
@@ -532,6 +568,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
                num_steps * config.batch_size / train_windows.windows_per_epoch)
 
   records, losses_of, run_dirs = [], collections.defaultdict(list), collections.defaultdict(list)
+  scorers = {}  # run name -> jitted per-position loss
   # The test split is scored after every run has trained and been validated: once, at the end.
   order = [s for s in targets if s != "test"] + [s for s in targets if s == "test"]
   runs = [(a, s) for a in config.attentions for s in config.seeds]
@@ -554,7 +591,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
       else:
         model, state, info = train_run(config, spec, text, run_dir,
                                        train=not config.eval_text_dir)
-        losses = _evaluate_run(config, model, state, info, windows, cache)
+        losses = _evaluate_run(config, model, state, info, windows, cache, scorers,
+                               run_name(spec))
         info = {k: v for k, v in info.items() if k != "mesh"}
         info_path = os.path.join(run_dir, "info.json")
         if "tokens_per_second" in info or not os.path.exists(info_path):
@@ -588,4 +626,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     curves[attention] = log_binned_curve(losses, documents, config.plot_bins_per_octave,
                                          config.bootstrap_samples)
   plot_all(curves, [r for r in records if r["split"] == final], run_dirs, out_dir, final)
+  if config.qk_layers and "stickbreaking" in config.attentions and not config.eval_text_dir:
+    spec = run_spec(config, "stickbreaking", config.seeds[0], text, num_steps)
+    model, _, _ = train_run(config, spec, text, os.path.join(workdir, "runs", run_name(spec)),
+                            train=False)
+    window = data.eval_windows(text.splits["validation"], config.qk_window_len, 1)
+    with jax.set_mesh(make_mesh(1, 1)):
+      dump_qk(model, window.tokens[0, :-1], tuple(config.qk_layers), tuple(config.qk_heads),
+              os.path.join(out_dir, "qk_stickbreaking.npz"),
+              {"run": run_name(spec), "book": window.names[int(window.document[0])],
+               "window": "first tokens of the book", "dtype": config.dtype})
   return records
