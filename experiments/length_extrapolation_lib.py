@@ -165,7 +165,11 @@ def train_run(config, spec: dict, text: TextData, run_dir: str, *, train: bool =
                               spec["seed"])
   batches = windows.batch
   if config.use_grain:
-    dataset = windows.grain_dataset(spec["num_steps"])  # same batches, grain's random access
+    try:
+      dataset = windows.grain_dataset(spec["num_steps"])  # same batches, grain's random access
+    except ImportError as e:
+      raise ImportError("config.use_grain=True needs grain (pip install grain); "
+                        "--config.use_grain=False gives the same batches without it.") from e
     batches = dataset.__getitem__
   start = time.perf_counter()
   result = training.train(model, train_config, batches, run_dir, mesh=mesh)
@@ -522,6 +526,8 @@ def validate(config) -> None:
   bad = [a for a in config.attentions if a not in ATTENTIONS]
   if bad:
     raise ValueError(f"config.attentions must be drawn from {ATTENTIONS}, got {bad}.")
+  if not isinstance(config.max_train_books, int) or config.max_train_books < 0:
+    raise ValueError(f"config.max_train_books must be an int >= 0, got {config.max_train_books!r}.")
   if not (config.num_steps or config.num_epochs > 0):
     raise ValueError(f"set config.num_steps or config.num_epochs > 0, got "
                      f"{config.num_steps=}, {config.num_epochs=}.")
@@ -552,7 +558,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     documents = data.read_documents(directory)
     corpus = data.tokenize_documents(documents, text.tokenizer,
                                      os.path.join(os.path.expanduser(config.data_dir), "tokens"))
-    targets = {f"text:{name}": data.eval_windows(corpus, eval_len, max_windows)}
+    try:
+      targets = {f"text:{name}": data.eval_windows(corpus, eval_len, max_windows)}
+    except ValueError as e:
+      raise ValueError(f"config.eval_text_dir={config.eval_text_dir!r}: {e}") from e
     out_dir = os.path.join(workdir, "eval_text", name)
   else:
     targets = {"validation": data.eval_windows(text.splits["validation"], eval_len, max_windows)}

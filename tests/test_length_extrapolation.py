@@ -115,6 +115,13 @@ def test_eval_text_dir_scores_trained_runs_without_training(finished, tmp_path):
   assert records[0]["books"] == 2
   assert os.path.exists(os.path.join(workdir, "eval_text", "my_texts", "position_loss.png"))
   assert sorted(os.listdir(os.path.join(workdir, "runs"))) == checkpoints
+  short = tmp_path / "short"
+  short.mkdir()
+  (short / "note.txt").write_text("Too short for a window of 256 tokens.")
+  user.eval_text_dir = str(short)
+  with pytest.raises(ValueError, match="eval_text_dir=.*no document holds"):
+    lib.train_and_evaluate(user, workdir)
+  user.eval_text_dir = str(texts)
   untrained = user.copy_and_resolve_references()
   untrained.num_steps = 5
   with pytest.raises(ValueError, match="not trained to step 5"):
