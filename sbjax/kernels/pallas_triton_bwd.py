@@ -1,6 +1,6 @@
 """Backward Pallas Triton kernels: dq (with per-row boundary sums), then dk/dv (and the gate's).
 
-With ``G_ji = dL/dlog A_ji = A_ji (do_j . v_i - drem_j)`` (docs: the gradient) and
+With ``G_ji = dL/dlog A_ji = A_ji (do_j . v_i - drem_j)`` (docs/design.md §1, Gradient) and
 ``P_ji = sum_{m < i} G_jm`` (a prefix from the LEFT), the logit and gate gradients are
 
     ungated:  dz_ji = G_ji (1 - s_ji) - s_ji P_ji                      (s = sigmoid(z))
