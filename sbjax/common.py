@@ -38,7 +38,7 @@ def reverse_cumsum(x):
 
 
 def stick_breaking_weights(logits, mask, cumsum: Callable = reverse_cumsum, gate=None):
-  """Attention weights and log-remainder of each row (DESIGN.md §1), in log space.
+  """Attention weights and log-remainder of each row (docs/design.md §1), in log space.
 
   Args:
     logits: ``[..., Tq, Tk]`` scaled scores ``z``, float32 or wider.

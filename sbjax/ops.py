@@ -131,7 +131,7 @@ def stick_breaking_attention(
 
   Query ``j`` breaks a stick over its earlier keys, nearest first: key ``i`` takes the share
   ``beta_ji = sigmoid(scale * q_j . k_i)`` of what the nearer keys left, so no position embedding
-  is needed. See DESIGN.md §1 for the maths.
+  is needed. See docs/design.md §1 for the maths.
 
   Args:
     query: ``[B, T, N, H]`` floating array.
@@ -177,9 +177,7 @@ def stick_breaking_attention(
     out, rem = scan.stick_breaking_attention(
         query, key, value, scale, segment_ids, forget_gate, attend_current=attend_current)
   else:
-    # TODO(K1): pass forget_gate unconditionally once the kernels take it.
-    gate = {} if forget_gate is None else dict(forget_gate=forget_gate)
     out, rem = pallas_triton.stick_breaking_attention(
-        query, key, value, scale, segment_ids, attend_current=attend_current,
-        block_sizes=block_sizes, interpret=interpret, **gate)
+        query, key, value, scale, segment_ids, forget_gate, attend_current=attend_current,
+        block_sizes=block_sizes, interpret=interpret)
   return (out, rem) if return_remainder else out

@@ -1,7 +1,7 @@
 """Dense O(T^2) stick-breaking attention: the readable definition and the test oracle.
 
 It is implementation ``"xla"`` of :func:`sbjax.stick_breaking_attention`: logits, the log-space
-stick of DESIGN.md §1, then a weighted sum, in at least float32 whatever the input dtype.
+stick of docs/design.md §1, then a weighted sum, in at least float32 whatever the input dtype.
 """
 
 from __future__ import annotations

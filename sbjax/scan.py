@@ -57,7 +57,7 @@ def stick_breaking_attention(
     ``(out [B, T, N, Hv] in query.dtype, rem [B, T, N] in compute_dtype(query.dtype))``.
   """
   b, t, n, _ = query.shape
-  k_heads, hv = key.shape[2], value.shape[-1]
+  num_kv_heads, hv = key.shape[2], value.shape[-1]
   dtype = compute_dtype(query.dtype)
   block_q = block_q or default_block_q(b, n, t)
   num_blocks = -(-t // block_q)
@@ -67,7 +67,7 @@ def stick_breaking_attention(
   # accumulate in fp32 (the weights are rounded to the input dtype for the second one, as in the
   # kernels); fp32 and fp64 inputs get full-precision products.
   precision = jax.lax.Precision.HIGHEST if query.dtype in (jnp.float32, jnp.float64) else None
-  q = split_heads(query, k_heads)  # [B, T, K, G, H]
+  q = split_heads(query, num_kv_heads)  # [B, T, K, G, H]
   scale = jnp.asarray(scale, dtype)
   k_pos = jnp.arange(t)
   q_pos = jnp.arange(t + pad)

@@ -90,14 +90,28 @@ def _attention(implementation, seg, attend_current, dtype=None):
       implementation=implementation, return_remainder=True)
 
 
+# Jitted once at module level (static: implementation, attend_current, math dtype), so that
+# repeated oracle calls on the same shapes, e.g. one case in several input dtypes, compile once.
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _result(implementation, attend_current, dtype, q, k, v, scale, seg, forget_gate):
+  return _attention(implementation, seg, attend_current, dtype)(q, k, v, scale, forget_gate)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _gradients(implementation, attend_current, dtype, q, k, v, scale, seg, d_out, d_rem,
+               forget_gate):
+  fn = _attention(implementation, seg, attend_current, dtype)
+  return gradients(fn, q, k, v, scale, d_out, d_rem, forget_gate)
+
+
 def float64_result(q, k, v, seg, scale, attend_current, forget_gate=None, *,
                    implementation="xla"):
   """The oracle: ``(out, rem)`` as float64 NumPy arrays, computed in float64 on the (already
   rounded) inputs by ``implementation`` (``"xla"``, the dense reference; ``"scan"`` for long T)."""
   with jax.enable_x64(True):
-    fn = jax.jit(_attention(implementation, seg, attend_current))
-    return tuple(np.asarray(x) for x in fn(_up(q), _up(k), _up(v), jnp.float64(scale),
-                                           _up(forget_gate)))
+    res = _result(implementation, attend_current, None, _up(q), _up(k), _up(v),
+                  jnp.float64(scale), seg, _up(forget_gate))
+    return tuple(np.asarray(x) for x in res)
 
 
 def gradients(fn, q, k, v, scale, d_out, d_rem, forget_gate=None):
@@ -125,18 +139,17 @@ def float64_gradients(q, k, v, seg, scale, attend_current, d_out, d_rem, forget_
   d_out = jnp.asarray(d_out, q.dtype)
   d_rem = jnp.asarray(d_rem, compute_dtype(q.dtype))
   with jax.enable_x64(True):
-    fn = jax.jit(functools.partial(gradients, _attention(implementation, seg, attend_current)))
-    res = fn(_up(q), _up(k), _up(v), jnp.float64(scale), _up(d_out), _up(d_rem), _up(forget_gate))
+    res = _gradients(implementation, attend_current, None, _up(q), _up(k), _up(v),
+                     jnp.float64(scale), seg, _up(d_out), _up(d_rem), _up(forget_gate))
     return tuple(np.asarray(x) for x in res)
 
 
 def same_precision_gradients(q, k, v, seg, scale, attend_current, d_out, d_rem, forget_gate=None):
   """:func:`gradients` of the dense reference with its math in the input dtype: what a
   same-precision computation gets wrong, the yardstick of the tolerance rule."""
-  fn = jax.jit(functools.partial(
-      gradients, _attention("xla", seg, attend_current, dtype=jnp.dtype(q.dtype))))
   scale = jnp.asarray(scale, compute_dtype(q.dtype))
-  return fn(q, k, v, scale, d_out, d_rem, forget_gate)
+  return _gradients("xla", attend_current, jnp.dtype(q.dtype), q, k, v, scale, seg, d_out, d_rem,
+                    forget_gate)
 
 
 RESULT_NAMES = ("out", "rem", "dq", "dk", "dv", "dscale", "dforget_gate")

@@ -1,9 +1,9 @@
 """The shared accuracy suite: one test base, injected with each implementation (tokamax style).
 
 ``OpSuite`` holds every test that all implementations must pass against the float64 definition;
-``TestXla``, ``TestScan`` and ``TestPallasInterpret`` inject the implementation. The pure-JAX paths
-also take float64 inputs and long sequences (``PureJaxSuite``); the Pallas kernels run in interpret
-mode on small odd shapes (their other extras are in test_pallas_triton.py).
+``TestXla``, ``TestScan`` and ``TestPallasInterpret`` inject the implementation. The pure-JAX
+paths also take float64 inputs (``PureJaxSuite``), the scan path long sequences; the Pallas kernels
+run in interpret mode on small odd shapes (their other extras are in test_pallas_triton.py).
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ DEFINITION_CASES = [  # (shape, segments, attend_current, gated)
 
 
 class PureJaxSuite(OpSuite):
-  """The pure-JAX paths also take float64 inputs and long sequences."""
+  """The pure-JAX paths also take float64 inputs."""
 
   @pytest.mark.parametrize(
       "shape,segments,attend_current,gated", DEFINITION_CASES,
@@ -235,16 +235,19 @@ class PureJaxSuite(OpSuite):
     check_grads(lambda q, k, v, s, g=None: f(q, k, v, scale=s, forget_gate=g), args, order=1,
                 modes=("rev",), atol=1e-6, rtol=1e-6)
 
-  def test_long_constant_logit_closed_form(self):
-    self.check_constant_logit_closed_form(8192, -3.0)
-
 
 class TestXla(PureJaxSuite):
   IMPLEMENTATION = "xla"
 
 
 class TestScan(PureJaxSuite):
+  """The path for long sequences (the dense one holds O(T^2) and the kernels' long cases run in
+  experiments/check_gpu.py)."""
+
   IMPLEMENTATION = "scan"
+
+  def test_long_constant_logit_closed_form(self):
+    self.check_constant_logit_closed_form(8192, -3.0)
 
 
 class TestPallasInterpret(OpSuite):
