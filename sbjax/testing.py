@@ -26,8 +26,15 @@ REL_RMS_CAP = {jnp.dtype(d): x for d, x in ((jnp.float32, 1e-4), (jnp.bfloat16, 
 
 
 def rel_rms(x, ref) -> float:
-  """Relative RMS error ``|x - ref| / |ref|`` in float64; fails if either side is not finite."""
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  """Relative RMS error ``|x - ref| / |ref|`` in float64; fails if either side is not finite.
+
+  ``x`` and ``ref`` are arrays or pytrees of the same structure (e.g. parameters or gradients),
+  whose leaves are compared all together.
+  """
+  x, ref = (np.concatenate([np.ravel(np.asarray(leaf, np.float64)) for leaf in jax.tree.leaves(t)])
+            if isinstance(t, (list, tuple, dict)) else np.asarray(t, np.float64) for t in (x, ref))
+  if x.shape != ref.shape:
+    raise ValueError(f"rel_rms compares equal shapes, got {x.shape} and reference {ref.shape}")
   for name, values in (("result", x), ("reference", ref)):
     if not np.isfinite(values).all():
       raise AssertionError(f"{np.sum(~np.isfinite(values))} non-finite values in the {name}")

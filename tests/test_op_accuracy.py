@@ -232,8 +232,9 @@ class PureJaxSuite(OpSuite):
     args = tuple(jnp.asarray(x) for x in (q, k, v)) + (jnp.float64(0.8),)
     if gated:
       args += (jnp.asarray(random_gate(3, shape, np.float64, std=1.0)),)
-    check_grads(lambda q, k, v, s, g=None: f(q, k, v, scale=s, forget_gate=g), args, order=1,
-                modes=("rev",), atol=1e-6, rtol=1e-6)
+    # Jitted: finite differences call it several times on the same shapes.
+    fn = jax.jit(lambda q, k, v, s, g=None: f(q, k, v, scale=s, forget_gate=g))
+    check_grads(fn, args, order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
 
 
 class TestXla(PureJaxSuite):
