@@ -46,8 +46,8 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sbjax import data, models, ops, training
-from sbjax.nn import softmax
+import sbjax
+from sbjax import data, models, nn, training
 from sbjax.parallel import batch_sharding, make_mesh
 
 SUMMARY = "summary.json"
@@ -138,8 +138,8 @@ def run_name(spec: dict) -> str:
 
 def _implementation(config, attention: str) -> str:
   if attention == "stickbreaking":
-    return config.implementation or ops.default_implementation()
-  return config.softmax_implementation or softmax.default_softmax_implementation()
+    return config.implementation or sbjax.default_implementation()
+  return config.softmax_implementation or nn.default_softmax_implementation()
 
 
 def train_run(config, spec: dict, text: TextData, run_dir: str, *, train: bool = True):

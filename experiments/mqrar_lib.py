@@ -34,9 +34,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from sbjax import models, ops, training
+import sbjax
+from sbjax import models, nn, training
 from sbjax.data import mqrar
-from sbjax.nn import softmax
 from sbjax.parallel import batch_sharding, make_mesh
 
 SWEEP_AXES = ("attentions", "seeds", "d_model", "num_heads", "seq_len", "num_keys")
@@ -80,9 +80,9 @@ def run_config(config: ml_collections.ConfigDict, run: dict) -> dict:
     values[field] = run[field]
   for field in _DISPLAY_FIELDS:
     values.pop(field, None)
-  values["implementation"] = config.implementation or ops.default_implementation()
+  values["implementation"] = config.implementation or sbjax.default_implementation()
   values["softmax_implementation"] = (config.softmax_implementation
-                                      or softmax.default_softmax_implementation())
+                                      or nn.default_softmax_implementation())
   return json.loads(json.dumps(values))  # tuples become lists, as in a saved config
 
 
