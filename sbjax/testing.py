@@ -25,14 +25,21 @@ NOISE_FLOOR = {jnp.dtype(d): x for d, x in ((jnp.float32, 1e-5), (jnp.bfloat16, 
 REL_RMS_CAP = {jnp.dtype(d): x for d, x in ((jnp.float32, 1e-4), (jnp.bfloat16, 2e-2), (jnp.float16, 4e-3))}
 
 
+def _flat(tree):
+  """An array as float64, or a pytree's leaves raveled into one float64 vector."""
+  leaves = jax.tree.leaves(tree)
+  if len(leaves) == 1 and leaves[0] is tree:
+    return np.asarray(tree, np.float64)
+  return np.concatenate([np.ravel(np.asarray(leaf, np.float64)) for leaf in leaves])
+
+
 def rel_rms(x, ref) -> float:
   """Relative RMS error ``|x - ref| / |ref|`` in float64; fails if either side is not finite.
 
   ``x`` and ``ref`` are arrays or pytrees of the same structure (e.g. parameters or gradients),
   whose leaves are compared all together.
   """
-  x, ref = (np.concatenate([np.ravel(np.asarray(leaf, np.float64)) for leaf in jax.tree.leaves(t)])
-            if isinstance(t, (list, tuple, dict)) else np.asarray(t, np.float64) for t in (x, ref))
+  x, ref = (_flat(t) for t in (x, ref))
   if x.shape != ref.shape:
     raise ValueError(f"rel_rms compares equal shapes, got {x.shape} and reference {ref.shape}")
   for name, values in (("result", x), ("reference", ref)):

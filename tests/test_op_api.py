@@ -136,3 +136,25 @@ def test_scan_cost_grows_smoothly_with_length():
   (flops, temp), (flops1, temp1) = cost(t), cost(t + 1)
   assert flops1 / flops < 1.01 * ((t + 1) / t) ** 2, (flops, flops1)
   assert temp1 / temp < 1.01 * (t + 1) / t, (temp, temp1)
+
+
+def test_testing_comparisons():
+  """sbjax.testing's comparisons fail loudly: non-finite values, mismatched shapes, NaN where the
+  reference has none, and every output over its bound by name."""
+  from sbjax import testing
+  tree, ref_tree = {"a": np.ones(3), "b": [np.ones(2)]}, {"a": np.ones(3), "b": [2 * np.ones(2)]}
+  assert testing.rel_rms(tree, ref_tree) == pytest.approx(np.sqrt(2 / 11))  # all leaves together
+  with pytest.raises(AssertionError, match="1 non-finite values in the result"):
+    testing.rel_rms(np.array([1.0, np.nan]), np.ones(2))
+  with pytest.raises(ValueError, match=r"equal shapes, got \(3,\) and reference \(4,\)"):
+    testing.rel_rms(np.ones(3), np.ones(4))
+  with pytest.raises(AssertionError, match="dq: 1 NaN where the reference has none"):
+    testing.assert_nonfinite_like(np.array([np.nan, 1.0]), np.array([0.0, np.nan]), "dq")
+  with pytest.raises(AssertionError, match="infinite values differ"):
+    testing.assert_nonfinite_like(np.array([1.0, -np.inf]), np.array([np.inf, -np.inf]))
+  want, same = (np.ones(4), np.ones(4)), (np.ones(4), np.ones(4))
+  with pytest.raises(AssertionError, match=r"float32: out: rel RMS error 0.1 > bound 1e-05; rem"):
+    testing.assert_gradients_within_tolerance((1.1 * np.ones(4), 0.9 * np.ones(4)), want, same,
+                                              jnp.float32)
+  errors = testing.assert_gradients_within_tolerance(want, want, same, jnp.bfloat16)
+  assert errors == {"out": (0.0, 4e-3), "rem": (0.0, 4e-3)}
