@@ -188,25 +188,6 @@ def train_run(config, spec: dict, text: TextData, run_dir: str, *, train: bool =
 # Per-position evaluation
 
 
-def hidden_states(model: models.DecoderLM, tokens):
-  """The final-norm activations ``[B, T, D]`` of ``DecoderLM`` (its forward without the head)."""
-  c = model.config
-  x = model.embedding[...].astype(jnp.dtype(c.dtype))[tokens]  # [B, T, D]
-  for block in model.blocks:
-    x = block(x)
-  return model.final_norm(x)
-
-
-def output_logits(model: models.DecoderLM, x):
-  """``DecoderLM``'s head: ``x [B, C, D]`` -> float32 logits ``[B, C, V]``."""
-  dtype = jnp.dtype(model.config.dtype)
-  if model.output_kernel is None:
-    logits = jnp.einsum("BCD,VD->BCV", x, model.embedding[...].astype(dtype))
-  else:
-    logits = jnp.einsum("BCD,DV->BCV", x, model.output_kernel[...].astype(dtype))
-  return logits.astype(jnp.float32)
-
-
 def make_position_loss(graphdef, rest, mesh, param_shardings, chunk: int):
   """``position_loss(params, tokens [B, L + 1]) -> losses [B, L]`` float32, jitted.
 
@@ -219,7 +200,7 @@ def make_position_loss(graphdef, rest, mesh, param_shardings, chunk: int):
   def fn(params, tokens):
     model = nnx.merge(graphdef, params, rest)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, L] each
-    x = hidden_states(model, inputs)  # [B, L, D]
+    x = model.hidden_states(inputs)  # [B, L, D]
     b, length, d = x.shape
     c = min(chunk, length)
     if length % c:
@@ -229,7 +210,7 @@ def make_position_loss(graphdef, rest, mesh, param_shardings, chunk: int):
 
     def chunk_loss(args):
       xc, tc = args
-      return optax.softmax_cross_entropy_with_integer_labels(output_logits(model, xc), tc)
+      return optax.softmax_cross_entropy_with_integer_labels(model.logits(xc), tc)
 
     losses = jax.lax.map(chunk_loss, (xs, ts))  # [L / C, B, C]
     return losses.swapaxes(0, 1).reshape(b, length)

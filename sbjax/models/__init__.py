@@ -11,6 +11,7 @@ Public API (stable):
     lm_config(name, **overrides) -> LMConfig          # name: "tiny" | "125m" | "350m"
     DecoderLM(config, *, rngs)                        # nnx.Module
     model(tokens [B, T], segment_ids=None, positions=None) -> logits [B, T, V] float32
+    model.hidden_states(tokens, ...) -> [B, T, D];  model.logits(hidden) -> [B, T, V]
     count_params(model) -> int
 
 ``DecoderLM`` builds anywhere; under ``jax.set_mesh(mesh)`` its parameters are placed by their

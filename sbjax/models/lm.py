@@ -77,24 +77,32 @@ class DecoderLM(nnx.Module):
     self.output_kernel = None if c.tie_embeddings else annotated_param(
         nnx.initializers.lecun_normal(), rngs, (c.d_model, c.vocab_size), param_dtype, (None, MODEL))
 
-  def __call__(self, tokens, segment_ids=None, positions=None):
-    """Args: ``tokens [B, T]`` ints; optional ``segment_ids``, ``positions [B, T]``.
-
-    Returns ``logits [B, T, V]`` in float32.
-    """
-    dtype = jnp.dtype(self.config.dtype)
-    x = self.embedding[...].astype(dtype)[tokens]  # [B, T, D]
+  def hidden_states(self, tokens, segment_ids=None, positions=None):
+    """``tokens [B, T]`` -> the final-norm activations ``[B, T, D]`` in the compute dtype (the
+    forward pass without the head: callers that score long sequences apply ``logits`` by chunks)."""
+    x = self.embedding[...].astype(jnp.dtype(self.config.dtype))[tokens]  # [B, T, D]
     for block in self.blocks:
       if self.config.remat:
         x = nnx.remat(lambda b, y: b(y, segment_ids, positions))(block, x)
       else:
         x = block(x, segment_ids, positions)
-    x = self.final_norm(x)
+    return self.final_norm(x)
+
+  def logits(self, x):
+    """The head: ``x [B, T, D]`` -> ``[B, T, V]`` float32."""
+    dtype = jnp.dtype(self.config.dtype)
     if self.output_kernel is None:
       logits = jnp.einsum("BTD,VD->BTV", x, self.embedding[...].astype(dtype))
     else:
       logits = jnp.einsum("BTD,DV->BTV", x, self.output_kernel[...].astype(dtype))
     return logits.astype(jnp.float32)
+
+  def __call__(self, tokens, segment_ids=None, positions=None):
+    """Args: ``tokens [B, T]`` ints; optional ``segment_ids``, ``positions [B, T]``.
+
+    Returns ``logits [B, T, V]`` in float32.
+    """
+    return self.logits(self.hidden_states(tokens, segment_ids, positions))
 
 
 def count_params(model: nnx.Module) -> int:
