@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from helpers import attention_fn, stick_loop
-from sbjax import reference
+from sbjax import reference, scan
 from sbjax.testing import (
     RESULT_NAMES, Shape, assert_gradients_within_tolerance, float64_gradients, float64_result,
     gradients, random_inputs, same_precision_gradients)
@@ -248,7 +248,23 @@ class TestScan(PureJaxSuite):
   IMPLEMENTATION = "scan"
 
   def test_long_constant_logit_closed_form(self):
-    self.check_constant_logit_closed_form(8192, -3.0)
+    """T=4096: weights underflow to 0 after ~1800 keys (one query block at this size)."""
+    self.check_constant_logit_closed_form(4096, -3.0)
+
+  def test_query_blocks_and_padding(self):
+    """Several query blocks, the last one padded (T=77 in blocks of 16), with segments and the
+    gate: forward and gradients against float64, as long sequences run by default."""
+    shape = Shape(1, 77, 4, 2, 16)
+    q, k, v, seg = random_inputs(10, shape, jnp.float32, segments=True)
+    g = random_gate(10, shape)
+    rng = np.random.default_rng(11)
+    d_out, d_rem = rng.normal(size=q.shape), rng.normal(size=q.shape[:3])
+    fn = lambda q, k, v, s, g: scan.stick_breaking_attention(
+        q, k, v, s, seg, g, attend_current=True, block_q=16)
+    got = jax.jit(functools.partial(gradients, fn))(q, k, v, jnp.float32(0.25), d_out, d_rem, g)
+    want = float64_gradients(q, k, v, seg, 0.25, True, d_out, d_rem, g)
+    same = same_precision_gradients(q, k, v, seg, 0.25, True, d_out, d_rem, g)
+    assert_gradients_within_tolerance(got, want, same, jnp.float32)
 
 
 class TestPallasInterpret(OpSuite):
