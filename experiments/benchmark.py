@@ -23,6 +23,8 @@ import numpy as np
 import sbjax
 from sbjax.testing import median_time_ms
 
+import logs
+
 _SHAPES = flags.DEFINE_list(
     "shapes", ["4:12:128:2048", "4:12:128:4096", "4:12:128:8192", "4:12:128:16384", "8:16:64:4096"],
     "B:N:H:T per entry.")
@@ -103,6 +105,7 @@ def format_table(records) -> str:
 
 def main(argv):
   del argv
+  logs.install()
   shapes = [tuple(int(x) for x in s.split(":")) for s in _SHAPES.value]
   block_sizes = None
   if _BLOCK_SIZES.value:

@@ -27,6 +27,8 @@ import sbjax
 from sbjax import testing
 from sbjax.testing import Shape, random_inputs
 
+import logs
+
 _OUT = flags.DEFINE_string("out", None, "Write the results here as JSON.")
 _QUICK = flags.DEFINE_bool("quick", False, "Small shapes only (a smoke test).")
 
@@ -179,6 +181,7 @@ def checks(quick: bool):
 
 def main(argv):
   del argv
+  logs.install()
   print(jax.__version__, jax.devices()[0].device_kind, flush=True)
   records = []
   for name, check in checks(_QUICK.value):

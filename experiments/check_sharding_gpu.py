@@ -20,6 +20,8 @@ from flax import nnx
 from sbjax import parallel, training
 from sbjax.models import DecoderLM, lm_config
 
+import logs
+
 _ATTENTIONS = flags.DEFINE_list("attentions", ["stickbreaking", "softmax_rope"], "Attentions.")
 _IMPLEMENTATION = flags.DEFINE_string("implementation", None, "Stick-breaking implementation.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype.")
@@ -65,6 +67,7 @@ def rel_rms(a, b) -> float:
 
 def main(argv):
   del argv
+  logs.install()
   results = {"jax": jax.__version__, "devices": [d.device_kind for d in jax.devices()],
              "dtype": _DTYPE.value, "checks": {}}
   ok = True

@@ -5,12 +5,11 @@ scored to 16 T.
       --config=experiments/configs/length_extrapolation.py --workdir=/tmp/length_extrapolation
 """
 
-import logging as std_logging
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 import length_extrapolation_lib
+import logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -21,9 +20,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  # Orbax logs each checkpoint step at INFO; keep the run's own progress readable.
-  logging.get_absl_handler().addFilter(
-      lambda record: record.levelno >= std_logging.WARNING or "orbax" not in record.pathname)
+  logs.install()
   length_extrapolation_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

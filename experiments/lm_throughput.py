@@ -22,6 +22,8 @@ from flax import nnx
 from sbjax import parallel, training
 from sbjax.models import DecoderLM, count_params, lm_config
 
+import logs
+
 _PRESET = flags.DEFINE_string("preset", "125m", "LM size: tiny | 125m | 350m.")
 _ATTENTIONS = flags.DEFINE_list("attentions", ["stickbreaking", "softmax_rope"], "Attentions to time.")
 _IMPLEMENTATION = flags.DEFINE_string(
@@ -74,6 +76,7 @@ def measure(config, batch: int, seq_len: int, warmup: int, steps: int) -> dict:
 
 def main(argv):
   del argv
+  logs.install()
   results = {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
              "preset": _PRESET.value, "batch": _BATCH.value, "seq_len": _SEQ_LEN.value,
              "dtype": "bfloat16 compute, float32 params", "runs": {}}

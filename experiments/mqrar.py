@@ -5,9 +5,10 @@
 Ends on a table of accuracy per attention and eval length, and where the outputs are.
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
+import logs
 import mqrar_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -19,7 +20,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(mqrar_lib.quiet_logs)
+  logs.install()
   records = mqrar_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   print("\n" + mqrar_lib.report(records, _WORKDIR.value), flush=True)
 

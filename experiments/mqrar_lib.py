@@ -19,7 +19,6 @@ import functools
 import hashlib
 import itertools
 import json
-import logging as std_logging
 import os
 import textwrap
 import time
@@ -47,18 +46,6 @@ RUN_CONFIG, RUN_RESULT = "config.json", "result.json"
 _DISPLAY_FIELDS = ("progress_bar",)
 # Independent NumPy streams per purpose, so eval sequences never come from the training stream.
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
-
-
-def quiet_logs(record: std_logging.LogRecord) -> bool:
-  """A log filter for the main job: drops INFO noise that absl's INFO verbosity shows on every
-  run, orbax's line per checkpoint and JAX's note that no TPU library is installed (JAX keeps that
-  error and raises it if a TPU is asked for). Other backends' failures and every warning show."""
-  if record.levelno >= std_logging.WARNING:
-    return True
-  if "orbax" in record.pathname:
-    return False
-  return not (record.name == "jax._src.xla_bridge"
-              and record.getMessage().startswith("Unable to initialize backend 'tpu'"))
 
 
 def runs(config: ml_collections.ConfigDict) -> list[dict]:

@@ -16,6 +16,7 @@ import pytest
 EXPERIMENTS = pathlib.Path(__file__).resolve().parent.parent / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))  # the experiment's library sits beside its main, as in lm1b
 
+import logs  # pylint: disable=g-import-not-at-top,wrong-import-position
 import mqrar_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -138,10 +139,10 @@ def test_log_filter_drops_only_the_tpu_note():
     return logging.LogRecord(name, level, "/x/xla_bridge.py", 1, message, (), None)
 
   tpu = "Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so: libtpu.so"
-  assert not mqrar_lib.quiet_logs(record("jax._src.xla_bridge", logging.INFO, tpu))
-  assert mqrar_lib.quiet_logs(record("jax._src.xla_bridge", logging.INFO,
-                                     "Unable to initialize backend 'cuda': no GPU"))
-  assert mqrar_lib.quiet_logs(record("jax._src.xla_bridge", logging.WARNING, tpu))
+  assert not logs.quiet_logs(record("jax._src.xla_bridge", logging.INFO, tpu))
+  assert logs.quiet_logs(record("jax._src.xla_bridge", logging.INFO,
+                                "Unable to initialize backend 'cuda': no GPU"))
+  assert logs.quiet_logs(record("jax._src.xla_bridge", logging.WARNING, tpu))
 
 
 def test_plot_and_report_of_the_committed_sweep(tmp_path):
