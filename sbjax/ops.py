@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sbjax import reference, scan
+from sbjax import decode, reference, scan
 from sbjax.common import compute_dtype
 from sbjax.kernels import pallas_triton
 from sbjax.kernels.pallas_triton_config import BlockSizes
@@ -181,3 +181,126 @@ def stick_breaking_attention(
         query, key, value, scale, segment_ids, forget_gate, attend_current=attend_current,
         block_sizes=block_sizes, interpret=interpret)
   return (out, rem) if return_remainder else out
+
+
+DecodeImplementation = Literal["xla"]
+DECODE_IMPLEMENTATIONS = typing.get_args(DecodeImplementation)
+
+
+def check_decode_inputs(query, key_cache, value_cache, cache_len, scale, forget_gate_cache,
+                        implementation, chunk_size, skip_tolerance):
+  """Raises ``ValueError``/``TypeError`` naming the bad argument, before any computation."""
+  for name, x in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
+    _check_array(name, x)
+  if not (query.dtype == key_cache.dtype == value_cache.dtype):
+    raise TypeError(
+        "query, key_cache and value_cache must share a dtype, got "
+        f"{query.dtype=}, {key_cache.dtype=}, {value_cache.dtype=}.")
+  b, q_len, n, h = query.shape
+  _, s, k, _ = key_cache.shape
+  if key_cache.shape[0] != b or value_cache.shape[:3] != key_cache.shape[:3]:
+    raise ValueError(
+        "key_cache [B, S, K, H] and value_cache [B, S, K, Hv] must share B, S, K with query's B, "
+        f"got {query.shape=}, {key_cache.shape=}, {value_cache.shape=}.")
+  if key_cache.shape[3] != h:
+    raise ValueError(f"key_cache head_dim must equal query's, got {query.shape=}, {key_cache.shape=}.")
+  if n % k:
+    raise ValueError(f"query heads must be a multiple of cache heads, got N={n} and K={k}.")
+  if q_len > s:
+    raise ValueError(f"query must have at most S={s} tokens (the cache length), got Q={q_len}.")
+  if not hasattr(cache_len, "shape") or not hasattr(cache_len, "dtype"):
+    raise TypeError(f"cache_len must be an integer array [B], got {type(cache_len).__name__}.")
+  if cache_len.shape != (b,) or not jnp.issubdtype(cache_len.dtype, jnp.integer):
+    raise ValueError(
+        f"cache_len must be integers of shape [B]=({b},), got {cache_len.shape=}, "
+        f"{cache_len.dtype=}.")
+  if not isinstance(cache_len, jax.core.Tracer):
+    lengths = np.asarray(cache_len)
+    if lengths.min() < q_len or lengths.max() > s:
+      raise ValueError(
+          f"cache_len must lie in [Q, S]=[{q_len}, {s}] (the new queries' keys are in the cache), "
+          f"got cache_len={lengths.tolist()}.")
+  if forget_gate_cache is not None:
+    if not hasattr(forget_gate_cache, "shape") or not hasattr(forget_gate_cache, "dtype"):
+      raise TypeError(
+          f"forget_gate_cache must be an array, got {type(forget_gate_cache).__name__}.")
+    if forget_gate_cache.shape != (b, s, k) or not jnp.issubdtype(forget_gate_cache.dtype,
+                                                                  jnp.floating):
+      raise ValueError(
+          f"forget_gate_cache must be floating with shape [B, S, K]=({b}, {s}, {k}), got "
+          f"{forget_gate_cache.shape=}, {forget_gate_cache.dtype=}.")
+  if scale is not None:
+    is_number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+    if not is_number and not (hasattr(scale, "shape") and np.shape(scale) == ()):
+      raise TypeError(f"scale must be a Python float or a scalar array, got {scale!r}.")
+  if implementation is not None and implementation not in DECODE_IMPLEMENTATIONS:
+    raise ValueError(
+        f"implementation must be None or one of {DECODE_IMPLEMENTATIONS}, got {implementation!r}.")
+  if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                 or chunk_size < 1):
+    raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size=}.")
+  if skip_tolerance is not None and not (isinstance(skip_tolerance, (int, float))
+                                         and 0 <= skip_tolerance < 1):
+    raise ValueError(f"skip_tolerance must be None or a float in [0, 1), got {skip_tolerance=}.")
+
+
+def stick_breaking_decode(
+    query,
+    key_cache,
+    value_cache,
+    cache_len,
+    *,
+    scale=None,
+    forget_gate_cache=None,
+    attend_current: bool = False,
+    return_remainder: bool = False,
+    return_keys_read: bool = False,
+    implementation: DecodeImplementation | None = None,
+    chunk_size: int | None = None,
+    skip_tolerance: float | None = 0.0,
+):
+  """Stick-breaking attention of ``Q`` new tokens over a KV cache (decoding), layout BTNH.
+
+  The new tokens' keys and values are in the cache already: query ``j`` sits at position
+  ``cache_len[b] - Q + j`` and sees the cache keys before it (and its own with
+  ``attend_current``), exactly as :func:`stick_breaking_attention` over the prefix would; keys at
+  and past ``cache_len[b]`` are invisible. The cache is read in chunks, nearest first, each with
+  a fresh stick, combined by ``o = o_near + rem_near * o_far`` (docs/design.md §1); a row stops
+  reading once its stick is used up.
+
+  Args:
+    query: ``[B, Q, N, H]``, ``Q`` new tokens (1 for one decoding step).
+    key_cache: ``[B, S, K, H]``, same dtype, ``N % K == 0``.
+    value_cache: ``[B, S, K, Hv]``, same dtype.
+    cache_len: ``[B]`` integers in ``[Q, S]``, the filled length of each row (checked when
+      concrete; under ``jit`` a row with ``cache_len < Q`` gives its earliest queries nothing).
+    scale: multiplies ``q . k``; defaults to ``1 / sqrt(H)``.
+    forget_gate_cache: optional ``[B, S, K]`` forget-gate logits of the cached keys.
+    attend_current: as in :func:`stick_breaking_attention`.
+    return_remainder: also return ``rem [B, Q, N]`` (float32; float64 for float64 inputs).
+    return_keys_read: also return ``keys_read [B]`` int32, the cache keys each row read.
+    implementation: ``None`` or ``"xla"``: the portable chunked path (``sbjax/decode.py``).
+    chunk_size: keys per chunk; default 256 (``min(chunk_size, S)``).
+    skip_tolerance: ``0.0`` (default): a row stops once its stick is below ``2^-152``
+      (``2^-1080`` for float64), where it is exactly 0 in the compute dtype, so skipping changes
+      no bit of the result. ``> 0``: stop once ``rem < skip_tolerance``; the output then differs
+      from the full result by at most ``skip_tolerance * max|v|`` (the unread values). ``None``:
+      read every chunk.
+
+  Returns:
+    ``out [B, Q, N, Hv]`` in ``query.dtype``, followed by ``rem`` and ``keys_read`` if asked for.
+    Not differentiable in reverse mode (a ``lax.while_loop``); train with
+    :func:`stick_breaking_attention`.
+  """
+  check_decode_inputs(query, key_cache, value_cache, cache_len, scale, forget_gate_cache,
+                      implementation, chunk_size, skip_tolerance)
+  dtype = compute_dtype(query.dtype)
+  if scale is None:
+    scale = 1.0 / math.sqrt(query.shape[-1])
+  if forget_gate_cache is not None:
+    forget_gate_cache = forget_gate_cache.astype(dtype)
+  out, rem, keys_read = decode.stick_breaking_decode(
+      query, key_cache, value_cache, cache_len, jnp.asarray(scale, dtype), forget_gate_cache,
+      attend_current=attend_current, chunk_size=chunk_size, skip_tolerance=skip_tolerance)
+  extra = (rem,) * return_remainder + (keys_read,) * return_keys_read
+  return (out, *extra) if extra else out

@@ -16,9 +16,9 @@ ROOT = pathlib.Path(__file__).parent.parent
 # kernels | scan | reference, with the leaf helpers common and platform.
 ALLOWED = {
     "common": set(), "platform": set(), "parallel": set(), "data": set(),
-    "reference": {"common"}, "scan": {"common"}, "kernels": {"common"},
+    "reference": {"common"}, "scan": {"common"}, "decode": {"common"}, "kernels": {"common"},
     "testing": {"common", "reference", "ops"},
-    "ops": {"common", "platform", "reference", "scan", "kernels"},
+    "ops": {"common", "platform", "reference", "scan", "decode", "kernels"},
     "nn": {"ops", "kernels", "parallel", "platform"},
     "models": {"nn", "kernels", "parallel"},
     "training": {"parallel"},

@@ -1,0 +1,160 @@
+"""Decoding: the decode op against the float64 definition, skipping, the cached modules, generate."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sbjax
+from sbjax import reference
+from tests.helpers import assert_within_tolerance, rel_rms, stick_loop
+
+
+def _decode_inputs(seed, b, s, q_len, n, k, h, hv, dtype, *, gate=False, logit_scale=1.0):
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.normal(size=(b, q_len, n, h)) * logit_scale, dtype)
+  kc = jnp.asarray(rng.normal(size=(b, s, k, h)), dtype)
+  vc = jnp.asarray(rng.normal(size=(b, s, k, hv)), dtype)
+  g = jnp.asarray(rng.normal(size=(b, s, k)) * 2, jnp.float32) if gate else None
+  cache_len = jnp.asarray(rng.integers(q_len, s + 1, size=b), jnp.int32)
+  return q, kc, vc, g, cache_len
+
+
+_same_precision = jax.jit(reference.stick_breaking_attention,
+                          static_argnames=("attend_current", "dtype"))
+
+
+def _prefix_oracle(q, kc, vc, g, cache_len, scale, attend_current, dtype=None):
+  """The new queries placed at the end of each row's prefix ``[:cache_len]`` of a full-length
+  query array, the keys past it in another segment (invisible), attended by the float64 loop
+  (``dtype=None``) or by the dense reference with its math in ``dtype``."""
+  b, q_len = q.shape[:2]
+  s = kc.shape[1]
+  lengths = np.asarray(cache_len)
+  rows = np.arange(b)[:, None]
+  at = lengths[:, None] - q_len + np.arange(q_len)  # [B, Q] the queries' positions
+  q_full = np.zeros((b, s, *q.shape[2:]), np.float64)
+  q_full[rows, at] = np.asarray(q, np.float64)
+  seg = (np.arange(s)[None, :] >= lengths[:, None]).astype(np.int32)  # [B, S]
+  if dtype is None:
+    out, rem = stick_loop(q_full, kc, vc, scale, seg, attend_current=attend_current, forget_gate=g)
+  else:
+    out, rem = _same_precision(jnp.asarray(q_full, dtype), kc, vc, scale, jnp.asarray(seg), g,
+                               attend_current=attend_current, dtype=dtype)
+  return np.asarray(out, np.float64)[rows, at], np.asarray(rem, np.float64)[rows, at]
+
+
+@functools.partial(jax.jit, static_argnames=("attend_current", "chunk_size", "skip_tolerance"))
+def _decode(q, kc, vc, cache_len, g, *, attend_current, chunk_size, skip_tolerance=0.0):
+  return sbjax.stick_breaking_decode(
+      q, kc, vc, cache_len, forget_gate_cache=g, attend_current=attend_current,
+      chunk_size=chunk_size, skip_tolerance=skip_tolerance, return_remainder=True,
+      return_keys_read=True)
+
+
+# Chunk sizes 1 (one key per chunk), odd ones that split rows at different offsets, S (one chunk).
+@pytest.mark.parametrize("q_len,gate,attend_current,chunk_size,dtype", [
+    (1, False, False, 5, jnp.float32),
+    (1, True, True, 1, jnp.float32),
+    (3, False, True, 7, jnp.float32),
+    (3, True, False, 24, jnp.float32),
+    (2, True, False, 3, jnp.bfloat16),
+])
+def test_decode_matches_float64_definition(q_len, gate, attend_current, chunk_size, dtype):
+  """Random cache lengths per row, GQA (N=4, K=2), Hv != H, against the loop on each prefix."""
+  q, kc, vc, g, cache_len = _decode_inputs(
+      chunk_size, b=3, s=24, q_len=q_len, n=4, k=2, h=8, hv=6, dtype=dtype, gate=gate)
+  scale = 8 ** -0.5
+  out, rem, keys_read = _decode(q, kc, vc, cache_len, g, attend_current=attend_current,
+                                chunk_size=chunk_size)
+  assert out.shape == (3, q_len, 4, 6) and out.dtype == dtype and rem.shape == (3, q_len, 4)
+  assert np.isfinite(np.asarray(out, np.float64)).all() and np.isfinite(np.asarray(rem)).all()
+  want_out, want_rem = _prefix_oracle(q, kc, vc, g, cache_len, scale, attend_current)
+  same_out, same_rem = _prefix_oracle(q, kc, vc, g, cache_len, scale, attend_current, dtype=dtype)
+  for name, got, want, same in (("out", out, want_out, same_out), ("rem", rem, want_rem, same_rem)):
+    assert_within_tolerance(rel_rms(got, want), rel_rms(same, want), dtype, name)
+  # Standard-normal logits never use up a stick of 24 keys: every key before cache_len is read.
+  np.testing.assert_array_equal(np.asarray(keys_read), np.asarray(cache_len))
+
+
+def test_decode_matches_the_training_op_at_every_position():
+  """Decoding each position of a full sequence (Q=1, cache_len = t + 1) is the training op's row t."""
+  q, kc, vc, g, _ = _decode_inputs(0, b=2, s=16, q_len=16, n=2, k=1, h=8, hv=8,
+                                   dtype=jnp.float32, gate=True)
+  want = sbjax.stick_breaking_attention(q, kc, vc, forget_gate=g, implementation="xla")
+  for t in (0, 1, 9, 15):
+    got = _decode(q[:, t:t + 1], kc, vc, jnp.full((2,), t + 1, jnp.int32), g,
+                  attend_current=False, chunk_size=4)[0]
+    np.testing.assert_allclose(np.asarray(got[:, 0]), np.asarray(want[:, t]), rtol=1e-5, atol=1e-6)
+
+
+def _saturating_inputs(seed, s=64, shift=6.0):
+  """Keys aligned with the query (logits ~ shift + N(0, 1)): sticks run out within a few keys."""
+  rng = np.random.default_rng(seed)
+  h = 16
+  q = rng.normal(size=(2, 1, 2, h))
+  kc = rng.normal(size=(2, s, 2, h)) * 0.3
+  kc += q[:, :1] / np.linalg.norm(q[:, :1], axis=-1, keepdims=True) * shift * h ** 0.25
+  vc = rng.normal(size=(2, s, 2, h))
+  return (jnp.asarray(q, jnp.float32), jnp.asarray(kc, jnp.float32), jnp.asarray(vc, jnp.float32),
+          jnp.asarray([s, s - 5], jnp.int32))
+
+
+def test_exact_skipping_is_bitwise_the_full_walk_and_reads_less():
+  q, kc, vc, cache_len = _saturating_inputs(0, shift=20.0)
+  skip = _decode(q, kc, vc, cache_len, None, attend_current=False, chunk_size=8)
+  full = _decode(q, kc, vc, cache_len, None, attend_current=False, chunk_size=8,
+                 skip_tolerance=None)
+  assert np.isfinite(np.asarray(skip[0])).all()
+  np.testing.assert_array_equal(np.asarray(skip[0]), np.asarray(full[0]))
+  np.testing.assert_array_equal(np.asarray(skip[1]), np.asarray(full[1]))
+  np.testing.assert_array_equal(np.asarray(full[2]), np.asarray(cache_len))
+  assert (np.asarray(skip[2]) < np.asarray(cache_len) // 2).all(), skip[2]
+
+
+@pytest.mark.parametrize("tolerance", [1e-2, 1e-4])
+def test_skip_tolerance_error_bound(tolerance):
+  """``|out - out64| <= skip_tolerance * max|v|`` (plus fp32 rounding), and it does skip."""
+  q, kc, vc, cache_len = _saturating_inputs(1, shift=2.0)
+  out, rem, keys_read = _decode(q, kc, vc, cache_len, None, attend_current=False, chunk_size=4,
+                                skip_tolerance=tolerance)
+  want_out, _ = _prefix_oracle(q, kc, vc, None, cache_len, 16 ** -0.5, False)
+  assert np.isfinite(np.asarray(out)).all()
+  err = np.abs(np.asarray(out, np.float64) - want_out).max()
+  assert err <= tolerance * np.abs(np.asarray(vc)).max() + 1e-5, err
+  assert (np.asarray(keys_read) < np.asarray(cache_len)).all(), keys_read
+  assert (np.asarray(rem) < tolerance).all()
+
+
+def test_empty_prefix_and_batch_rows_of_different_lengths():
+  """A row whose only key is the new token's own sees nothing without attend_current."""
+  q, kc, vc, _, _ = _decode_inputs(3, b=2, s=8, q_len=1, n=2, k=2, h=4, hv=4, dtype=jnp.float32)
+  out, rem = sbjax.stick_breaking_decode(q, kc, vc, jnp.asarray([1, 8]), return_remainder=True)
+  np.testing.assert_array_equal(np.asarray(out[0]), 0.0)
+  np.testing.assert_array_equal(np.asarray(rem[0]), 1.0)
+  assert (np.asarray(rem[1]) < 1).all()
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(cache_len=[3, 4]), "cache_len must be an integer array"),
+    (dict(cache_len=jnp.asarray([3.0, 4.0])), "cache_len must be integers"),
+    (dict(cache_len=jnp.asarray([3, 9])), r"cache_len must lie in \[Q, S\]=\[1, 8\]"),
+    (dict(cache_len=jnp.asarray([0, 4])), r"cache_len must lie in"),
+    (dict(key_cache=jnp.zeros((2, 8, 3, 4))), "key_cache"),
+    (dict(value_cache=jnp.zeros((2, 7, 2, 4))), "value_cache"),
+    (dict(query=jnp.zeros((2, 9, 2, 4))), "at most S=8"),
+    (dict(forget_gate_cache=jnp.zeros((2, 8, 1))), "forget_gate_cache"),
+    (dict(implementation="scan"), "implementation"),
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(skip_tolerance=1.5), "skip_tolerance"),
+])
+def test_bad_decode_arguments_are_named(change, match):
+  args = dict(query=jnp.zeros((2, 1, 2, 4)), key_cache=jnp.zeros((2, 8, 2, 4)),
+              value_cache=jnp.zeros((2, 8, 2, 4)), cache_len=jnp.asarray([3, 4]))
+  args.update(change)
+  with pytest.raises((ValueError, TypeError), match=match):
+    sbjax.stick_breaking_decode(**args)
