@@ -90,7 +90,7 @@ def test_dtype_and_param_dtype(dtype):
 def test_matches_float64_definition(remainder, attend_current):
   """The module equals projections + the stick-breaking loop + the remainder rule, in float64,
   with GQA (N=4 query heads on K=2 kv heads) and segments."""
-  k_heads, h = 2, 8
+  num_kv_heads, h = 2, 8
   module = _module(num_kv_heads=k_heads, head_dim=h, remainder=remainder, head_norm=True,
                    attend_current=attend_current, use_bias=True)
   if remainder == "bias":  # a non-zero bias, so the test sees it
@@ -107,7 +107,7 @@ def test_matches_float64_definition(remainder, attend_current):
   v = np.einsum("BTD,DKH->BTKH", x64, p["value_kernel"]) + p["value_bias"]
   out, rem = stick_loop(q, k, v, 1 / math.sqrt(h), np.asarray(seg), attend_current)
   if remainder == "current":
-    out = out + rem[..., None] * np.repeat(v, N // k_heads, axis=2)
+    out = out + rem[..., None] * np.repeat(v, N // num_kv_heads, axis=2)
   elif remainder == "bias":
     out = out + rem[..., None] * p["remainder_bias"]
   out = out / np.sqrt(np.mean(out**2, -1, keepdims=True) + module.norm_eps) * p["head_norm_scale"]
