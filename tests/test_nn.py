@@ -91,7 +91,7 @@ def test_matches_float64_definition(remainder, attend_current):
   """The module equals projections + the stick-breaking loop + the remainder rule, in float64,
   with GQA (N=4 query heads on K=2 kv heads) and segments."""
   num_kv_heads, h = 2, 8
-  module = _module(num_kv_heads=k_heads, head_dim=h, remainder=remainder, head_norm=True,
+  module = _module(num_kv_heads=num_kv_heads, head_dim=h, remainder=remainder, head_norm=True,
                    attend_current=attend_current, use_bias=True)
   if remainder == "bias":  # a non-zero bias, so the test sees it
     module.remainder_bias[...] = jnp.asarray(np.random.default_rng(1).normal(size=(N, h)), jnp.float32)
