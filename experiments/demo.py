@@ -18,6 +18,8 @@ import numpy as np
 import sbjax
 from sbjax.testing import Shape, float64_result, median_time_ms, random_inputs, rel_rms
 
+import logs
+
 _BATCH = flags.DEFINE_integer("batch", 2, "B.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "T.")
 _HEADS = flags.DEFINE_integer("num_heads", 4, "N (query heads).")
@@ -29,6 +31,7 @@ _FORGET_GATE = flags.DEFINE_bool("forget_gate", False, "Pass random forget-gate 
 
 def main(argv):
   del argv
+  logs.install()
   shape = Shape(_BATCH.value, _SEQ_LEN.value, _HEADS.value, _KV_HEADS.value, _HEAD_DIM.value)
   dtype = jnp.dtype(_DTYPE.value)
   on_gpu = sbjax.default_implementation() == "pallas"  # an NVIDIA GPU: the kernels compile

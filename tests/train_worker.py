@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sbjax import parallel, training  # noqa: E402
 from sbjax.models import DecoderLM, lm_config  # noqa: E402
+from sbjax.testing import rel_rms  # noqa: E402
 
 CONFIG = lm_config("tiny", implementation="xla", num_kv_heads=2, remainder="current",
                    head_norm=True)
@@ -65,14 +66,11 @@ def shard(out_path: str):
     results[name] = dict(losses=losses, params=jax.device_get(jax.tree.leaves(state.params)),
                          grads=jax.device_get(jax.tree.leaves(grads)),
                          spec=str(kernel.sharding.spec), shards=len(kernel.addressable_shards))
-  def rel_rms(what):  # over all leaves together
-    a, b = (np.concatenate([np.ravel(x) for x in results[k][what]]) for k in ("mesh", "one"))
-    return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b**2)))
-
   finite = all(np.isfinite(x).all() for r in results.values() for x in r["params"] + r["grads"])
+  errors = {f"{what}_rel_rms": rel_rms(results["mesh"][what], results["one"][what]) if finite
+            else None for what in ("grads", "params")}  # over all leaves together
   with open(out_path, "w") as f:
-    json.dump(dict(devices=jax.device_count(), finite=finite, grads_rel_rms=rel_rms("grads"),
-                   params_rel_rms=rel_rms("params"),
+    json.dump(dict(devices=jax.device_count(), finite=finite, **errors,
                    **{f"{k}_{f}": results[k][f] for k in results for f in ("losses", "spec", "shards")}), f)
 
 
