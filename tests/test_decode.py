@@ -158,3 +158,153 @@ def test_bad_decode_arguments_are_named(change, match):
   args.update(change)
   with pytest.raises((ValueError, TypeError), match=match):
     sbjax.stick_breaking_decode(**args)
+
+
+# --- The modules: prefill, then one-token steps, against the full forward --------------------
+
+def _module(name, **options):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sbjax.nn import make_attention  # pylint: disable=g-import-not-at-top
+  if name == "stickbreaking":
+    options = dict(forget_gate=True, remainder="current", implementation="xla", **options)
+  return make_attention(name, 16, 4, num_kv_heads=2, rngs=nnx.Rngs(0), **options)
+
+
+@functools.cache
+def _jitted_step():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return nnx.jit(lambda m, y: m(y, decode=True))
+
+
+def _step(module, x):
+  return _jitted_step()(module, x)
+
+
+@pytest.mark.parametrize("name", ["stickbreaking", "softmax_rope", "softmax_nope"])
+def test_module_decode_matches_full_forward_at_every_position(name):
+  """Right-padded prompts of lengths 4 and 2 prefilled in one call, then one token per step
+  (under jit: a traced index); every position against the float64 full forward."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  module = _module(name)
+  x = jax.random.normal(jax.random.key(1), (2, 9, 16), jnp.float32)
+  forward = nnx.jit(lambda m, y: m(y))
+  full32 = forward(module, x)
+  with jax.enable_x64(True):
+    full64 = np.asarray(forward(module, jnp.asarray(np.asarray(x), jnp.float64)))
+  lengths = np.asarray([4, 2])
+  module.init_cache((2, 12))
+  prefill = module(x[:, :4], decode=True, prompt_lengths=jnp.asarray(lengths))
+  got = [[prefill[row, t] for t in range(length)] for row, length in enumerate(lengths)]
+  rows = np.arange(2)
+  for step in range(9 - lengths.min()):
+    at = np.minimum(lengths + step, 8)  # row 0 finishes first, then repeats its last token
+    y = _step(module, x[rows, at][:, None])
+    for row in rows:
+      if lengths[row] + step <= 8:
+        got[row].append(y[row, 0])
+  np.testing.assert_array_equal(np.asarray(module.cache_index[...]), [11, 9])
+  got = np.stack([np.stack(g) for g in got])  # [B, T, D]
+  assert np.isfinite(got).all()
+  assert_within_tolerance(rel_rms(got, full64), rel_rms(full32, full64), jnp.float32, name)
+
+
+def test_module_cache_errors():
+  module = _module("stickbreaking")
+  x = jnp.ones((1, 3, 16))
+  with pytest.raises(ValueError, match="init_cache"):
+    module(x, decode=True)
+  module.init_cache((1, 3))
+  with pytest.raises(ValueError, match="overflow: 4 new tokens"):
+    module(jnp.ones((1, 4, 16)), decode=True, prompt_lengths=jnp.asarray([4]))
+  with pytest.raises(ValueError, match="prompt_lengths"):
+    module(x, decode=True, prompt_lengths=jnp.asarray([0]))
+  with pytest.raises(ValueError, match="batch 2"):
+    module(jnp.ones((2, 1, 16)), decode=True)
+  module(x, decode=True, prompt_lengths=jnp.asarray([3]))
+  with pytest.raises(ValueError, match=r"overflow: 1 new token\(s\) at cache_index=\[3\]"):
+    module(x[:, :1], decode=True)
+  # Under jit the index is traced: the row past the cache's end comes back NaN, not wrapped.
+  assert np.isnan(np.asarray(_step(module, x[:, :1]))).all()
+
+
+# --- The LM: generate ----------------------------------------------------------------------
+
+@functools.cache
+def _jitted_forward():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return nnx.jit(lambda m, tokens: m(tokens))
+
+
+def _continued_logits(model, prompt, lengths, tokens):
+  """The full forward's logits ``[B, M, V]`` predicting each generated token: rows are the prompt
+  then the generated tokens, right-padded to one length (causal: padding changes nothing before)."""
+  b, m = tokens.shape
+  seqs = np.zeros((b, prompt.shape[1] + m), np.int32)
+  for row, length in enumerate(lengths):
+    seqs[row, :length + m] = np.concatenate([np.asarray(prompt[row, :length]), tokens[row]])
+  logits = np.asarray(_jitted_forward()(model, jnp.asarray(seqs)), np.float64)
+  return np.stack([logits[row, length - 1:length - 1 + m] for row, length in enumerate(lengths)])
+
+
+def _lm(attention):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sbjax.models import DecoderLM, lm_config  # pylint: disable=g-import-not-at-top
+  config = lm_config("tiny", attention=attention, implementation="xla", num_kv_heads=2,
+                     num_layers=1, forget_gate=attention == "stickbreaking")
+  return DecoderLM(config, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+
+
+@pytest.mark.parametrize("attention", ["stickbreaking", "softmax_rope", "softmax_nope"])
+def test_greedy_generate_is_the_argmax_of_the_full_forward(attention):
+  from sbjax.models import generate  # pylint: disable=g-import-not-at-top
+  model = _lm(attention)
+  prompt = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 5)), jnp.int32)
+  lengths = np.asarray([5, 2])
+  tokens, log_probs = generate(model, prompt, 6, rng=jax.random.key(0), temperature=0.0,
+                               prompt_lengths=jnp.asarray(lengths))
+  assert tokens.shape == log_probs.shape == (2, 6) and np.isfinite(np.asarray(log_probs)).all()
+  logits = _continued_logits(model, prompt, lengths, np.asarray(tokens))  # [B, 6, V]
+  np.testing.assert_array_equal(np.asarray(tokens), logits.argmax(-1))
+  want = logits - logits.max(-1, keepdims=True)
+  want = want - np.log(np.exp(want).sum(-1, keepdims=True))
+  want = np.take_along_axis(want, np.asarray(tokens)[..., None], axis=-1)[..., 0]
+  # Two float32 computations of the same log-softmax (cached decode vs the full forward).
+  np.testing.assert_allclose(np.asarray(log_probs), want, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_samples_top_k_compiles_once_and_stops_at_eos():
+  from sbjax.models import generate  # pylint: disable=g-import-not-at-top
+  from sbjax.models.generate import _generate  # pylint: disable=g-import-not-at-top
+  model = _lm("stickbreaking")
+  prompt = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 4)), jnp.int32)
+  before = _generate._cache_size()
+  samples = [generate(model, prompt, 5, rng=jax.random.key(seed), temperature=temperature,
+                      top_k=3) for seed, temperature in ((0, 1.0), (1, 2.0))]
+  assert _generate._cache_size() == before + 1  # new rng and temperature: no recompilation
+  tokens = samples[0][0]
+  assert not np.array_equal(np.asarray(tokens), np.asarray(samples[1][0]))
+  logits = _continued_logits(model, prompt, [4, 4], np.asarray(tokens))  # [B, 5, V]
+  top3 = np.argsort(logits, axis=-1)[..., -3:]
+  assert (top3 == np.asarray(tokens)[..., None]).any(-1).all()
+  eos = int(tokens[0, 1])
+  stopped, log_probs = generate(model, prompt, 5, rng=jax.random.key(0), temperature=1.0, top_k=3,
+                                eos_id=eos)
+  first = int(np.argmax(np.asarray(stopped[0]) == eos))
+  assert first <= 1 and (np.asarray(stopped[0, first:]) == eos).all()
+  assert (np.asarray(log_probs[0, first + 1:]) == 0).all()
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(prompt_tokens=jnp.ones((4,), jnp.int32)), "prompt_tokens"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(top_k=300), "top_k"),
+    (dict(eos_id=256), "eos_id"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(prompt_lengths=jnp.asarray([5, 1])), "prompt_lengths"),
+])
+def test_bad_generate_arguments_are_named(change, match):
+  from sbjax.models import generate  # pylint: disable=g-import-not-at-top
+  args = dict(prompt_tokens=jnp.ones((2, 4), jnp.int32), max_new_tokens=2, rng=jax.random.key(0))
+  args.update(change)
+  with pytest.raises(ValueError, match=match):
+    generate(_lm("softmax_nope"), **args)

@@ -13,12 +13,19 @@ Public API (stable):
     model(tokens [B, T], segment_ids=None, positions=None) -> logits [B, T, V] float32
     model.hidden_states(tokens, ...) -> [B, T, D];  model.logits(hidden) -> [B, T, V]
     count_params(model) -> int
+    model.init_cache(batch_size, max_length, dtype=None)          # KV caches for decoding
+    model(tokens [B, P], decode=True, prompt_lengths=[B])         # prefill (right-padded prompts)
+    model(token [B, 1], decode=True) -> logits [B, 1, V]          # one decode step
+    generate(model, prompt_tokens [B, P], max_new_tokens, *, rng, temperature=1.0, top_k=None,
+             eos_id=None, prompt_lengths=None) -> (tokens [B, M] int32, log_probs [B, M] float32)
 
 ``DecoderLM`` builds anywhere; under ``jax.set_mesh(mesh)`` its parameters are placed by their
 annotations, and ``sbjax.training`` places them on its mesh either way.
 """
 
 from sbjax.models.config import PRESETS, LMConfig, lm_config
+from sbjax.models.generate import generate
 from sbjax.models.lm import DecoderBlock, DecoderLM, SwiGLU, count_params
 
-__all__ = ["PRESETS", "DecoderBlock", "DecoderLM", "LMConfig", "SwiGLU", "count_params", "lm_config"]
+__all__ = ["PRESETS", "DecoderBlock", "DecoderLM", "LMConfig", "SwiGLU", "count_params", "generate",
+           "lm_config"]

@@ -51,8 +51,9 @@ class DecoderBlock(nnx.Module):
     self.mlp_norm = nnx.RMSNorm(c.d_model, **norm)
     self.mlp = SwiGLU(c.d_model, c.mlp_dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-  def __call__(self, x, segment_ids=None, positions=None):
-    x = x + self.attention(self.attention_norm(x), segment_ids, positions)
+  def __call__(self, x, segment_ids=None, positions=None, *, decode=False, prompt_lengths=None):
+    x = x + self.attention(self.attention_norm(x), segment_ids, positions, decode=decode,
+                           prompt_lengths=prompt_lengths)
     return x + self.mlp(self.mlp_norm(x))
 
 
@@ -77,12 +78,24 @@ class DecoderLM(nnx.Module):
     self.output_kernel = None if c.tie_embeddings else annotated_param(
         nnx.initializers.lecun_normal(), rngs, (c.d_model, c.vocab_size), param_dtype, (None, MODEL))
 
-  def hidden_states(self, tokens, segment_ids=None, positions=None):
+  def init_cache(self, batch_size: int, max_length: int, dtype=None):
+    """An empty KV cache in every attention layer for ``batch_size`` rows of up to ``max_length``
+    tokens, in ``dtype`` (default: the compute dtype). Then ``model(prompt, decode=True,
+    prompt_lengths=...)`` and ``model(token [B, 1], decode=True)``; see ``sbjax.models.generate``."""
+    dtype = jnp.dtype(dtype or self.config.dtype)
+    for block in self.blocks:
+      block.attention.init_cache((batch_size, max_length), dtype)
+
+  def hidden_states(self, tokens, segment_ids=None, positions=None, *, decode=False,
+                    prompt_lengths=None):
     """``tokens [B, T]`` -> the final-norm activations ``[B, T, D]`` in the compute dtype (the
-    forward pass without the head: callers that score long sequences apply ``logits`` by chunks)."""
+    forward pass without the head: callers that score long sequences apply ``logits`` by chunks).
+    ``decode`` and ``prompt_lengths`` as in ``__call__``."""
     x = self.embedding[...].astype(jnp.dtype(self.config.dtype))[tokens]  # [B, T, D]
     for block in self.blocks:
-      if self.config.remat:
+      if decode:  # no backward pass: nothing to rematerialise
+        x = block(x, decode=True, prompt_lengths=prompt_lengths)
+      elif self.config.remat:
         x = nnx.remat(lambda b, y: b(y, segment_ids, positions))(block, x)
       else:
         x = block(x, segment_ids, positions)
@@ -97,12 +110,19 @@ class DecoderLM(nnx.Module):
       logits = jnp.einsum("BTD,DV->BTV", x, self.output_kernel[...].astype(dtype))
     return logits.astype(jnp.float32)
 
-  def __call__(self, tokens, segment_ids=None, positions=None):
-    """Args: ``tokens [B, T]`` ints; optional ``segment_ids``, ``positions [B, T]``.
+  def __call__(self, tokens, segment_ids=None, positions=None, *, decode=False,
+               prompt_lengths=None):
+    """Args: ``tokens [B, T]`` ints; optional ``segment_ids``, ``positions [B, T]``; ``decode``:
+    use the KV caches (``init_cache`` first), appending ``tokens`` at each row's cache index;
+    ``prompt_lengths [B]`` with ``decode``: this call is the prefill of right-padded prompts
+    (the caches restart at 0 and each row's index is left at its prompt's length).
 
     Returns ``logits [B, T, V]`` in float32.
     """
-    return self.logits(self.hidden_states(tokens, segment_ids, positions))
+    if decode and (segment_ids is not None or positions is not None):
+      raise ValueError("decode=True takes positions from the cache index and no segment_ids.")
+    return self.logits(self.hidden_states(tokens, segment_ids, positions, decode=decode,
+                                          prompt_lengths=prompt_lengths))
 
 
 def count_params(model: nnx.Module) -> int:

@@ -28,6 +28,10 @@ class SoftmaxAttention(AttentionProjections):
   maps ``x [B, T, in_features]`` to ``[B, T, out_features]``. ``positions [B, T]`` default to
   ``0..T-1``; RoPE is relative, so packed segments need no per-segment positions.
 
+  Decoding as ``StickBreakingAttention`` (``init_cache``, ``decode=True``, ``prompt_lengths``): the
+  cache holds keys already rotated at their positions; a step's queries are rotated at their
+  cache index and attend through ``jax.nn.dot_product_attention`` with a length mask.
+
   Args (beyond ``AttentionProjections``: in_features, num_heads, rngs, num_kv_heads, head_dim,
   out_features, use_bias, dtype, param_dtype, kernel_init, bias_init):
     position_embedding: ``"rope"`` or ``"none"``.
@@ -74,3 +78,27 @@ class SoftmaxAttention(AttentionProjections):
           q, k, v, mask=mask, is_causal=True, implementation=implementation)
 
     return shard_attention(op, query, key, value, segment_ids)
+
+  def attend_cached(self, query, key, value, inputs, prompt_lengths):
+    del inputs
+    b, t = query.shape[:2]
+    start, cache_len, overflow = self.advance_cache(t, prompt_lengths)
+    if self.position_embedding == "rope":  # the cache holds rotated keys, each at its position
+      positions = start[:, None] + jnp.arange(t)  # [B, T]
+      query = apply_rope(query, positions, base=self.rope_base)
+      key = apply_rope(key, positions, base=self.rope_base)
+    self.write_cache(self.cached_key, key, start)
+    self.write_cache(self.cached_value, value, start)
+    if prompt_lengths is not None:  # the prefill: the training path over the (right-padded) prompt
+      implementation = self.implementation or default_softmax_implementation()
+      out = jax.nn.dot_product_attention(query, key, value, is_causal=True,
+                                         implementation=implementation)
+    else:
+      s = self.cached_key.shape[1]
+      q_pos = cache_len[:, None] - t + jnp.arange(t)  # [B, T]
+      mask = jnp.arange(s)[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
+      # XLA's implementation: cuDNN's fused kernel wants a causal or padding mask, not this one.
+      out = jax.nn.dot_product_attention(
+          query, self.cached_key[...].astype(query.dtype), self.cached_value[...].astype(query.dtype),
+          mask=mask[:, None], implementation="xla")
+    return jnp.where(overflow[:, None, None, None], jnp.nan, out)  # loud: tokens past the cache

@@ -9,7 +9,7 @@ from flax import nnx
 from sbjax.kernels.pallas_triton_config import BlockSizes
 from sbjax.nn.params import annotated_param
 from sbjax.nn.projections import AttentionProjections, rms_norm_heads
-from sbjax.ops import IMPLEMENTATIONS, stick_breaking_attention
+from sbjax.ops import IMPLEMENTATIONS, stick_breaking_attention, stick_breaking_decode
 from sbjax.parallel import MODEL, shard_attention
 
 REMAINDERS = ("none", "current", "bias")
@@ -20,7 +20,13 @@ class StickBreakingAttention(AttentionProjections):
 
   ``module(x, segment_ids=None)`` maps ``x [B, T, in_features]`` to ``[B, T, out_features]``:
   project to ``q [B, T, N, H]``, ``k, v [B, T, K, H]``, attend, optionally add the remainder and
-  normalise each head, project back. The op runs inside ``jax.shard_map`` over ``("data",
+  normalise each head, project back.
+
+  Decoding, as ``nnx.MultiHeadAttention``: ``module.init_cache((B, S, D))``, then
+  ``module(prompt, decode=True, prompt_lengths=lengths)`` (the prefill, through the training op)
+  and ``module(x_step [B, 1, D], decode=True)`` per step (``sbjax.stick_breaking_decode`` over the
+  cache). Keys, values and the forget gate's logits are cached; the index is per row. A step past
+  the cache's end raises when called eagerly and gives NaN rows under ``jit``. The op runs inside ``jax.shard_map`` over ``("data",
   "model")`` when a mesh is set (``jax.set_mesh``), because the Pallas kernels are opaque to the
   partitioner.
 
@@ -50,6 +56,8 @@ class StickBreakingAttention(AttentionProjections):
     implementation: passed to the op: ``None`` (Pallas on an NVIDIA GPU, else ``"scan"``),
       ``"pallas"``, ``"scan"`` or ``"xla"``.
     block_sizes: a ``sbjax.BlockSizes`` for the Pallas kernels (``None``: per head dim and dtype).
+    decode_chunk_size: ``chunk_size`` of ``sbjax.stick_breaking_decode`` in decode steps.
+    decode_skip_tolerance: its ``skip_tolerance`` (0: exact skipping; None: read every chunk).
     dtype: computation dtype (e.g. ``jnp.bfloat16``); default: promote ``x`` and the parameters.
     param_dtype: parameter dtype.
     kernel_init: initialiser of the projection kernels; default LeCun normal over the
@@ -76,6 +84,8 @@ class StickBreakingAttention(AttentionProjections):
       forget_gate_loss_weight: float = 0.0,
       implementation: str | None = None,
       block_sizes: BlockSizes | None = None,
+      decode_chunk_size: int | None = None,
+      decode_skip_tolerance: float | None = 0.0,
       dtype=None,
       param_dtype=jnp.float32,
       kernel_init=None,
@@ -99,6 +109,8 @@ class StickBreakingAttention(AttentionProjections):
         kernel_init=kernel_init, bias_init=bias_init)
     self.attend_current, self.remainder, self.implementation = attend_current, remainder, implementation
     self.block_sizes = block_sizes
+    self.decode_chunk_size, self.decode_skip_tolerance = decode_chunk_size, decode_skip_tolerance
+    self.cached_gate: nnx.Cache | None = nnx.data(None)  # [B, S, K] float32 forget-gate logits
     self.head_norm, self.norm_eps = head_norm, norm_eps
     self.forget_gate_loss_weight = forget_gate_loss_weight
     per_head = lambda init: annotated_param(
@@ -135,6 +147,38 @@ class StickBreakingAttention(AttentionProjections):
           return_remainder=True, implementation=self.implementation, block_sizes=self.block_sizes)
 
     out, rem = shard_attention(op, query, key, value, segment_ids, gate)  # [B, T, N, H], [B, T, N]
+    return self.finish(out, rem, value)
+
+  def init_cache(self, input_shape, dtype=jnp.float32):
+    """An empty cache for ``input_shape = (B, S, ...)``: keys, values and (with the forget gate)
+    the gate's float32 logits ``[B, S, K]``, and the per-row index ``[B]``."""
+    super().init_cache(input_shape, dtype)
+    if self.forget_kernel is not None:
+      self.cached_gate = nnx.Cache(jnp.zeros(self.cached_key.shape[:3], jnp.float32))
+
+  def attend_cached(self, query, key, value, inputs, prompt_lengths):
+    gate = self.forget_gate_logits(inputs)  # [B, T, K] or None
+    t = query.shape[1]
+    start, cache_len, overflow = self.advance_cache(t, prompt_lengths)
+    self.write_cache(self.cached_key, key, start)
+    self.write_cache(self.cached_value, value, start)
+    if gate is not None:
+      self.write_cache(self.cached_gate, gate, start)
+    if prompt_lengths is not None:  # the prefill: the training op over the (right-padded) prompt
+      out, rem = stick_breaking_attention(
+          query, key, value, attend_current=self.attend_current, forget_gate=gate,
+          return_remainder=True, implementation=self.implementation, block_sizes=self.block_sizes)
+    else:
+      out, rem = stick_breaking_decode(
+          query, self.cached_key[...], self.cached_value[...], cache_len,
+          forget_gate_cache=None if gate is None else self.cached_gate[...],
+          attend_current=self.attend_current, return_remainder=True,
+          chunk_size=self.decode_chunk_size, skip_tolerance=self.decode_skip_tolerance)
+    out = jnp.where(overflow[:, None, None, None], jnp.nan, out)  # loud: tokens past the cache
+    return self.finish(out, rem, value)
+
+  def finish(self, out, rem, value):
+    """The remainder and head norm on ``out [B, T, N, H]`` with ``rem [B, T, N]``."""
     rem = rem.astype(out.dtype)[..., None]  # [B, T, N, 1]
     if self.remainder == "current":
       group = self.num_heads // self.num_kv_heads
