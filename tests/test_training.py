@@ -43,9 +43,8 @@ def test_schedule_and_weight_decay_mask():
   schedule = training.learning_rate_schedule(config)
   np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(100)],
                              [0.0, 5e-4, 1e-3, 1e-4], rtol=1e-6)
-  with nnx.use_eager_sharding(False):
-    model = nnx.eval_shape(lambda: DecoderLM(
-        lm_config("tiny", remainder="bias", tie_embeddings=False), rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: DecoderLM(
+      lm_config("tiny", remainder="bias", tie_embeddings=False), rngs=nnx.Rngs(0)))
   mask = training.weight_decay_mask(nnx.state(model, nnx.Param))
   block = mask["blocks"][0]
   assert mask["embedding"].get_value() and mask["output_kernel"].get_value()
@@ -77,9 +76,8 @@ def test_cross_entropy_loss_mask():
 
 
 def test_train_loop_metrics_eval_and_checkpoints(tmp_path):
-  with nnx.use_eager_sharding(False):
-    model = DecoderLM(lm_config("tiny", attention="softmax_rope"),
-                      rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+  model = DecoderLM(lm_config("tiny", attention="softmax_rope"),
+                    rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
   tokens = np.random.default_rng(0).integers(0, 256, size=(4, 17)).astype(np.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
   config = training.TrainConfig(num_steps=7, warmup_steps=1, learning_rate=1e-2, log_every=3,

@@ -30,8 +30,7 @@ CONFIG = lm_config("tiny", implementation="xla", num_kv_heads=2, remainder="curr
 
 
 def _model():
-  with nnx.use_eager_sharding(False):
-    return DecoderLM(CONFIG, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+  return DecoderLM(CONFIG, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
 
 
 def batch(step: int, b: int = 8, t: int = 16):
