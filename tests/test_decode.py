@@ -85,8 +85,9 @@ def test_decode_matches_the_training_op_at_every_position():
   """Decoding each position of a full sequence (Q=1, cache_len = t + 1) is the training op's row t."""
   q, kc, vc, g, _ = _decode_inputs(0, b=2, s=16, q_len=16, n=2, k=1, h=8, hv=8,
                                    dtype=jnp.float32, gate=True)
-  want = sbjax.stick_breaking_attention(q, kc, vc, forget_gate=g, implementation="xla")
-  for t in (0, 1, 9, 15):
+  want = jax.jit(functools.partial(sbjax.stick_breaking_attention, implementation="xla"))(
+      q, kc, vc, forget_gate=g)
+  for t in (0, 9, 15):
     got = _decode(q[:, t:t + 1], kc, vc, jnp.full((2,), t + 1, jnp.int32), g,
                   attend_current=False, chunk_size=4)[0]
     np.testing.assert_allclose(np.asarray(got[:, 0]), np.asarray(want[:, t]), rtol=1e-5, atol=1e-6)
@@ -193,7 +194,8 @@ def test_module_decode_matches_full_forward_at_every_position(name):
     full64 = np.asarray(forward(module, jnp.asarray(np.asarray(x), jnp.float64)))
   lengths = np.asarray([4, 2])
   module.init_cache((2, 12))
-  prefill = module(x[:, :4], decode=True, prompt_lengths=jnp.asarray(lengths))
+  prefill = nnx.jit(lambda m, y, n: m(y, decode=True, prompt_lengths=n))(
+      module, x[:, :4], jnp.asarray(lengths))
   got = [[prefill[row, t] for t in range(length)] for row, length in enumerate(lengths)]
   rows = np.arange(2)
   for step in range(9 - lengths.min()):
@@ -277,21 +279,24 @@ def test_generate_samples_top_k_compiles_once_and_stops_at_eos():
   from sbjax.models.generate import _generate  # pylint: disable=g-import-not-at-top
   model = _lm("stickbreaking")
   prompt = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 4)), jnp.int32)
+  # eos: the greedy first token of row 0, so a greedy call stops that row at once.
+  eos = int(np.argmax(np.asarray(_jitted_forward()(model, prompt))[0, -1]))
   before = _generate._cache_size()
-  samples = [generate(model, prompt, 5, rng=jax.random.key(seed), temperature=temperature,
-                      top_k=3) for seed, temperature in ((0, 1.0), (1, 2.0))]
+  greedy, sampled, other = (
+      generate(model, prompt, 5, rng=jax.random.key(seed), temperature=temperature, top_k=3,
+               eos_id=eos) for seed, temperature in ((0, 0.0), (0, 1.0), (1, 2.0)))
   assert _generate._cache_size() == before + 1  # new rng and temperature: no recompilation
-  tokens = samples[0][0]
-  assert not np.array_equal(np.asarray(tokens), np.asarray(samples[1][0]))
-  logits = _continued_logits(model, prompt, [4, 4], np.asarray(tokens))  # [B, 5, V]
-  top3 = np.argsort(logits, axis=-1)[..., -3:]
-  assert (top3 == np.asarray(tokens)[..., None]).any(-1).all()
-  eos = int(tokens[0, 1])
-  stopped, log_probs = generate(model, prompt, 5, rng=jax.random.key(0), temperature=1.0, top_k=3,
-                                eos_id=eos)
-  first = int(np.argmax(np.asarray(stopped[0]) == eos))
-  assert first <= 1 and (np.asarray(stopped[0, first:]) == eos).all()
-  assert (np.asarray(log_probs[0, first + 1:]) == 0).all()
+  np.testing.assert_array_equal(np.asarray(greedy[0][0]), eos)  # stopped at once, eos-filled
+  np.testing.assert_array_equal(np.asarray(greedy[1][0, 1:]), 0.0)
+  assert not np.array_equal(np.asarray(sampled[0]), np.asarray(other[0]))
+  for tokens, log_probs in (sampled, other):
+    tokens = np.asarray(tokens)
+    logits = _continued_logits(model, prompt, [4, 4], tokens)  # [B, 5, V]
+    in_top3 = (np.argsort(logits, axis=-1)[..., -3:] == tokens[..., None]).any(-1)
+    after_eos = np.cumsum(tokens == eos, axis=1) - (tokens == eos) > 0  # strictly after an eos
+    assert (in_top3 | after_eos).all()
+    assert (tokens[after_eos] == eos).all() and (np.asarray(log_probs)[after_eos] == 0).all()
+    assert (np.asarray(log_probs)[~after_eos] < 0).all()
 
 
 @pytest.mark.parametrize("change,match", [
