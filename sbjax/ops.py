@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import typing
 from typing import Literal
@@ -12,7 +13,7 @@ import numpy as np
 
 from sbjax import decode, reference, scan
 from sbjax.common import compute_dtype
-from sbjax.kernels import pallas_triton
+from sbjax.kernels import pallas_triton, pallas_triton_decode
 from sbjax.kernels.pallas_triton_config import BlockSizes
 from sbjax.platform import on_nvidia_gpu
 
@@ -183,12 +184,13 @@ def stick_breaking_attention(
   return (out, rem) if return_remainder else out
 
 
-DecodeImplementation = Literal["xla"]
+DecodeImplementation = Literal["pallas", "xla"]
 DECODE_IMPLEMENTATIONS = typing.get_args(DecodeImplementation)
 
 
 def check_decode_inputs(query, key_cache, value_cache, cache_len, scale, forget_gate_cache,
-                        implementation, chunk_size, skip_tolerance):
+                        implementation, chunk_size, skip_tolerance, interpret=False,
+                        block_sizes=None, return_keys_read=False):
   """Raises ``ValueError``/``TypeError`` naming the bad argument, before any computation."""
   for name, x in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
     _check_array(name, x)
@@ -242,6 +244,27 @@ def check_decode_inputs(query, key_cache, value_cache, cache_len, scale, forget_
   if skip_tolerance is not None and not (isinstance(skip_tolerance, (int, float))
                                          and 0 <= skip_tolerance < 1):
     raise ValueError(f"skip_tolerance must be None or a float in [0, 1), got {skip_tolerance=}.")
+  if block_sizes is not None and not isinstance(block_sizes, pallas_triton_decode.DecodeBlockSizes):
+    raise TypeError(
+        f"block_sizes must be a sbjax.DecodeBlockSizes, got {type(block_sizes).__name__}.")
+  for name, given in (("block_sizes", block_sizes is not None), ("interpret", interpret)):
+    if given and implementation != "pallas":
+      raise ValueError(f"{name} applies to implementation='pallas' only, got {implementation=}.")
+  if implementation == "pallas":
+    for name, bad in (("chunk_size", chunk_size is not None),
+                      ("skip_tolerance", skip_tolerance not in (None, 0.0)),
+                      ("return_keys_read", return_keys_read)):
+      if bad:
+        raise ValueError(
+            f"{name} applies to implementation='xla' only (the kernel takes its chunk from "
+            f"block_sizes and skips exactly), got {name} with implementation='pallas'.")
+    reason = pallas_triton.unsupported(query, value_cache)
+    if reason:
+      raise ValueError(f"implementation='pallas' {reason}; use implementation='xla'.")
+    if not interpret and not _lowering_for_nvidia_gpu():
+      raise ValueError(
+          "implementation='pallas' needs an NVIDIA GPU or interpret=True, got interpret=False "
+          f"on {jax.devices()[0].device_kind!r}; use implementation='xla' (runs anywhere).")
 
 
 def stick_breaking_decode(
@@ -258,6 +281,8 @@ def stick_breaking_decode(
     implementation: DecodeImplementation | None = None,
     chunk_size: int | None = None,
     skip_tolerance: float | None = 0.0,
+    interpret: bool = False,
+    block_sizes: pallas_triton_decode.DecodeBlockSizes | None = None,
 ):
   """Stick-breaking attention of ``Q`` new tokens over a KV cache (decoding), layout BTNH.
 
@@ -267,6 +292,11 @@ def stick_breaking_decode(
   and past ``cache_len[b]`` are invisible. The cache is read in chunks, nearest first, each with
   a fresh stick, combined by ``o = o_near + rem_near * o_far`` (docs/design.md §1); a row stops
   reading once its stick is used up.
+
+  ``implementation="pallas"`` is a split-K kernel: one program per (row, kv head, chunk) walks
+  its chunk nearest first with a fresh stick (skipping exactly within the chunk) and the chunks
+  are combined in JAX; ``"xla"`` (portable, the oracle) visits the chunks one after another,
+  nearest first, and stops reading the cache once every query's stick is used up.
 
   Args:
     query: ``[B, Q, N, H]``, ``Q`` new tokens (1 for one decoding step).
@@ -278,14 +308,20 @@ def stick_breaking_decode(
     forget_gate_cache: optional ``[B, S, K]`` forget-gate logits of the cached keys.
     attend_current: as in :func:`stick_breaking_attention`.
     return_remainder: also return ``rem [B, Q, N]`` (float32; float64 for float64 inputs).
-    return_keys_read: also return ``keys_read [B]`` int32, the cache keys each row read.
-    implementation: ``None`` or ``"xla"``: the portable chunked path (``sbjax/decode.py``).
-    chunk_size: keys per chunk; default 256 (``min(chunk_size, S)``).
+    return_keys_read: also return ``keys_read [B]`` int32, the cache keys each row read
+      (``"xla"`` only).
+    implementation: ``None`` (``"pallas"`` on an NVIDIA GPU for inputs it supports, else
+      ``"xla"``), ``"pallas"`` (the Pallas Triton kernel) or ``"xla"`` (the portable chunked
+      path, ``sbjax/decode.py``).
+    chunk_size: keys per chunk of the ``"xla"`` path; default 256 (``min(chunk_size, S)``).
     skip_tolerance: ``0.0`` (default): a row stops once its stick is below ``2^-152``
       (``2^-1080`` for float64), where it is exactly 0 in the compute dtype, so skipping changes
       no bit of the result. ``> 0``: stop once ``rem < skip_tolerance``; the output then differs
       from the full result by at most ``skip_tolerance * max|v|`` (the unread values). ``None``:
-      read every chunk.
+      read every chunk. ``"pallas"`` takes ``0.0`` (exact skipping within each chunk, as
+      ``block_sizes.skip_used_stick``) or ``None`` only.
+    interpret: run the Pallas kernel in interpret mode (any backend; slow).
+    block_sizes: a ``sbjax.DecodeBlockSizes`` (chunk and tile sizes) for the Pallas kernel.
 
   Returns:
     ``out [B, Q, N, Hv]`` in ``query.dtype``, followed by ``rem`` and ``keys_read`` if asked for.
@@ -293,14 +329,27 @@ def stick_breaking_decode(
     :func:`stick_breaking_attention`.
   """
   check_decode_inputs(query, key_cache, value_cache, cache_len, scale, forget_gate_cache,
-                      implementation, chunk_size, skip_tolerance)
+                      implementation, chunk_size, skip_tolerance, interpret, block_sizes,
+                      return_keys_read)
   dtype = compute_dtype(query.dtype)
   if scale is None:
     scale = 1.0 / math.sqrt(query.shape[-1])
   if forget_gate_cache is not None:
     forget_gate_cache = forget_gate_cache.astype(dtype)
-  out, rem, keys_read = decode.stick_breaking_decode(
-      query, key_cache, value_cache, cache_len, jnp.asarray(scale, dtype), forget_gate_cache,
-      attend_current=attend_current, chunk_size=chunk_size, skip_tolerance=skip_tolerance)
+  if implementation is None:
+    implementation = "pallas" if default_implementation(query, value_cache) == "pallas" and (
+        chunk_size is None and skip_tolerance in (None, 0.0) and not return_keys_read) else "xla"
+  if implementation == "pallas":
+    if skip_tolerance is None:
+      block_sizes = dataclasses.replace(
+          block_sizes or pallas_triton_decode.DecodeBlockSizes(), skip_used_stick=False)
+    out, rem = pallas_triton_decode.decode(
+        query, key_cache, value_cache, cache_len, jnp.asarray(scale, dtype), forget_gate_cache,
+        attend_current=attend_current, block_sizes=block_sizes, interpret=interpret)
+    keys_read = None
+  else:
+    out, rem, keys_read = decode.stick_breaking_decode(
+        query, key_cache, value_cache, cache_len, jnp.asarray(scale, dtype), forget_gate_cache,
+        attend_current=attend_current, chunk_size=chunk_size, skip_tolerance=skip_tolerance)
   extra = (rem,) * return_remainder + (keys_read,) * return_keys_read
   return (out, *extra) if extra else out

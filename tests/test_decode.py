@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -93,6 +94,54 @@ def test_decode_matches_the_training_op_at_every_position():
     np.testing.assert_allclose(np.asarray(got[:, 0]), np.asarray(want[:, t]), rtol=1e-5, atol=1e-6)
 
 
+_SMALL_DECODE_BLOCKS = sbjax.DecodeBlockSizes(chunk_size=16, block_k=16)
+
+
+@functools.partial(jax.jit, static_argnames=("attend_current", "skip"))
+def _pallas_decode(q, kc, vc, cache_len, g, *, attend_current, skip=True):
+  return sbjax.stick_breaking_decode(
+      q, kc, vc, cache_len, forget_gate_cache=g, attend_current=attend_current,
+      return_remainder=True, implementation="pallas", interpret=True,
+      block_sizes=_SMALL_DECODE_BLOCKS, skip_tolerance=0.0 if skip else None)
+
+
+@pytest.mark.parametrize("q_len,gate,attend_current,dtype", [
+    (1, True, False, jnp.float32), (3, False, True, jnp.float32), (2, True, False, jnp.bfloat16)])
+def test_pallas_decode_kernel_matches_float64_definition(q_len, gate, attend_current, dtype):
+  """The split-K kernel, interpreted: S=40 in chunks of 16 (a partial last chunk), GQA, H=8 and
+  Hv=6 (padded tiles), random cache lengths."""
+  q, kc, vc, g, cache_len = _decode_inputs(
+      q_len, b=3, s=40, q_len=q_len, n=4, k=2, h=8, hv=6, dtype=dtype, gate=gate)
+  out, rem = _pallas_decode(q, kc, vc, cache_len, g, attend_current=attend_current)
+  assert out.shape == (3, q_len, 4, 6) and out.dtype == dtype
+  assert np.isfinite(np.asarray(out, np.float64)).all() and np.isfinite(np.asarray(rem)).all()
+  scale = 8 ** -0.5
+  want_out, want_rem = _prefix_oracle(q, kc, vc, g, cache_len, scale, attend_current)
+  same_out, same_rem = _prefix_oracle(q, kc, vc, g, cache_len, scale, attend_current, dtype=dtype)
+  for name, got, want, same in (("out", out, want_out, same_out), ("rem", rem, want_rem, same_rem)):
+    assert_within_tolerance(rel_rms(got, want), rel_rms(same, want), dtype, name)
+
+
+def test_pallas_decode_kernel_lowers_to_one_triton_call():
+  """Lowered for an H200 on any machine (as tests/test_pallas_triton.py), bf16 with the gate."""
+  from jax.sharding import AbstractDevice, AbstractMesh, AxisType  # pylint: disable=g-import-not-at-top
+  h200 = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,),
+                      abstract_device=AbstractDevice("NVIDIA H200", None, "cuda"))
+
+  def lower_for_cuda(fn, *shapes):
+    with jax.sharding.use_abstract_mesh(h200):
+      return jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+
+  sd = jax.ShapeDtypeStruct
+  fn = lambda q, k, v, n, g: sbjax.stick_breaking_decode(
+      q, k, v, n, forget_gate_cache=g, implementation="pallas")
+  text = lower_for_cuda(fn, sd((4, 1, 12, 128), jnp.bfloat16), sd((4, 1000, 4, 128), jnp.bfloat16),
+                        sd((4, 1000, 4, 128), jnp.bfloat16), sd((4,), jnp.int32),
+                        sd((4, 1000, 4), jnp.float32))
+  assert len(re.findall(r"__gpu\$xla\.gpu\.triton", text)) == 1
+  assert re.search(r'name = "stick_breaking_decode"', text)
+
+
 def _saturating_inputs(seed, s=64, shift=6.0):
   """Keys aligned with the query (logits ~ shift + N(0, 1)): sticks run out within a few keys."""
   rng = np.random.default_rng(seed)
@@ -115,6 +164,11 @@ def test_exact_skipping_is_bitwise_the_full_walk_and_reads_less():
   np.testing.assert_array_equal(np.asarray(skip[1]), np.asarray(full[1]))
   np.testing.assert_array_equal(np.asarray(full[2]), np.asarray(cache_len))
   assert (np.asarray(skip[2]) < np.asarray(cache_len) // 2).all(), skip[2]
+  # The kernel's in-chunk skipping is exact too, and agrees with the portable path.
+  kernel_skip = _pallas_decode(q, kc, vc, cache_len, None, attend_current=False)
+  kernel_full = _pallas_decode(q, kc, vc, cache_len, None, attend_current=False, skip=False)
+  np.testing.assert_array_equal(np.asarray(kernel_skip[0]), np.asarray(kernel_full[0]))
+  np.testing.assert_allclose(np.asarray(kernel_skip[0]), np.asarray(full[0]), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("tolerance", [1e-2, 1e-4])
@@ -150,6 +204,11 @@ def test_empty_prefix_and_batch_rows_of_different_lengths():
     (dict(query=jnp.zeros((2, 9, 2, 4))), "at most S=8"),
     (dict(forget_gate_cache=jnp.zeros((2, 8, 1))), "forget_gate_cache"),
     (dict(implementation="scan"), "implementation"),
+    (dict(interpret=True), "interpret applies to implementation='pallas' only"),
+    (dict(implementation="pallas", interpret=True, skip_tolerance=0.1), "skip_tolerance applies"),
+    (dict(implementation="pallas", interpret=True, return_keys_read=True), "return_keys_read"),
+    (dict(implementation="pallas"), "needs an NVIDIA GPU or interpret=True"),
+    (dict(block_sizes=(16, 16)), "block_sizes must be a sbjax.DecodeBlockSizes"),
     (dict(chunk_size=0), "chunk_size"),
     (dict(skip_tolerance=1.5), "skip_tolerance"),
 ])
