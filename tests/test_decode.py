@@ -225,8 +225,10 @@ def test_bad_decode_arguments_are_named(change, match):
 def _module(name, **options):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sbjax.nn import make_attention  # pylint: disable=g-import-not-at-top
+  if name == "stickbreaking-pallas":  # the training and decode kernels, interpreted
+    name, options = "stickbreaking", dict(implementation="pallas", interpret=True, **options)
   if name == "stickbreaking":
-    options = dict(forget_gate=True, remainder="current", implementation="xla", **options)
+    options = dict(forget_gate=True, remainder="current", **{"implementation": "xla", **options})
   return make_attention(name, 16, 4, num_kv_heads=2, rngs=nnx.Rngs(0), **options)
 
 
@@ -240,7 +242,8 @@ def _step(module, x):
   return _jitted_step()(module, x)
 
 
-@pytest.mark.parametrize("name", ["stickbreaking", "softmax_rope", "softmax_nope"])
+@pytest.mark.parametrize("name", ["stickbreaking", "stickbreaking-pallas", "softmax_rope",
+                                  "softmax_nope"])
 def test_module_decode_matches_full_forward_at_every_position(name):
   """Right-padded prompts of lengths 4 and 2 prefilled in one call, then one token per step
   (under jit: a traced index); every position against the float64 full forward."""
@@ -249,8 +252,9 @@ def test_module_decode_matches_full_forward_at_every_position(name):
   x = jax.random.normal(jax.random.key(1), (2, 9, 16), jnp.float32)
   forward = nnx.jit(lambda m, y: m(y))
   full32 = forward(module, x)
+  oracle = _module(name.removesuffix("-pallas"))  # the same parameters, the dense op in float64
   with jax.enable_x64(True):
-    full64 = np.asarray(forward(module, jnp.asarray(np.asarray(x), jnp.float64)))
+    full64 = np.asarray(forward(oracle, jnp.asarray(np.asarray(x), jnp.float64)))
   lengths = np.asarray([4, 2])
   module.init_cache((2, 12))
   prefill = nnx.jit(lambda m, y, n: m(y, decode=True, prompt_lengths=n))(
@@ -372,3 +376,19 @@ def test_bad_generate_arguments_are_named(change, match):
   args.update(change)
   with pytest.raises(ValueError, match=match):
     generate(_lm("softmax_nope"), **args)
+
+
+def test_generate_experiment_end_to_end():
+  """experiments/generate.py on a shrunken run: 2 steps, prompts of two lengths, 3 bytes each."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "experiments"))
+  import generate as experiment  # pylint: disable=g-import-not-at-top
+  kwargs = dict(train_steps=2, seq_len=16, batch=2, max_new_tokens=3, temperature=0.0,
+                progress_bar=False)
+  samples = experiment.train_and_sample(experiment.default_text()[:400], ["1 2 ", "7"], **kwargs)
+  assert [s[0] for s in samples] == ["1 2 ", "7"]
+  assert all(len(s[1]) >= 1 for s in samples)  # 3 bytes, fewer characters if not UTF-8
+  assert all(np.isfinite(s[2]) and s[2] < 0 for s in samples)
+  with pytest.raises(ValueError, match="prompts"):
+    experiment.train_and_sample("x" * 100, [""], **kwargs)

@@ -56,8 +56,12 @@ class StickBreakingAttention(AttentionProjections):
     implementation: passed to the op: ``None`` (Pallas on an NVIDIA GPU, else ``"scan"``),
       ``"pallas"``, ``"scan"`` or ``"xla"``.
     block_sizes: a ``sbjax.BlockSizes`` for the Pallas kernels (``None``: per head dim and dtype).
-    decode_chunk_size: ``chunk_size`` of ``sbjax.stick_breaking_decode`` in decode steps.
+    decode_chunk_size: ``chunk_size`` of ``sbjax.stick_breaking_decode`` in decode steps
+      (its ``"xla"`` path).
     decode_skip_tolerance: its ``skip_tolerance`` (0: exact skipping; None: read every chunk).
+      Decode steps use the decode kernel when ``implementation="pallas"``, the portable path
+      for ``"scan"``/``"xla"``, and the op's default for ``None``.
+    interpret: run the Pallas kernels (training and decode) in interpret mode (tests; slow).
     dtype: computation dtype (e.g. ``jnp.bfloat16``); default: promote ``x`` and the parameters.
     param_dtype: parameter dtype.
     kernel_init: initialiser of the projection kernels; default LeCun normal over the
@@ -86,6 +90,7 @@ class StickBreakingAttention(AttentionProjections):
       block_sizes: BlockSizes | None = None,
       decode_chunk_size: int | None = None,
       decode_skip_tolerance: float | None = 0.0,
+      interpret: bool = False,
       dtype=None,
       param_dtype=jnp.float32,
       kernel_init=None,
@@ -98,6 +103,8 @@ class StickBreakingAttention(AttentionProjections):
           f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation=}.")
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
       raise TypeError(f"block_sizes must be None or a sbjax.BlockSizes, got {block_sizes!r}.")
+    if interpret and implementation != "pallas":
+      raise ValueError(f"interpret applies to implementation='pallas' only, got {implementation=}.")
     if not forget_gate_loss_weight >= 0:
       raise ValueError(f"forget_gate_loss_weight must be >= 0, got {forget_gate_loss_weight=}.")
     if forget_gate_loss_weight and not forget_gate:
@@ -110,6 +117,7 @@ class StickBreakingAttention(AttentionProjections):
     self.attend_current, self.remainder, self.implementation = attend_current, remainder, implementation
     self.block_sizes = block_sizes
     self.decode_chunk_size, self.decode_skip_tolerance = decode_chunk_size, decode_skip_tolerance
+    self.interpret = interpret
     self.cached_gate: nnx.Cache | None = nnx.data(None)  # [B, S, K] float32 forget-gate logits
     self.head_norm, self.norm_eps = head_norm, norm_eps
     self.forget_gate_loss_weight = forget_gate_loss_weight
@@ -144,7 +152,8 @@ class StickBreakingAttention(AttentionProjections):
     def op(q, k, v, seg, gate):
       return stick_breaking_attention(
           q, k, v, attend_current=self.attend_current, segment_ids=seg, forget_gate=gate,
-          return_remainder=True, implementation=self.implementation, block_sizes=self.block_sizes)
+          return_remainder=True, implementation=self.implementation, block_sizes=self.block_sizes,
+          interpret=self.interpret)
 
     out, rem = shard_attention(op, query, key, value, segment_ids, gate)  # [B, T, N, H], [B, T, N]
     return self.finish(out, rem, value)
@@ -167,12 +176,16 @@ class StickBreakingAttention(AttentionProjections):
     if prompt_lengths is not None:  # the prefill: the training op over the (right-padded) prompt
       out, rem = stick_breaking_attention(
           query, key, value, attend_current=self.attend_current, forget_gate=gate,
-          return_remainder=True, implementation=self.implementation, block_sizes=self.block_sizes)
+          return_remainder=True, implementation=self.implementation, block_sizes=self.block_sizes,
+          interpret=self.interpret)
     else:
+      implementation = None if self.implementation is None else (
+          "pallas" if self.implementation == "pallas" else "xla")
       out, rem = stick_breaking_decode(
           query, self.cached_key[...], self.cached_value[...], cache_len,
           forget_gate_cache=None if gate is None else self.cached_gate[...],
           attend_current=self.attend_current, return_remainder=True,
+          implementation=implementation, interpret=self.interpret,
           chunk_size=self.decode_chunk_size, skip_tolerance=self.decode_skip_tolerance)
     out = jnp.where(overflow[:, None, None, None], jnp.nan, out)  # loud: tokens past the cache
     return self.finish(out, rem, value)
