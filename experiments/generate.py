@@ -45,9 +45,9 @@ def default_text() -> str:
 
 def train_and_sample(text: str, prompts: list[str], *, attention="stickbreaking", train_steps=300,
                      seq_len=64, batch=16, max_new_tokens=32, temperature=0.7, top_k=None,
-                     seed=0, workdir=None, progress_bar=True):
+                     seed=0, workdir=None, progress_bar=True, **lm_overrides):
   """Trains a tiny byte-level LM on ``text`` and returns ``[(prompt, continuation, mean log-prob
-  per byte)]``, one sample per prompt."""
+  per byte)]``, one sample per prompt. ``lm_overrides`` replace fields of the "tiny" LMConfig."""
   data = np.frombuffer(text.encode(), np.uint8).astype(np.int32)
   if not prompts or not all(prompts):
     raise ValueError(f"prompts must be non-empty strings, got {prompts=}.")
@@ -59,8 +59,9 @@ def train_and_sample(text: str, prompts: list[str], *, attention="stickbreaking"
     windows = np.stack([data[s:s + seq_len + 1] for s in starts])
     return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
 
-  config = sbjax.models.lm_config("tiny", attention=attention)
-  model = sbjax.models.DecoderLM(config, rngs=nnx.Rngs(seed))
+  config = sbjax.models.lm_config("tiny", attention=attention, **lm_overrides)
+  # RBG keys: threefry's initialisers take seconds to compile on a CPU.
+  model = sbjax.models.DecoderLM(config, rngs=nnx.Rngs(jax.random.key(seed, impl="rbg")))
   sbjax.training.train(
       model, sbjax.training.TrainConfig(
           num_steps=train_steps, learning_rate=3e-3, warmup_steps=min(20, train_steps),
