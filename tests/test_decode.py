@@ -217,7 +217,9 @@ def _module(name, **options):
     name, options = "stickbreaking", dict(implementation="pallas", interpret=True, **options)
   if name == "stickbreaking":
     options = dict(forget_gate=True, remainder="current", **{"implementation": "xla", **options})
-  return make_attention(name, 16, 4, num_kv_heads=2, rngs=nnx.Rngs(0), **options)
+  # RBG keys: threefry's initialisers take seconds to compile on a CPU.
+  return make_attention(name, 16, 4, num_kv_heads=2, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")),
+                        **options)
 
 
 @functools.cache
@@ -307,7 +309,8 @@ def _lm(attention):
   return DecoderLM(config, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
 
 
-@pytest.mark.parametrize("attention", ["stickbreaking", "softmax_rope", "softmax_nope"])
+# softmax_nope's decode path is the module test's; RoPE is the one with positions to get right.
+@pytest.mark.parametrize("attention", ["stickbreaking", "softmax_rope"])
 def test_greedy_generate_is_the_argmax_of_the_full_forward(attention):
   from sbjax.models import generate  # pylint: disable=g-import-not-at-top
   model = _lm(attention)
