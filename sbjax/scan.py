@@ -9,6 +9,7 @@ memory is about ``B * N * block * T`` floats instead of ``B * N * T^2``. Differe
 
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,37 @@ def _reverse_scan(x):
   return jax.lax.associative_scan(jnp.add, x, reverse=True, axis=x.ndim - 1)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _weighted_values(weights, value, precision):
+  """``weights [B, K, G, Q, S]`` (rounded to ``value.dtype``, as in the kernels) times ``value
+  [B, S, K, Hv]`` -> ``[B, Q, K, G, Hv]``, accumulated in ``weights.dtype``.
+
+  The custom VJP keeps the weights' cotangent in full precision: autodiff of the rounding would
+  round it to ``value.dtype`` as well, and in bf16 that made ``dscale`` ~600x less accurate.
+  """
+  return jnp.einsum("BKGQS,BSKH->BQKGH", weights.astype(value.dtype), value, precision=precision,
+                    preferred_element_type=weights.dtype)
+
+
+def _weighted_values_fwd(weights, value, precision):
+  return _weighted_values(weights, value, precision), (weights, value)
+
+
+def _weighted_values_bwd(precision, residuals, d_out):
+  weights, value = residuals
+  d_weights = jnp.einsum("BQKGH,BSKH->BKGQS", d_out, value.astype(d_out.dtype),
+                         precision=jax.lax.Precision.HIGHEST)
+  d_value = jnp.einsum("BKGQS,BQKGH->BSKH", weights.astype(value.dtype), d_out.astype(value.dtype),
+                       precision=precision, preferred_element_type=weights.dtype)
+  return d_weights, d_value.astype(value.dtype)
+
+
+_weighted_values.defvjp(_weighted_values_fwd, _weighted_values_bwd)
+
+
+# Jitted so that eager calls compile once per shape: lax.map would otherwise be traced and compiled
+# on every call (seconds each).
+@functools.partial(jax.jit, static_argnames=("attend_current", "block_q"))
 def stick_breaking_attention(
     query, key, value, scale, segment_ids=None, forget_gate=None, *, attend_current=False,
     block_q=None
@@ -89,8 +121,7 @@ def stick_breaking_attention(
     seg_blk = None if seg_blk is None else seg_blk[:, None, None]  # [B, 1, 1, Q]
     mask = visible_mask(pos_blk, k_pos, seg_blk, k_seg, attend_current=attend_current)
     weights, log_rem = stick_breaking_weights(logits * scale, mask, cumsum=_reverse_scan, gate=gate)
-    out = jnp.einsum("BKGQS,BSKH->BQKGH", weights.astype(value.dtype), value, precision=precision,
-                     preferred_element_type=dtype)
+    out = _weighted_values(weights, value, precision)
     return out, log_rem  # [B, Q, K, G, Hv], [B, K, G, Q]
 
   def blocks(x, axis):  # split axis `axis` of length T + pad into [num_blocks, ..., block_q, ...]
