@@ -1,8 +1,7 @@
 """The notebooks run top to bottom in a Jupyter kernel (nbclient, the runner behind
-``jupyter execute`` and nbmake), each within a time limit, and are committed with their outputs.
+``jupyter execute``), each within a time limit, and are committed with their outputs.
 
-To refresh the committed outputs after a change: ``jupyter execute --inplace notebooks/0*.ipynb``
-(or ``pytest --nbmake --overwrite notebooks``).
+To refresh the committed outputs after a change: ``jupyter execute --inplace notebooks/0*.ipynb``.
 """
 
 import asyncio
