@@ -264,6 +264,11 @@ def test_module_decode_matches_full_forward_at_every_position(name):
 
 
 def test_module_cache_errors():
+  for bad, match in ((dict(decode_chunk_size=0), "decode_chunk_size"),
+                     (dict(decode_skip_tolerance=2.0), "decode_skip_tolerance"),
+                     (dict(interpret=True), "interpret applies")):
+    with pytest.raises(ValueError, match=match):
+      _module("stickbreaking", **bad)
   module = _module("stickbreaking")
   x = jnp.ones((1, 3, 16))
   with pytest.raises(ValueError, match="init_cache"):

@@ -103,6 +103,14 @@ class StickBreakingAttention(AttentionProjections):
           f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation=}.")
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
       raise TypeError(f"block_sizes must be None or a sbjax.BlockSizes, got {block_sizes!r}.")
+    if decode_chunk_size is not None and (not isinstance(decode_chunk_size, int)
+                                          or isinstance(decode_chunk_size, bool)
+                                          or decode_chunk_size < 1):
+      raise ValueError(f"decode_chunk_size must be None or a positive int, got {decode_chunk_size=}.")
+    if decode_skip_tolerance is not None and not (
+        isinstance(decode_skip_tolerance, (int, float)) and 0 <= decode_skip_tolerance < 1):
+      raise ValueError(
+          f"decode_skip_tolerance must be None or a float in [0, 1), got {decode_skip_tolerance=}.")
     if interpret and implementation != "pallas":
       raise ValueError(f"interpret applies to implementation='pallas' only, got {implementation=}.")
     if not forget_gate_loss_weight >= 0:
