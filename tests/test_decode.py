@@ -388,3 +388,26 @@ def test_generate_experiment_end_to_end():
   assert all(np.isfinite(s[2]) and s[2] < 0 for s in samples)
   with pytest.raises(ValueError, match="prompts"):
     experiment.train_and_sample("x" * 100, [""], **kwargs)
+
+
+@pytest.mark.parametrize("shift,tolerance,chunks_read", [
+    (0.0, 0.0, 1),  # "local": beta ~ 1/2, the stick is below 2^-152 within the nearest chunk
+    (-5.0, 0.0, 16),  # "far": beta ~ 1e-2, 4096 keys leave rem ~ 1e-19 > 2^-152: all read
+    (-5.0, 1e-3, 3),  # ... but rem < 1e-3 after 3 chunks
+])
+def test_cache_read_in_synthetic_regimes(shift, tolerance, chunks_read):
+  """Logits z = shift + N(0, 1) over S=4096 keys in chunks of 256 (the default): how many chunks
+  each row reads before its stick is used up (deterministic for these seeds)."""
+  b, s = 2, 4096
+  rng = np.random.default_rng(0)
+  q = jnp.ones((b, 1, 1, 2), jnp.float32)
+  k = jnp.asarray(np.stack([np.full((b, s), shift), rng.normal(size=(b, s))], -1)[:, :, None],
+                  jnp.float32)  # q . k = shift + N(0, 1)
+  v = jnp.asarray(rng.normal(size=(b, s, 1, 4)), jnp.float32)
+  out, rem, keys_read = sbjax.stick_breaking_decode(
+      q, k, v, jnp.full((b,), s, jnp.int32), scale=1.0, skip_tolerance=tolerance,
+      return_remainder=True, return_keys_read=True)
+  assert np.isfinite(np.asarray(out)).all()
+  np.testing.assert_array_equal(np.asarray(keys_read), chunks_read * 256)
+  if chunks_read < 16:
+    assert (np.asarray(rem, np.float64) < (tolerance or 2.0**-152)).all()
