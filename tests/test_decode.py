@@ -12,7 +12,7 @@ import pytest
 
 import sbjax
 from sbjax import reference
-from tests.helpers import assert_within_tolerance, rel_rms, stick_loop
+from helpers import assert_within_tolerance, rel_rms, stick_loop
 
 
 def _decode_inputs(seed, b, s, q_len, n, k, h, hv, dtype, *, gate=False, logit_scale=1.0):
