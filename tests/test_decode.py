@@ -208,6 +208,18 @@ def test_bad_decode_arguments_are_named(change, match):
     sbjax.stick_breaking_decode(**args)
 
 
+@pytest.mark.parametrize("fields,match", [
+    (dict(block_k=48), r"DecodeBlockSizes.block_k must be a power of two >= 16, got 48"),
+    (dict(num_warps=3), r"DecodeBlockSizes.num_warps must be a power of two, got 3"),
+    (dict(num_stages=0), r"DecodeBlockSizes.num_stages must be a positive int, got 0"),
+    (dict(skip_used_stick=1), r"DecodeBlockSizes.skip_used_stick must be a bool, got 1"),
+    (dict(chunk_size=40, block_k=16), r"chunk_size must be a positive multiple of block_k=16"),
+])
+def test_bad_decode_block_sizes_are_named(fields, match):
+  with pytest.raises(ValueError, match=match):
+    sbjax.DecodeBlockSizes(**fields)
+
+
 # --- The modules: prefill, then one-token steps, against the full forward --------------------
 
 def _module(name, **options):

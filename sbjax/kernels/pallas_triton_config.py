@@ -11,6 +11,22 @@ def _is_power_of_two(x) -> bool:
   return isinstance(x, int) and x > 0 and x & (x - 1) == 0
 
 
+def check_tiling(config) -> None:
+  """Validates a kernel tiling dataclass by its field names: ``block_*`` powers of two >= 16,
+  ``num_*`` positive ints, ``num_warps*`` powers of two, ``skip_used_stick`` a bool."""
+  cls = type(config).__name__
+  if not isinstance(config.skip_used_stick, bool):
+    raise ValueError(f"{cls}.skip_used_stick must be a bool, got {config.skip_used_stick!r}.")
+  for field in dataclasses.fields(config):
+    name, value = field.name, getattr(config, field.name)
+    if name.startswith("block_") and not (_is_power_of_two(value) and value >= 16):
+      raise ValueError(f"{cls}.{name} must be a power of two >= 16, got {value!r}.")
+    if name.startswith("num_") and not (isinstance(value, int) and value >= 1):
+      raise ValueError(f"{cls}.{name} must be a positive int, got {value!r}.")
+    if name.startswith("num_warps") and not _is_power_of_two(value):
+      raise ValueError(f"{cls}.{name} must be a power of two, got {value!r}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tiling of the forward and backward kernels.
@@ -47,17 +63,7 @@ class BlockSizes:
   skip_used_stick: bool = True
 
   def __post_init__(self):
-    if not isinstance(self.skip_used_stick, bool):
-      raise ValueError(f"BlockSizes.skip_used_stick must be a bool, got {self.skip_used_stick!r}.")
-    for field in dataclasses.fields(self):
-      value = getattr(self, field.name)
-      if field.name.startswith("block_") and not (_is_power_of_two(value) and value >= 16):
-        raise ValueError(f"BlockSizes.{field.name} must be a power of two >= 16, got {value!r}.")
-      if field.name.startswith("num_") and not (isinstance(value, int) and value >= 1):
-        raise ValueError(f"BlockSizes.{field.name} must be a positive int, got {value!r}.")
-    for name in ("num_warps", "num_warps_bwd"):
-      if not _is_power_of_two(getattr(self, name)):
-        raise ValueError(f"BlockSizes.{name} must be a power of two, got {getattr(self, name)!r}.")
+    check_tiling(self)
 
   @classmethod
   def get_default(cls, head_dim: int, dtype) -> "BlockSizes":

@@ -20,6 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from sbjax.kernels import pallas_triton_tiles as tiles
+from sbjax.kernels.pallas_triton_config import check_tiling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,11 +40,11 @@ class DecodeBlockSizes:
   skip_used_stick: bool = True
 
   def __post_init__(self):
-    if self.block_k < 16 or self.block_k & (self.block_k - 1):
-      raise ValueError(f"block_k must be a power of two >= 16, got {self.block_k=}.")
-    if self.chunk_size < self.block_k or self.chunk_size % self.block_k:
-      raise ValueError(f"chunk_size must be a positive multiple of block_k={self.block_k}, got "
-                       f"{self.chunk_size=}.")
+    check_tiling(self)
+    c = self.chunk_size
+    if not isinstance(c, int) or c < self.block_k or c % self.block_k:
+      raise ValueError(f"DecodeBlockSizes.chunk_size must be a positive multiple of "
+                       f"block_k={self.block_k}, got {c!r}.")
 
 
 def _decode_kernel(scale_ref, len_ref, q_ref, k_ref, v_ref, gate_ref, out_ref, rem_ref, *, q_len,
