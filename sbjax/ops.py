@@ -32,15 +32,21 @@ def _check_array(name, x):
     raise TypeError(f"{name} must have a floating dtype, got {name}.dtype={x.dtype}.")
 
 
+def _check_arrays_of_one_dtype(**arrays):
+  """Each is a rank-4 floating array with no empty axis, and all share one dtype."""
+  for name, x in arrays.items():
+    _check_array(name, x)
+  if len({x.dtype for x in arrays.values()}) > 1:
+    names = list(arrays)
+    raise TypeError(
+        f"{', '.join(names[:-1])} and {names[-1]} must share a dtype, got "
+        + ", ".join(f"{name}.dtype={x.dtype}" for name, x in arrays.items()) + ".")
+
+
 def check_inputs(query, key, value, scale, segment_ids, implementation, interpret, block_sizes,
                  forget_gate=None):
   """Raises ``ValueError``/``TypeError`` naming the bad argument, before any computation."""
-  for name, x in (("query", query), ("key", key), ("value", value)):
-    _check_array(name, x)
-  if not (query.dtype == key.dtype == value.dtype):
-    raise TypeError(
-        "query, key and value must share a dtype, got "
-        f"query.dtype={query.dtype}, key.dtype={key.dtype}, value.dtype={value.dtype}.")
+  _check_arrays_of_one_dtype(query=query, key=key, value=value)
   b, t, n, h = query.shape
   if key.shape[:2] != (b, t) or value.shape[:2] != (b, t):
     raise ValueError(
@@ -192,12 +198,7 @@ def check_decode_inputs(query, key_cache, value_cache, cache_len, scale, forget_
                         implementation, chunk_size, skip_tolerance, interpret=False,
                         block_sizes=None, return_keys_read=False):
   """Raises ``ValueError``/``TypeError`` naming the bad argument, before any computation."""
-  for name, x in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
-    _check_array(name, x)
-  if not (query.dtype == key_cache.dtype == value_cache.dtype):
-    raise TypeError(
-        "query, key_cache and value_cache must share a dtype, got "
-        f"{query.dtype=}, {key_cache.dtype=}, {value_cache.dtype=}.")
+  _check_arrays_of_one_dtype(query=query, key_cache=key_cache, value_cache=value_cache)
   b, q_len, n, h = query.shape
   _, s, k, _ = key_cache.shape
   if key_cache.shape[0] != b or value_cache.shape[:3] != key_cache.shape[:3]:
