@@ -5,9 +5,12 @@ gradients under the tolerance rule of ``sbjax.testing``; saturated logits (|z| u
 infinite query/key elements and forget gates (normal, saturated, +-inf), with gradients NaN only
 where float64's are; long sequences (T=65536 forward and backward on one head, T=131072
 forward); exact skipping (the default kernels bitwise equal to the dense walk); 20 backward runs
-compared bitwise. Prints a PASS/FAIL table and exits non-zero on any failure.
+compared bitwise. The decode kernel (one step, ragged caches up to S=32768) against the float64
+portable path, and its exact skipping bitwise equal to its dense walk. Prints a PASS/FAIL table
+and exits non-zero on any failure.
 
   python experiments/check_gpu.py --out=experiments/results/check_gpu_h100.json
+  python experiments/check_gpu.py --only=decode --quick
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import logs
 
 _OUT = flags.DEFINE_string("out", None, "Write the results here as JSON.")
 _QUICK = flags.DEFINE_bool("quick", False, "Small shapes only (a smoke test).")
+_ONLY = flags.DEFINE_string("only", None, "Run only the checks whose name contains this.")
 
 
 def _pallas(seg, attend_current, block_sizes=None):
@@ -149,6 +153,68 @@ def check_determinism(runs=20):
               ok=bool(same))
 
 
+def _decode_inputs(b, s, n, k, h, dtype, *, logit_scale=1.0):
+  """``(query [B, 1, N, H] (N(0, 1) times logit_scale), key_cache, value_cache [B, S, K, H] (N(0,
+  1)), cache_len [B])`` on the device; rows filled to S, S - 1, 1 key, chunk edges and between."""
+  kq, kk, kv = jax.random.split(jax.random.key(3), 3)
+  q = (jax.random.normal(kq, (b, 1, n, h)) * logit_scale).astype(dtype)
+  cache = lambda key: jax.random.normal(key, (b, s, k, h), dtype)
+  lengths = np.resize([s, s - 1, 1, 513, s // 2 + 17, 4097, 1000, s - 511], b).clip(1, s)
+  return q, cache(kk), cache(kv), jnp.asarray(lengths, jnp.int32)
+
+
+def _pallas_decode(attend_current, skip_tolerance=0.0, interpret=False):
+  return jax.jit(lambda q, kc, vc, n, g: sbjax.stick_breaking_decode(
+      q, kc, vc, n, forget_gate_cache=g, attend_current=attend_current, return_remainder=True,
+      implementation="pallas", skip_tolerance=skip_tolerance, interpret=interpret))
+
+
+@functools.partial(jax.jit, static_argnames="attend_current")
+def _float64_decode(q, kc, vc, n, g, *, attend_current):
+  return sbjax.stick_breaking_decode(q, kc, vc, n, forget_gate_cache=g, return_remainder=True,
+                                     attend_current=attend_current, implementation="xla")
+
+
+def check_decode(name, b, s, n, k, h, dtype, *, attend_current=False, gated=False,
+                 logit_scale=1.0, interpret=False):
+  """One decode step (Q=1) of the Pallas kernel against the portable path in float64 (whose exact
+  skipping is bitwise its full read): out and rem under the tolerance rule's cap (no
+  same-precision decode to compare with at these lengths), ragged cache_len."""
+  q, kc, vc, cache_len = _decode_inputs(b, s, n, k, h, dtype, logit_scale=logit_scale)
+  gate = _gate(Shape(b, s, n, k, h), infinite=True) if gated else None
+  got = _pallas_decode(attend_current, interpret=interpret)(q, kc, vc, cache_len, gate)
+  with jax.enable_x64(True):
+    up = lambda x: None if x is None else jnp.asarray(x, jnp.float64)
+    want = [np.asarray(x) for x in _float64_decode(
+        up(q), up(kc), up(vc), cache_len, up(gate), attend_current=attend_current)]
+  return _record(name, f"B{b}-S{s}-N{n}-K{k}-H{h}", dtype, got, want, None)
+
+
+def check_decode_skipping_is_exact(name, b, s, n, k, h, dtype, *, gated=False, interpret=False):
+  """N(0, 1) logits use sticks up within a few hundred keys: the kernel's exact skipping must give
+  the bits of its dense walk (``skip_tolerance=None``)."""
+  q, kc, vc, cache_len = _decode_inputs(b, s, n, k, h, dtype)
+  gate = _gate(Shape(b, s, n, k, h), infinite=True) if gated else None
+  results = [[np.asarray(x) for x in _pallas_decode(False, tol, interpret)(
+      q, kc, vc, cache_len, gate)] for tol in (0.0, None)]
+  differ = {key: int(np.sum(x != y)) for key, x, y in zip(("out", "rem"), *results)}
+  ok = not any(differ.values()) and float(np.min(results[0][1])) == 0.0
+  return dict(check=name, shape=f"B{b}-S{s}-N{n}-K{k}-H{h}", dtype=jnp.dtype(dtype).name, ok=ok,
+              differing_elements=differ)
+
+
+def decode_checks(quick: bool):
+  """The decode kernel's ``(name, fn)`` pairs: S=4096 with ``quick``, else also S=32768."""
+  bf16 = jnp.bfloat16
+  named = lambda fn: lambda name, *a, **kw: (name, functools.partial(fn, name, *a, **kw))
+  acc, skip = named(check_decode), named(check_decode_skipping_is_exact)
+  for b, s in ((2, 4096),) if quick else ((2, 4096), (8, 32768)):
+    yield acc(f"decode S{s}", b, s, 12, 4, 128, bf16)
+    yield acc(f"decode S{s} cur gate", b, s, 12, 4, 128, bf16, attend_current=True, gated=True)
+    yield acc(f"decode S{s} |z|<=1e4", b, s, 12, 12, 128, bf16, logit_scale=1250.0)
+    yield skip(f"decode S{s} skip exact", b, s, 12, 4, 128, bf16, gated=True)
+
+
 def checks(quick: bool):
   """``(name, fn)`` pairs; each ``fn()`` returns a record."""
   bf16 = jnp.bfloat16
@@ -168,6 +234,7 @@ def checks(quick: bool):
             attend_current=True)
   yield acc("H96 T3000 MQA gate", Shape(1, 3000, 4, 1, 96), bf16, gated=True)
   yield acc("saturated |z|<=1e4", Shape(1, 2048, 2, 2, 64), bf16, logit_scale=1250.0)
+  yield from decode_checks(quick)
   if quick:
     return
   yield acc("H128 T16384", Shape(1, 16384, 2, 1, 128), bf16, same_precision=False)
@@ -185,6 +252,8 @@ def main(argv):
   print(jax.__version__, jax.devices()[0].device_kind, flush=True)
   records = []
   for name, check in checks(_QUICK.value):
+    if _ONLY.value and _ONLY.value not in name:
+      continue
     start = time.time()
     try:
       rec = check()
