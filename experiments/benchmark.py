@@ -1,18 +1,29 @@
-r"""Times stick-breaking attention against cuDNN softmax attention and the scan path.
+r"""Times stick-breaking attention against cuDNN softmax attention and the scan path, on logits
+shaped like those of real heads.
+
+Regimes (logits ``z = scale q . k`` per head, built by ``benchmark_inputs``): ``local`` (z ~ N(0, 1):
+every stick is used up within a few hundred keys), ``far`` (z ~ -5 + N(0, 1): each key takes ~1%,
+sticks last ~20K keys), ``mixed`` (half the heads of each), ``retrieval`` (z ~ -6 + N(0, 1) with 1%
+of keys at +10) and ``trained`` (q/k of six heads of the length-extrapolation model,
+experiments/results/length_extrapolation/qk_stickbreaking.npz, tiled to the shape).
+Implementations: ``pallas`` (the default kernels, exact skipping), ``pallas_dense`` (every key
+walked), ``pallas_tol`` (``skip_tolerance``, default 1e-3; its error against ``pallas_dense`` is
+recorded as ``max_err`` = max|out - out_dense| / max|v|), ``cudnn`` (softmax) and ``scan``;
+softmax and scan do not depend on the regime and run once per shape ("any").
 
 Forward and forward+backward, warm-up excluded, medians; TFLOP/s count 4*B*N*T^2*H/2 per forward
-(causal) and 3.5x that per forward+backward; memory is XLA's compiled peak (arguments, outputs and
-scratch). Results go to ``--out`` as JSON with the JAX version and device name.
+(causal) and 3.5x that per forward+backward; ``peak_bytes`` is XLA's compiled peak (arguments,
+outputs and scratch). Results go to ``--out`` as JSON records with the JAX version and GPU.
 
   python experiments/benchmark.py --out=experiments/results/benchmark_h200.json
-  python experiments/benchmark.py --shapes=4:12:128:16384 --impls=pallas --modes=fwd
+  python experiments/benchmark.py --shapes=4:12:128:16384 --impls=pallas --modes=fwd --regimes=far
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import sys
+import os
 import time
 
 from absl import app, flags
@@ -25,81 +36,156 @@ from sbjax.testing import median_time_ms
 
 import logs
 
-_SHAPES = flags.DEFINE_list(
-    "shapes", ["4:12:128:2048", "4:12:128:4096", "4:12:128:8192", "4:12:128:16384", "8:16:64:4096"],
-    "B:N:H:T per entry.")
-_IMPLS = flags.DEFINE_list(
-    "impls", ["pallas", "pallas_dense", "cudnn", "scan"],
-    "pallas | pallas_dense (no skipping of used-up sticks: every key walked) | scan | xla | cudnn.")
-_MODES = flags.DEFINE_list("modes", ["fwd", "fwdbwd"], "fwd and/or fwdbwd.")
+REGIMES = ("local", "far", "mixed", "retrieval", "trained")
+IMPLEMENTATIONS = ("pallas", "pallas_dense", "pallas_tol", "cudnn", "scan")
+_TRAINED_QK = os.path.join(os.path.dirname(__file__), "results", "length_extrapolation",
+                           "qk_stickbreaking.npz")
+
+_SHAPES = flags.DEFINE_list("shapes", ["4:12:128:4096", "4:12:128:16384"], "B:N:H:T per entry.")
+_REGIMES = flags.DEFINE_list("regimes", list(REGIMES), "Logit regimes, see the module docstring.")
+_IMPLS = flags.DEFINE_list("impls", list(IMPLEMENTATIONS), "Implementations, see the docstring.")
+_MODES = flags.DEFINE_list("modes", ["fwd", "fwd+bwd"], "fwd and/or fwd+bwd.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "Input dtype.")
+_TOLERANCE = flags.DEFINE_float("skip_tolerance", 1e-3, "skip_tolerance of pallas_tol.")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed repetitions (after 3 warm-ups).")
-_SLOW_ITERS = flags.DEFINE_integer("slow_iters", 3, "Timed repetitions of the scan and xla paths.")
+_SLOW_ITERS = flags.DEFINE_integer("slow_iters", 3, "Timed repetitions of the scan path.")
 _BLOCK_SIZES = flags.DEFINE_string("block_sizes", None, "JSON dict overriding BlockSizes fields.")
-_MAX_SCAN_T = flags.DEFINE_integer("max_scan_t", 16384, "Skip the scan/xla paths above this T.")
+_MAX_SCAN_T = flags.DEFINE_integer("max_scan_t", 16384, "Skip the scan path above this T.")
 _OUT = flags.DEFINE_string("out", None, "Write the records here as JSON.")
 
 
-def attention(impl: str, head_dim: int, dtype, block_sizes=None):
+def _shifted(rng, b, t, n, h, shift, dtype):
+  """q, k with ``z = q . k / sqrt(h) = shift + N(0, (h-1)/h)``: coordinate 0 carries the shift
+  (``shift [B, T, N]`` per key), the others are N(0, 1)."""
+  q, k = rng.normal(size=(2, b, t, n, h))
+  q[..., 0] = 1.0
+  k[..., 0] = shift * np.sqrt(h)
+  return jnp.asarray(q, dtype), jnp.asarray(k, dtype)
+
+
+def _trained(b, t, n, h, dtype):
+  """The saved trained heads (``[layers, 1, T0, heads, H0]``) tiled to ``[b, t, n, h]``: heads
+  repeated over N, positions over T, and the head dim doubled (``[q, q] . [k, k] = 2 q . k``, so
+  the scale is halved to keep the logits). Returns ``(q, k, scale)``."""
+  saved = np.load(_TRAINED_QK)
+  q0, k0 = (np.concatenate(list(saved[x][:, 0]), axis=1) for x in ("query", "key"))  # [T0, 6, H0]
+  reps_h = h // q0.shape[-1]
+  if reps_h * q0.shape[-1] != h:
+    raise ValueError(f"trained regime needs H a multiple of {q0.shape[-1]}, got H={h}.")
+  tile = lambda x: np.tile(x, (-(-t // x.shape[0]), -(-n // x.shape[1]), reps_h))[:t, :n]
+  q, k = (np.broadcast_to(tile(x)[None], (b, t, n, h)) for x in (q0, k0))
+  return jnp.asarray(q, dtype), jnp.asarray(k, dtype), float(saved["scale"]) / reps_h
+
+
+def benchmark_inputs(regime: str, b: int, t: int, n: int, h: int, dtype, seed: int = 0):
+  """``(q, k, v, scale)`` of one regime (see the module docstring), ``[B, T, N, H]`` each."""
+  rng = np.random.default_rng(seed)
+  v = jnp.asarray(rng.normal(size=(b, t, n, h)), dtype)
+  scale = 1.0 / np.sqrt(h)
+  if regime == "local":
+    shift = np.zeros((b, t, n))
+  elif regime == "far":
+    shift = np.full((b, t, n), -5.0)
+  elif regime == "mixed":
+    shift = np.where(np.arange(n) < n // 2, 0.0, -5.0) * np.ones((b, t, 1))
+  elif regime == "retrieval":
+    shift = np.where(rng.random((b, t, n)) < 0.01, 10.0, -6.0)
+  elif regime == "trained":
+    q, k, scale = _trained(b, t, n, h, dtype)
+    return q, k, v, scale
+  else:
+    raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}.")
+  q, k = _shifted(rng, b, t, n, h, shift, dtype)
+  return q, k, v, scale
+
+
+def attention(impl: str, head_dim: int, dtype, block_sizes=None, skip_tolerance=1e-3):
+  """``f(q, k, v, scale) -> out`` of one implementation."""
   if impl == "cudnn":
-    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-  if impl == "pallas_dense":  # the library's blocks for this shape, every key walked
-    block_sizes = dataclasses.replace(block_sizes or sbjax.BlockSizes.get_default(head_dim, dtype),
-                                      skip_used_stick=False)
-  if impl.startswith("pallas"):
-    impl = "pallas"
-  return lambda q, k, v: sbjax.stick_breaking_attention(
-      q, k, v, implementation=impl, block_sizes=block_sizes)
+    return lambda q, k, v, s: jax.nn.dot_product_attention(
+        q, k, v, scale=s, is_causal=True, implementation="cudnn")
+  if impl == "scan":
+    return lambda q, k, v, s: sbjax.stick_breaking_attention(q, k, v, scale=s, implementation="scan")
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"impls must be among {IMPLEMENTATIONS}, got {impl!r}.")
+  block_sizes = block_sizes or sbjax.BlockSizes.get_default(head_dim, dtype)
+  if impl == "pallas_dense":
+    block_sizes = dataclasses.replace(block_sizes, skip_used_stick=False)
+  tolerance = skip_tolerance if impl == "pallas_tol" else 0.0
+  return lambda q, k, v, s: sbjax.stick_breaking_attention(
+      q, k, v, scale=s, implementation="pallas", block_sizes=block_sizes,
+      skip_tolerance=tolerance)
 
 
-def bench_one(impl, mode, b, n, h, t, dtype, iters, block_sizes=None) -> dict:
-  rng = np.random.default_rng(0)
-  q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, h)), dtype) for _ in range(3))
-  attn = attention(impl, h, dtype, block_sizes)
+def _compiled(attn, mode, args):
   if mode == "fwd":
     fn = jax.jit(attn)
   else:
-    do = jnp.asarray(rng.normal(size=(b, t, n, h)), dtype)
-    fn = jax.jit(lambda q, k, v: jax.vjp(attn, q, k, v)[1](do))
-  compiled = fn.lower(q, k, v).compile()
+    fn = jax.jit(lambda q, k, v, s, do: jax.vjp(lambda q, k, v: attn(q, k, v, s), q, k, v)[1](do))
+  compiled = fn.lower(*args).compile()
   mem = compiled.memory_analysis()
-  peak = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                                   + mem.temp_size_in_bytes)
-  ms = median_time_ms(compiled, (q, k, v), iters)
-  flops = 4 * b * n * t * t * h / 2 * (1 if mode == "fwd" else 3.5)
-  return dict(impl=impl, mode=mode, B=b, N=n, H=h, T=t, dtype=jnp.dtype(dtype).name, ms=ms,
-              tflops=flops / ms / 1e9, peak_gib=None if peak is None else peak / 2**30)
+  peak = None if mem is None else int(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                      + mem.temp_size_in_bytes)
+  return compiled, peak
 
 
-def run(shapes, impls, modes, dtype, iters, block_sizes=None, max_scan_t=16384, slow_iters=3,
-        log=print):
+def run(shapes, regimes, impls, modes, dtype, iters, *, block_sizes=None, skip_tolerance=1e-3,
+        max_scan_t=16384, slow_iters=3, log=print):
+  """Benchmark records (see the module docstring); an implementation that fails records its
+  error instead of stopping the run."""
+  meta = dict(dtype=jnp.dtype(dtype).name, jax=jax.__version__, gpu=jax.devices()[0].device_kind)
   records = []
-  for shape in shapes:
-    b, n, h, t = shape
+  for b, n, h, t in shapes:
     for mode in modes:
+      flops = 4 * b * n * t * t * h / 2 * (1 if mode == "fwd" else 3.5)
+      dense_out = {}
       for impl in impls:
-        if impl in ("scan", "xla") and t > max_scan_t:
+        if impl == "scan" and t > max_scan_t:
           continue
-        try:
-          rec = bench_one(impl, mode, b, n, h, t, dtype,
-                          slow_iters if impl in ("scan", "xla") else iters, block_sizes)
-        except Exception as e:  # pylint: disable=broad-except
-          rec = dict(impl=impl, mode=mode, B=b, N=n, H=h, T=t, error=f"{type(e).__name__}: {e}"[:300])
-        log(json.dumps(rec))
-        records.append(rec)
+        # Softmax and the scan path cost the same on any logits: one regime ("any").
+        impl_regimes = regimes if impl.startswith("pallas") else ["any"]
+        compiled = None
+        for regime in impl_regimes:
+          rec = dict(implementation=impl, regime=regime, T=t, B=b, N=n, H=h, **{"pass": mode},
+                     **meta)
+          if impl == "pallas_tol":
+            rec["skip_tolerance"] = skip_tolerance
+          try:
+            q, k, v, scale = benchmark_inputs("local" if regime == "any" else regime,
+                                              b, t, n, h, dtype)
+            args = (q, k, v, jnp.float32(scale))
+            if mode != "fwd":
+              args += (jnp.asarray(np.random.default_rng(1).normal(size=v.shape), dtype),)
+            if compiled is None:
+              attn = attention(impl, h, dtype, block_sizes, skip_tolerance)
+              compiled, rec["peak_bytes"] = _compiled(attn, mode, args)
+            ms = median_time_ms(compiled, args, slow_iters if impl == "scan" else iters)
+            rec.update(ms=ms, tflops=flops / ms / 1e9)
+            if mode == "fwd" and impl in ("pallas_dense", "pallas_tol"):
+              out = np.asarray(compiled(*args), np.float32)
+              if impl == "pallas_dense":
+                dense_out[regime] = out
+              elif regime in dense_out:
+                rec["max_err"] = float(np.abs(out - dense_out[regime]).max()
+                                       / np.abs(np.asarray(v, np.float32)).max())
+          except Exception as e:  # pylint: disable=broad-except
+            rec["error"] = f"{type(e).__name__}: {e}"[:300]
+          log(json.dumps(rec))
+          records.append(rec)
   return records
 
 
 def format_table(records) -> str:
-  lines = [f"{'impl':8} {'mode':7} {'B':>2} {'N':>3} {'H':>4} {'T':>6} {'ms':>9} {'TFLOP/s':>8} {'GiB':>7}"]
+  lines = [f"{'implementation':14} {'regime':9} {'pass':7} {'T':>6} {'ms':>9} {'TFLOP/s':>8} "
+           f"{'GiB':>6} {'max_err':>8}"]
   for r in records:
+    head = f"{r['implementation']:14} {r['regime']:9} {r['pass']:7} {r['T']:>6}"
     if "error" in r:
-      lines.append(f"{r['impl']:8} {r['mode']:7} {r['B']:>2} {r['N']:>3} {r['H']:>4} {r['T']:>6} "
-                   f"ERROR {r['error'][:60]}")
+      lines.append(f"{head} ERROR {r['error'][:60]}")
       continue
-    gib = "" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
-    lines.append(f"{r['impl']:8} {r['mode']:7} {r['B']:>2} {r['N']:>3} {r['H']:>4} {r['T']:>6} "
-                 f"{r['ms']:9.3f} {r['tflops']:8.1f} {gib:>7}")
+    gib = "" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 2**30:.2f}"
+    err = f"{r['max_err']:.1e}" if "max_err" in r else ""
+    lines.append(f"{head} {r['ms']:9.3f} {r['tflops']:8.1f} {gib:>6} {err:>8}")
   return "\n".join(lines)
 
 
@@ -110,15 +196,14 @@ def main(argv):
   block_sizes = None
   if _BLOCK_SIZES.value:
     block_sizes = sbjax.BlockSizes(**json.loads(_BLOCK_SIZES.value))
-  records = run(shapes, _IMPLS.value, _MODES.value, jnp.dtype(_DTYPE.value), _ITERS.value,
-                block_sizes, _MAX_SCAN_T.value, _SLOW_ITERS.value)
-  if _OUT.value:
-    meta = dict(jax=jax.__version__, device=jax.devices()[0].device_kind,
-                block_sizes=None if block_sizes is None else dataclasses.asdict(block_sizes),
-                iters=_ITERS.value, slow_iters=_SLOW_ITERS.value, argv=sys.argv[1:],
-                date=time.strftime("%Y-%m-%d"))
+  records = run(shapes, _REGIMES.value, _IMPLS.value, _MODES.value, jnp.dtype(_DTYPE.value),
+                _ITERS.value, block_sizes=block_sizes, skip_tolerance=_TOLERANCE.value,
+                max_scan_t=_MAX_SCAN_T.value, slow_iters=_SLOW_ITERS.value)
+  if _OUT.value:  # a list of records, each with how it was run
+    run_info = dict(block_sizes=_BLOCK_SIZES.value, iters=_ITERS.value,
+                    date=time.strftime("%Y-%m-%d"))
     with open(_OUT.value, "w") as f:
-      json.dump(dict(meta=meta, records=records), f, indent=1)
+      json.dump([dict(r, **run_info) for r in records], f, indent=1)
   print(format_table(records))
 
 

@@ -44,8 +44,11 @@ def _check_arrays_of_one_dtype(**arrays):
 
 
 def check_inputs(query, key, value, scale, segment_ids, implementation, interpret, block_sizes,
-                 forget_gate=None):
+                 forget_gate=None, skip_tolerance=0.0):
   """Raises ``ValueError``/``TypeError`` naming the bad argument, before any computation."""
+  if (isinstance(skip_tolerance, bool) or not isinstance(skip_tolerance, (int, float))
+      or not 0.0 <= skip_tolerance < 1.0):
+    raise ValueError(f"skip_tolerance must be a float in [0, 1), got {skip_tolerance!r}.")
   _check_arrays_of_one_dtype(query=query, key=key, value=value)
   b, t, n, h = query.shape
   if key.shape[:2] != (b, t) or value.shape[:2] != (b, t):
@@ -133,6 +136,7 @@ def stick_breaking_attention(
     implementation: Implementation | None = None,
     interpret: bool = False,
     block_sizes=None,
+    skip_tolerance: float = 0.0,
 ):
   """Stick-breaking attention (Tan et al., ICLR 2025), causal, layout BTNH.
 
@@ -161,13 +165,21 @@ def stick_breaking_attention(
       an associative scan) or ``"xla"`` (the dense reference, O(T^2) memory).
     interpret: run the Pallas kernels in interpret mode (any backend; slow).
     block_sizes: a ``sbjax.BlockSizes`` for the Pallas kernels; defaults by head dim and dtype.
+    skip_tolerance: what the Pallas kernels may leave out. 0 (default): a row block stops walking
+      its keys once every row's stick is below 2^-152, where every farther weight and gradient is
+      exactly 0 in float32: the result is that of walking every key. ``> 0``: it stops once every
+      row's stick is below ``skip_tolerance``; the farther keys would change ``out`` by at most
+      ``rem * max|v| < skip_tolerance * max|v|`` per element, and the returned ``rem`` (the stick
+      where the walk stopped) is an upper bound of the exact one. Gradients are those of the
+      truncated sum (docs/design.md §1, "Tolerance-bounded skipping"). The scan and xla paths
+      compute every key whatever the value.
 
   Returns:
     ``out [B, T, N, Hv]`` in ``query.dtype``; with ``return_remainder``, ``(out, rem)`` where
     ``rem [B, T, N] = 1 - sum_i A_ji`` is float32 (float64 for float64 inputs).
   """
   check_inputs(query, key, value, scale, segment_ids, implementation, interpret, block_sizes,
-               forget_gate)
+               forget_gate, skip_tolerance)
   dtype = compute_dtype(query.dtype)
   if scale is None:
     scale = 1.0 / math.sqrt(query.shape[-1])
@@ -186,7 +198,7 @@ def stick_breaking_attention(
   else:
     out, rem = pallas_triton.stick_breaking_attention(
         query, key, value, scale, segment_ids, forget_gate, attend_current=attend_current,
-        block_sizes=block_sizes, interpret=interpret)
+        block_sizes=block_sizes, skip_tolerance=skip_tolerance, interpret=interpret)
   return (out, rem) if return_remainder else out
 
 

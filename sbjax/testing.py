@@ -225,6 +225,42 @@ def assert_gradients_within_tolerance(got, want, same, dtype, names=RESULT_NAMES
   return errors
 
 
+def skip_tolerance_bounds(q, k, v, scale, d_out, d_rem, skip_tolerance):
+  """Per-element bounds ``(out, rem, dq, dk, dv, dscale)`` on how far results computed with
+  ``skip_tolerance`` may be from the exact ones (causal, no segments or gates), float64 NumPy.
+
+  A row whose walk stopped with stick ``r < skip_tolerance`` = ``tol`` left out keys whose
+  fresh-stick result ``(o_far, rem_far)`` enters the exact one as ``o = o_near + r o_far``,
+  ``rem = r rem_far``. With ``M_j = |do_j|_1 max|v| + |drem_j|`` and ``s_ji = sigmoid(z_ji)``:
+  ``|d out| <= tol max|v|``; ``0 <= rem_got - rem <= tol``; the loss differs by
+  ``r (do . o_far + drem (rem_far - 1))``, at most ``r M_j``, whose logit gradient is
+  ``-s_ji r (...)`` on a walked key and at most ``r M_j (A_far_ji + s_ji)`` on a skipped one, so
+  ``|d dz_ji| <= tol M_j (1 + s_ji)`` and its row sum is at most ``tol M_j (1 + sum_i s_ji)``;
+  ``dq, dk, dscale`` follow through ``scale * k``, ``scale * q`` and ``q . k``, and
+  ``|d dv_i| <= tol sum_j |do_j|`` (only skipped weights ``r A_far_ji <= tol`` are missing).
+  """
+  q, k, v, d_out, d_rem = (np.asarray(x, np.float64) for x in (q, k, v, d_out, d_rem))
+  b, t, n, _ = q.shape
+  group = n // k.shape[2]
+  k_n, v_n = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)  # [B, T, N, H]
+  qk = np.einsum("bjnh,binh->bnji", q, k_n)  # [B, N, T(j), T(i)]
+  visible = np.tril(np.ones((t, t), bool), -1)
+  s = np.where(visible, 1.0 / (1.0 + np.exp(-scale * qk)), 0.0)
+  v_max, k_max, q_max = np.abs(v).max(), np.abs(k).max(), np.abs(q).max()
+  m = (np.abs(d_out).sum(-1) * v_max + np.abs(d_rem)).transpose(0, 2, 1)  # [B, N, T(j)]
+  row = m * (1.0 + s.sum(-1))  # [B, N, T(j)]: tol-free bound on sum_i |d dz_ji|
+  tol = skip_tolerance
+  dq = np.broadcast_to((tol * scale * k_max * row).transpose(0, 2, 1)[..., None], q.shape)
+  per_key = np.einsum("bnj,bnji->bin", m, np.where(visible, 1.0 + s, 0.0))  # [B, T(i), N]
+  dk = tol * scale * q_max * per_key.reshape(b, t, -1, group).sum(-1)[..., None]
+  dk = np.broadcast_to(dk, k.shape)
+  dv = tol * np.einsum("ji,bjnh->binh", visible.astype(np.float64), np.abs(d_out))
+  dv = dv.reshape(b, t, -1, group, v.shape[-1]).sum(3)
+  dscale = tol * np.sum(row * np.max(np.where(visible, np.abs(qk), 0.0), axis=-1))
+  out = np.full(d_out.shape, tol * v_max)
+  return out, np.full(d_rem.shape, tol), dq, dk, dv, np.asarray(dscale)
+
+
 def median_time_ms(fn, args, iters: int) -> float:
   """Median wall time in ms of ``fn(*args)`` until its results are ready, after 3 warm-up calls."""
   for _ in range(3):

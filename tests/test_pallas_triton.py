@@ -97,12 +97,8 @@ def test_skipping_a_used_stick_is_exact(dtype, logit_scale, gated):
 
   Why the argument holds: once a row's log2-stick is below -152, every farther weight
   ``exp2(log2 beta + stick)`` is below 2^-152 and rounds to 0 in fp32, so are ``G = A (...)`` and
-  its prefixes, hence ``dz`` and every skipped contribution. On Python 3.11 / JAX 0.10.2 this test
-  fails in dk (428 of 2400 elements up to 6e-7 fp32; 32 up to 6e-4 bf16): not the argument, but
-  XLA:CPU of 0.10.2 compiling the dk/dv tile differently inside the ``lax.cond`` that skips it.
-  A cond whose predicate is never true gives the same mismatches, and removing the cond (keeping
-  every other skip) makes the results bitwise equal. JAX 0.11.2 compiles both alike; the GPU
-  check (experiments/check_gpu.py) compares the compiled skipping and dense kernels bitwise.
+  its prefixes, hence ``dz`` and every skipped contribution. The GPU check
+  (experiments/check_gpu.py) compares the compiled skipping and dense kernels bitwise.
   """
   shape = Shape(1, 70, 2, 1, 16) if gated else Shape(1, 150, 2, 1, 16)
   q, k, v, _ = random_inputs(0, shape, jnp.float32, logit_scale=logit_scale)
@@ -124,6 +120,63 @@ def test_skipping_a_used_stick_is_exact(dtype, logit_scale, gated):
     _assert_close_to_float64(skipped, q, k, v, d_out, d_rem)
 
 
+def _far_inputs(seed, shape, shift):
+  """fp32 inputs whose logits at scale 0.25 are about ``shift + N(0, 0.25^2)``: every key takes a
+  small share, so sticks last long (a head that attends far back)."""
+  q, k, v, _ = random_inputs(seed, shape, jnp.float32, logit_scale=0.5)
+  q = q.at[..., 0].set(1.0)
+  k = (k * 0.5).at[..., 0].set(shift / 0.25)
+  return q, k, v
+
+
+@pytest.mark.parametrize("tolerance", [1e-3, 1e-2])
+def test_skip_tolerance_bounds_the_error(tolerance):
+  """``skip_tolerance`` stops long sticks early (exact skipping does not) and stays within the
+  documented bounds (``testing.skip_tolerance_bounds``) against float64: output, remainder (an
+  upper bound of the exact one) and every gradient, element by element."""
+  shape = Shape(1, 320, 2, 1, 16)
+  q, k, v = _far_inputs(0, shape, shift=-3.5)  # stick ~ exp(-0.03 per key): 1e-2 after 150 keys
+  rng = np.random.default_rng(1)
+  d_out = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  d_rem = jnp.asarray(rng.normal(size=q.shape[:3]), jnp.float32)
+  fn = lambda q, k, v, s: sbjax.stick_breaking_attention(
+      q, k, v, scale=s, implementation="pallas", interpret=True, skip_tolerance=tolerance,
+      block_sizes=dataclasses.replace(SMALL_BLOCKS, num_blocks_per_check=2,
+                                      num_blocks_per_check_bwd=2), return_remainder=True)
+  got = jax.jit(lambda q, k, v: testing.gradients(
+      lambda q, k, v, s, g: fn(q, k, v, s), q, k, v, jnp.float32(0.25), d_out, d_rem))(q, k, v)
+  want = testing.float64_gradients(q, k, v, None, 0.25, False, d_out, d_rem)
+  bounds = testing.skip_tolerance_bounds(q, k, v, 0.25, d_out, d_rem, tolerance)
+  for name, g, w, bound in zip(testing.RESULT_NAMES, got, want, bounds):
+    g = np.asarray(g, np.float64)
+    assert np.isfinite(g).all(), name
+    # fp32 rounding (relative 1e-5 of the largest value) comes on top of the skipping bound.
+    excess = np.abs(g - w) - bound - 1e-5 * np.abs(w).max()
+    assert excess.max() <= 0, f"{name}: error above the bound by {excess.max():.3g}"
+  rem, rem64 = np.asarray(got[1], np.float64), want[1]
+  assert (rem >= rem64 - 1e-6).all()  # an upper bound
+  stopped = rem > 2.0 * rem64  # rows whose walk stopped early (a full walk: equal to ~1e-6)
+  assert stopped.mean() >= 0.1, stopped.mean()
+  assert rem64[:, -1].max() > 2.0 ** -152  # exact skipping could not have stopped at all
+
+
+def test_skipping_checks_between_pipelined_chunks():
+  """The stop test runs every ``num_blocks_per_check`` key blocks (3 and 5 here, so the walk also
+  ends in a partial chunk): results equal the dense walk bit for bit, forward and gradients."""
+  shape = Shape(1, 150, 2, 1, 16)
+  q, k, v, _ = random_inputs(0, shape, jnp.float32, logit_scale=4.0)
+  q, k = q + 3.0, k + 1.0
+  rng = np.random.default_rng(1)
+  d_out = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  d_rem = jnp.asarray(rng.normal(size=q.shape[:3]), jnp.float32)
+  run = jax.jit(functools.partial(_grads, d_out=d_out, d_rem=d_rem), static_argnums=4)
+  full = run(q, k, v, None, dataclasses.replace(SMALL_BLOCKS, skip_used_stick=False))
+  chunked = run(q, k, v, None, dataclasses.replace(SMALL_BLOCKS, num_blocks_per_check=3,
+                                                   num_blocks_per_check_bwd=5))
+  assert float(jnp.min(chunked[1])) == 0.0
+  chex.assert_trees_all_equal(chunked, full)
+
+
 def test_head_dim_256():
   """The largest head dim, with the default blocks for it, forward and gradients (bf16)."""
   shape = Shape(1, 40, 2, 1, 256)
@@ -142,6 +195,14 @@ def test_block_sizes_validation():
     sbjax.BlockSizes(num_warps=3)
   with pytest.raises(ValueError, match=r"BlockSizes.skip_used_stick must be a bool"):
     sbjax.BlockSizes(skip_used_stick=1)
+  with pytest.raises(ValueError, match=r"BlockSizes.num_blocks_per_check must be a positive int, "
+                                       r"got 0"):
+    sbjax.BlockSizes(num_blocks_per_check=0)
+  q, _, _, _ = random_inputs(0, Shape(1, 8, 2, 1, 16), jnp.float32)
+  for bad in (-0.1, 1.0, True, "1e-3"):
+    with pytest.raises(ValueError, match=rf"skip_tolerance must be a float in \[0, 1\), got "
+                                         rf"{re.escape(repr(bad))}"):
+      sbjax.stick_breaking_attention(q, q[:, :, :1], q[:, :, :1], skip_tolerance=bad)
   assert sbjax.BlockSizes.get_default(128, jnp.bfloat16) == sbjax.BlockSizes()
 
 

@@ -32,17 +32,19 @@ def unsupported(query, value) -> str | None:
 
 def stick_breaking_attention(query, key, value, scale, segment_ids=None, forget_gate=None, *,
                              attend_current=False, block_sizes: BlockSizes | None = None,
-                             interpret: bool = False, reference_vjp: Callable | None = None):
+                             skip_tolerance: float = 0.0, interpret: bool = False,
+                             reference_vjp: Callable | None = None):
   """Same contract as ``sbjax.reference.stick_breaking_attention`` for inputs that ``unsupported``
   accepts; ``segment_ids`` int32, ``forget_gate [B, T, K]`` float32. Arguments are checked by
-  ``sbjax.ops``.
+  ``sbjax.ops``. ``skip_tolerance``: see ``sbjax.stick_breaking_attention``.
 
   ``reference_vjp`` is for tests (tokamax style): a function with the signature of
   ``sbjax.reference.stick_breaking_attention``; when given, the forward kernel runs as usual and
   the gradients are autodiff of that function instead of the backward kernels.
   """
   block_sizes = block_sizes or BlockSizes.get_default(query.shape[-1], query.dtype)
-  static = (attend_current, block_sizes, interpret, reference_vjp)  # hashable, not differentiated
+  # hashable, not differentiated
+  static = (attend_current, block_sizes, float(skip_tolerance), interpret, reference_vjp)
   out, rem = _attention(query, key, value, jnp.reshape(scale, (1,)).astype(jnp.float32),
                         segment_ids, forget_gate, static)
   return out, rem.transpose(0, 2, 1)  # rem [B, N, T] -> [B, T, N]
@@ -50,9 +52,10 @@ def stick_breaking_attention(query, key, value, scale, segment_ids=None, forget_
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _attention(q, k, v, scale, seg, gate, static):
-  attend_current, block_sizes, interpret, _ = static
+  attend_current, block_sizes, skip_tolerance, interpret, _ = static
   return pallas_triton_fwd.forward(q, k, v, scale, seg, gate, attend_current=attend_current,
-                                   block_sizes=block_sizes, interpret=interpret)
+                                   block_sizes=block_sizes, skip_tolerance=skip_tolerance,
+                                   interpret=interpret)
 
 
 def _attention_fwd(q, k, v, scale, seg, gate, static):
@@ -61,7 +64,7 @@ def _attention_fwd(q, k, v, scale, seg, gate, static):
 
 
 def _attention_bwd(static, residuals, cotangents):
-  attend_current, block_sizes, interpret, reference_vjp = static
+  attend_current, block_sizes, skip_tolerance, interpret, reference_vjp = static
   q, k, v, scale, seg, gate = residuals
   d_out, d_rem = cotangents
   if reference_vjp is not None:
@@ -73,7 +76,7 @@ def _attention_bwd(static, residuals, cotangents):
     return dq, dk, dv, dscale, None, dgate
   dq, dk, dv, dscale, dgate = pallas_triton_bwd.backward(
       q, k, v, scale, seg, gate, d_out, d_rem, attend_current=attend_current,
-      block_sizes=block_sizes, interpret=interpret)
+      block_sizes=block_sizes, skip_tolerance=skip_tolerance, interpret=interpret)
   return dq, dk, dv, dscale, None, dgate
 
 

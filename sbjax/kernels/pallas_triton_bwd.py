@@ -14,8 +14,9 @@ into exact left prefixes (no "total minus suffix" cancellation: softmax kernels'
 analogue would multiply the bf16 rounding of ``o`` by ``sum_m sigmoid(z_jm)``, which grows with T);
 then for ``dz``, ``dq`` and ``dscale``. It leaves each row's ``log2``-stick and ``G`` prefix at every
 key-block boundary (fp32 ``[B, N, T / block_k_bwd, T]`` each) for the dk/dv kernel, one program
-per key block and kv head, which starts from them instead of re-walking the row. Blocks that no
-row's stick reaches are skipped (exact in fp32). No atomics: each output element is written by one
+per key block and kv head, which starts from them instead of re-walking the row. The dq walks stop
+where the forward's does (a used-up stick, or ``skip_tolerance``), and the dk/dv kernel visits only
+the row blocks whose walk reached its key block (exact in fp32 for exact skipping). No atomics: each output element is written by one
 program, so gradients are bitwise deterministic.
 """
 
@@ -97,7 +98,7 @@ def _logit_grads(w: tiles.StickTile, d_log_a, prefix, *, mask, gate, triangles, 
 def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, seg_ref, gate_ref, do_ref, drem_ref,
                dq_ref, dscale_ref, first_ref, stick_ref, prefix_ref, *,
                seq_len, head_dim, head_dim_v, block_q, block_k, attend_current, cumsum_parts, gpu,
-               skip):
+               skip, blocks_per_check, stop):
   num_q_blocks, num_k_blocks = tiles.cdiv(seq_len, block_q), tiles.cdiv(seq_len, block_k)
   q_block = tiles.heaviest_first(pl.program_id(0), num_q_blocks)
   h_cols = tiles.in_range(0, q_ref.shape[-1], head_dim, partial=q_ref.shape[-1] != head_dim)
@@ -114,7 +115,8 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, seg_ref, gate_ref, do_ref, drem_r
   triangles = _Triangles.make(block_k)
   n_full, n_total = tiles.key_blocks_seen(q_block, block_q=block_q, block_k=block_k,
                                           num_k_blocks=num_k_blocks, attend_current=attend_current)
-  walk = functools.partial(tiles.walk_right_to_left, n_full=n_full, n_total=n_total, skip=skip)
+  walk = functools.partial(tiles.walk_right_to_left, n_full=n_full, n_total=n_total, skip=skip,
+                           blocks_per_check=blocks_per_check, stop=stop)
   live = (lambda s: s) if q_rows is None else (lambda s: jnp.where(q_rows, s, -jnp.inf))
 
   def tile(kb, log_stick, masked):
@@ -175,7 +177,7 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, seg_ref, gate_ref, do_ref, drem_r
 def _dkv_kernel(scale_ref, row_end_ref, q_ref, k_ref, v_ref, seg_ref, gate_ref, do_ref, drem_ref,
                 stick_ref, prefix_ref, dk_ref, dv_ref, dgate_ref, *,
                 seq_len, head_dim, head_dim_v, block_q, block_k, group, attend_current,
-                cumsum_parts, gpu, skip):
+                cumsum_parts, gpu):
   kb = pl.program_id(0)
   h_cols = tiles.in_range(0, k_ref.shape[-1], head_dim, partial=k_ref.shape[-1] != head_dim)
   hv_cols = tiles.in_range(0, v_ref.shape[-1], head_dim_v, partial=v_ref.shape[-1] != head_dim_v)
@@ -191,40 +193,34 @@ def _dkv_kernel(scale_ref, row_end_ref, q_ref, k_ref, v_ref, seg_ref, gate_ref, 
   triangles = _Triangles.make(block_k)
   partial_rows = seq_len % block_q != 0
 
+  # Every tile of the loops below is computed: no per-tile test of the recorded sticks (a
+  # ``lax.cond`` around the loads stops Triton from pipelining the loop). Tiles whose rows the dq
+  # walk never reached read the stick ``_NO_STICK`` and the prefix 0, so their weights and
+  # gradients are exactly 0; ``row_end`` bounds the loops to the row blocks that reached the block.
   def tile(j, carry, *, head, masked):
+    dk, dv, dg = carry
     rows = pl.ds(j * block_q, block_q)
     q_rows = tiles.in_range(j * block_q, block_q, seq_len, partial=partial_rows)
     log_stick = stick_ref[head, rows]  # [block_q]
-
-    def compute(carry):
-      dk, dv, dg = carry
-      q = tiles.load(q_ref.at[rows, head, :], rows=q_rows, cols=h_cols)  # [block_q, H]
-      do = tiles.load(do_ref.at[rows, head, :], rows=q_rows, cols=hv_cols)  # [block_q, Hv]
-      drem = tiles.load(drem_ref.at[head, rows], rows=q_rows)  # [block_q]
-      mask = None
-      if masked or seg_ref is not None:
-        q_seg = None if seg_ref is None else tiles.load(seg_ref.at[rows], rows=q_rows)
-        mask = tiles.visible(tiles.positions(j * block_q, block_q), k_pos, q_seg, k_seg,
-                             attend_current=attend_current)
-        if partial_rows:  # rows past the sequence end hold no gradient
-          mask = mask & q_rows[:, None]
-      w, t = _tile(q, k, v, do, drem, log_stick, scale2=scale * tiles.LOG2E, mask=mask, gate=gate,
-                   triangles=triangles, parts=cumsum_parts, gpu=gpu)
-      dz, dg_tile = _logit_grads(w, t.d_log_a, prefix_ref[head, rows], mask=mask, gate=gate,
-                                 triangles=triangles, exact=q.dtype == jnp.float32)
-      dv += tiles.dot(t.a.astype(do.dtype), do, trans_a=True, precision=precision)  # [block_k, Hv]
-      dk += tiles.dot(dz.astype(q.dtype), q, trans_a=True, precision=precision)  # [block_k, H]
-      if dg is not None:
-        dg += jnp.sum(dg_tile, axis=0)  # [block_k]
-      return dk, dv, dg
-
-    if not skip:
-      return compute(carry)
-    # No row's stick reaches this key block: its weights and gradients are exactly 0. Rows that
-    # see no key here were never written (NaN in interpret mode, arbitrary on a GPU); every tile
-    # also holds a written row, and the mask selects the unwritten ones away where computed.
-    live = log_stick if q_rows is None else jnp.where(q_rows, log_stick, -jnp.inf)
-    return jax.lax.cond(jnp.max(live) < tiles.SKIP_LOG2, lambda c: c, compute, carry)
+    q = tiles.load(q_ref.at[rows, head, :], rows=q_rows, cols=h_cols)  # [block_q, H]
+    do = tiles.load(do_ref.at[rows, head, :], rows=q_rows, cols=hv_cols)  # [block_q, Hv]
+    drem = tiles.load(drem_ref.at[head, rows], rows=q_rows)  # [block_q]
+    mask = None
+    if masked or seg_ref is not None:
+      q_seg = None if seg_ref is None else tiles.load(seg_ref.at[rows], rows=q_rows)
+      mask = tiles.visible(tiles.positions(j * block_q, block_q), k_pos, q_seg, k_seg,
+                           attend_current=attend_current)
+      if partial_rows:  # rows past the sequence end hold no gradient
+        mask = mask & q_rows[:, None]
+    w, t = _tile(q, k, v, do, drem, log_stick, scale2=scale * tiles.LOG2E, mask=mask, gate=gate,
+                 triangles=triangles, parts=cumsum_parts, gpu=gpu)
+    dz, dg_tile = _logit_grads(w, t.d_log_a, prefix_ref[head, rows], mask=mask, gate=gate,
+                               triangles=triangles, exact=q.dtype == jnp.float32)
+    dv += tiles.dot(t.a.astype(do.dtype), do, trans_a=True, precision=precision)  # [block_k, Hv]
+    dk += tiles.dot(dz.astype(q.dtype), q, trans_a=True, precision=precision)  # [block_k, H]
+    if dg is not None:
+      dg += jnp.sum(dg_tile, axis=0)  # [block_k]
+    return dk, dv, dg
 
   # Query blocks with a row that sees a key of this block and whose walk reached it:
   # [j_first, j_end); rows of [j_first, j_full) may miss some of its keys, and a last, partial
@@ -268,7 +264,7 @@ def _live_row_end(first, block_q, num_key_blocks, num_kv_heads):
 
 
 def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_current: bool,
-             block_sizes: BlockSizes, interpret: bool):
+             block_sizes: BlockSizes, skip_tolerance: float, interpret: bool):
   """Gradients of ``pallas_triton_fwd.forward``.
 
   Args:
@@ -288,8 +284,7 @@ def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_c
   rows_padded = tiles.cdiv(t, max(bq, bq_kv)) * max(bq, bq_kv)  # rows of the boundary sums
   d_rem = d_rem.astype(jnp.float32)
   common = dict(seq_len=t, head_dim=h, head_dim_v=hv, attend_current=attend_current,
-                cumsum_parts=tiles.cumsum_parts(q.dtype), gpu=not interpret,
-                skip=block_sizes.skip_used_stick)
+                cumsum_parts=tiles.cumsum_parts(q.dtype), gpu=not interpret)
   params = plgpu.CompilerParams(num_warps=block_sizes.num_warps_bwd,
                                 num_stages=block_sizes.num_stages_bwd)
   optional = lambda spec: lambda x: None if x is None else spec  # for optional inputs
@@ -299,7 +294,9 @@ def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_c
   per_program = pl.BlockSpec((None, None, 1), lambda i, bi, ni: (bi, ni, q_block(i)))
   boundary = pl.BlockSpec((None, None, nkb, bq), lambda i, bi, ni: (bi, ni, 0, q_block(i)))
   dq, dscale, first, stick, prefix = pl.pallas_call(
-      functools.partial(_dq_kernel, block_q=bq, block_k=bk, **common),
+      functools.partial(_dq_kernel, block_q=bq, block_k=bk, skip=block_sizes.skip_used_stick,
+                        blocks_per_check=block_sizes.num_blocks_per_check_bwd,
+                        stop=tiles.stop_log2(skip_tolerance), **common),
       grid=(nq, b, n),
       in_specs=[
           pl.BlockSpec((1,), lambda i, bi, ni: (0,)),

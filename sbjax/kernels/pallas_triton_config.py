@@ -42,10 +42,13 @@ class BlockSizes:
     block_q_dkv: query rows per tile of the dk/dv kernel.
     num_warps_bwd: warps per backward program.
     num_stages_bwd: pipelining stages of the backward loops.
-    skip_used_stick: stop walking a row block's keys once every row's stick is below 2^-152: the
-      farther keys' weights and gradients are then exactly 0 in fp32, so results are unchanged
-      bit for bit, and long sequences cost what the rows really attend to. False walks every key
-      (for timing the dense worst case). Bit-for-bit equality also needs the compiler to emit the
+    num_blocks_per_check: forward key blocks walked between two tests of the stop condition
+      (they are software-pipelined; a test per block is not).
+    num_blocks_per_check_bwd: the same for the backward walks.
+    skip_used_stick: stop walking a row block's keys once every row's stick is below 2^-152 (or
+      the op's ``skip_tolerance``): the farther keys' weights and gradients are then exactly 0 in
+      fp32, so results are unchanged bit for bit, and long sequences cost what the rows really
+      attend to. False walks every key (for timing the dense worst case). Bit-for-bit equality also needs the compiler to emit the
       same arithmetic for a tile inside the ``lax.cond`` that skips it as outside: JAX 0.11.2
       (CPU interpret mode and Triton on the GPU) does; XLA:CPU of JAX 0.10.2 does not, and there
       dk differs in the last bits (tests/test_pallas_triton.py::test_skipping_a_used_stick_is_exact).
@@ -60,6 +63,8 @@ class BlockSizes:
   block_q_dkv: int = 64
   num_warps_bwd: int = 4
   num_stages_bwd: int = 3
+  num_blocks_per_check: int = 4
+  num_blocks_per_check_bwd: int = 8
   skip_used_stick: bool = True
 
   def __post_init__(self):

@@ -3,7 +3,7 @@
 Each program walks key blocks from the diagonal leftwards (nearest first), carrying the row's
 log2-stick (the sum of ``log2(1 - beta)`` over the keys already walked) and the output in fp32.
 Only the diagonal blocks are masked, and the walk stops once every row's stick is used up
-(``tiles.SKIP_LOG2``; exact in fp32). Inputs are read in place: a partial last block and head
+(``tiles.SKIP_LOG2``; exact in fp32) or below the op's ``skip_tolerance``. Inputs are read in place: a partial last block and head
 dims that are not powers of two are masked in the kernel.
 """
 
@@ -21,7 +21,8 @@ from sbjax.kernels.pallas_triton_config import BlockSizes
 
 
 def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, seg_ref, gate_ref, out_ref, rem_ref, *, seq_len,
-                head_dim, head_dim_v, block_q, block_k, attend_current, cumsum_parts, gpu, skip):
+                head_dim, head_dim_v, block_q, block_k, attend_current, cumsum_parts, gpu, skip,
+                blocks_per_check, stop):
   num_q_blocks, num_k_blocks = tiles.cdiv(seq_len, block_q), tiles.cdiv(seq_len, block_k)
   q_block = tiles.heaviest_first(pl.program_id(0), num_q_blocks)
   h_cols = tiles.in_range(0, q_ref.shape[-1], head_dim, partial=q_ref.shape[-1] != head_dim)
@@ -60,13 +61,14 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, seg_ref, gate_ref, out_ref, rem_
   live = (lambda c: c[1]) if q_rows is None else (lambda c: jnp.where(q_rows, c[1], -jnp.inf))
   carry = (jnp.zeros((block_q, v_ref.shape[-1]), jnp.float32), jnp.zeros((block_q,), jnp.float32))
   _, (acc, log_stick) = tiles.walk_right_to_left(
-      tile, carry, live, n_full=n_full, n_total=n_total, skip=skip)
+      tile, carry, live, n_full=n_full, n_total=n_total, skip=skip,
+      blocks_per_check=blocks_per_check, stop=stop)
   tiles.store(out_ref, acc.astype(out_ref.dtype), rows=q_rows, cols=hv_cols)
   tiles.store(rem_ref, jnp.exp2(log_stick), rows=q_rows)
 
 
 def forward(q, k, v, scale, segment_ids, forget_gate, *, attend_current: bool,
-            block_sizes: BlockSizes, interpret: bool):
+            block_sizes: BlockSizes, skip_tolerance: float, interpret: bool):
   """Launches the forward kernel.
 
   Args:
@@ -74,6 +76,8 @@ def forward(q, k, v, scale, segment_ids, forget_gate, *, attend_current: bool,
     scale: ``[1]`` float32.
     segment_ids: ``[B, T]`` int32 or None.
     forget_gate: ``[B, T, K]`` float32 logits or None.
+    skip_tolerance: 0 (exact skipping) or the stick below which a row block stops
+      (``tiles.stop_log2``).
 
   Returns:
     ``(out [B, T, N, Hv] in q.dtype, rem [B, N, T] float32)``.
@@ -87,7 +91,8 @@ def forward(q, k, v, scale, segment_ids, forget_gate, *, attend_current: bool,
   kernel = functools.partial(
       _fwd_kernel, seq_len=t, head_dim=h, head_dim_v=hv, block_q=bq, block_k=bk,
       attend_current=attend_current, cumsum_parts=tiles.cumsum_parts(q.dtype), gpu=not interpret,
-      skip=block_sizes.skip_used_stick)
+      skip=block_sizes.skip_used_stick, blocks_per_check=block_sizes.num_blocks_per_check,
+      stop=tiles.stop_log2(skip_tolerance))
   q_block = lambda i: tiles.heaviest_first(i, nq)
   kv_head = lambda ni: ni // group
   return pl.pallas_call(

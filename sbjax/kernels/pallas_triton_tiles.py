@@ -106,7 +106,7 @@ def masked_row_sums(x, triangle, *, parts: int):
 
   Pallas-Triton has no reverse cumsum, so cumulative sums are products with a triangular matrix on
   the tensor cores. ``x`` is split into ``parts`` bf16 terms (hi + lo + ...) so the result keeps
-  about ``8 * parts`` bits: 2 parts for bf16/fp16 inputs, 3 (fp32 accuracy) for fp32 inputs.
+  about ``8 * parts`` bits (``cumsum_parts``).
   """
   out = None
   for _ in range(parts):
@@ -117,7 +117,12 @@ def masked_row_sums(x, triangle, *, parts: int):
 
 
 def cumsum_parts(dtype) -> int:
-  return 3 if jnp.dtype(dtype) == jnp.float32 else 2
+  """bf16 parts of the in-block sums of ``log2(1 - beta)``: 3 (fp32 accuracy) for fp32 inputs, 1
+  for bf16/fp16. One part rounds each term to bf16 (relative error 2^-9); the terms share a sign,
+  so the sum's relative error is at most 2^-9 too, and a weight ``A = 2^(... + sum)`` moves by at
+  most ``A ln2 |sum| 2^-9 <= 2^-9 / e`` absolutely (the maximum of ``x 2^-x ln2`` is ``1/e``),
+  below bf16/fp16 resolution of the output; two parts cost a third more forward time (H200)."""
+  return 3 if jnp.dtype(dtype) == jnp.float32 else 1
 
 
 def div(a, b: int):
@@ -273,22 +278,37 @@ def stick_weights(x, log_stick, *, mask, gate: KeyGate | None, nearer, parts: in
   return StickTile(a, log_beta, log_s, log_1m_s, log_1m_beta, jnp.sum(log_1m_beta, axis=1))
 
 
-def walk_right_to_left(tile, carry, log_stick, *, n_full, n_total, skip: bool):
+def stop_log2(skip_tolerance: float) -> float:
+  """The log2-stick below which a row block stops walking: ``SKIP_LOG2`` (exact) for a tolerance of
+  0, else ``log2(skip_tolerance)`` (farther keys then change the output by at most
+  ``skip_tolerance * max|v|``)."""
+  return max(math.log2(skip_tolerance), SKIP_LOG2) if skip_tolerance > 0 else SKIP_LOG2
+
+
+def walk_right_to_left(tile, carry, log_stick, *, n_full, n_total, skip: bool,
+                       blocks_per_check: int = 1, stop: float = SKIP_LOG2):
   """Runs ``carry = tile(kb, carry, masked=...)`` for key blocks from the diagonal leftwards.
 
   The masked diagonal blocks come first; the walk over the fully visible ones stops early, when
   ``skip``, once ``log_stick(carry) [Q]`` (each row's log2 stick; rows past the sequence end must
-  read -inf) is below ``SKIP_LOG2`` in every row. Returns ``(first, carry)``: blocks
-  ``[first, n_total)`` were walked.
+  read -inf) is below ``stop`` in every row. The test runs once per ``blocks_per_check`` blocks:
+  between checks the blocks go through a ``fori_loop`` that Triton software-pipelines (a
+  ``while_loop`` per block is not), so a row block that walks every key costs about what the
+  dense walk costs. Blocks walked past the stop hold weights below ``2^stop`` (exactly 0 for
+  ``SKIP_LOG2``). Returns ``(first, carry)``: blocks ``[first, n_total)`` were walked.
   """
+  def run(hi, count, carry):  # blocks hi - 1, ..., hi - count
+    return jax.lax.fori_loop(0, count, lambda t, c: tile(hi - 1 - t, c, masked=False), carry)
+
   carry = jax.lax.fori_loop(
       0, n_total - n_full, lambda t, c: tile(n_total - 1 - t, c, masked=True), carry)
   if not skip:
-    carry = jax.lax.fori_loop(
-        0, n_full, lambda t, c: tile(n_full - 1 - t, c, masked=False), carry)
-    return jnp.int32(0), carry
-  kb, carry = jax.lax.while_loop(
-      lambda state: (state[0] >= 0) & (jnp.max(log_stick(state[1])) > SKIP_LOG2),
-      lambda state: (state[0] - 1, tile(state[0], state[1], masked=False)),
-      (n_full - 1, carry))
-  return kb + 1, carry
+    return jnp.int32(0), run(n_full, n_full, carry)
+  live = lambda c: jnp.max(log_stick(c)) > stop
+  hi, carry = jax.lax.while_loop(
+      lambda state: (state[0] >= blocks_per_check) & live(state[1]),
+      lambda state: (state[0] - blocks_per_check, run(state[0], blocks_per_check, state[1])),
+      (n_full, carry))
+  # Fewer than blocks_per_check blocks are left at the far end, or the walk stopped.
+  rest = jnp.where((hi < blocks_per_check) & live(carry), hi, 0)
+  return hi - rest, run(hi, rest, carry)

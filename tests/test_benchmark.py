@@ -1,0 +1,58 @@
+"""experiments/benchmark.py on the CPU: the logit regimes really are what they are named after,
+and a run records every implementation (errors included) without stopping."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "experiments"))
+import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _logits(regime, b=2, t=512, n=4, h=128):
+  q, k, _, scale = benchmark.benchmark_inputs(regime, b, t, n, h, jnp.bfloat16)
+  q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  return scale * np.einsum("bjnh,binh->bnji", q[:, -64:], k)  # the last 64 queries: [B, N, 64, T]
+
+
+@pytest.mark.parametrize("regime,mean", [("local", 0.0), ("far", -5.0)])
+def test_shifted_regimes(regime, mean):
+  z = _logits(regime)
+  assert abs(z.mean() - mean) < 0.05 and abs(z.std() - 1.0) < 0.05, (z.mean(), z.std())
+
+
+def test_mixed_and_retrieval_regimes():
+  z = _logits("mixed")
+  np.testing.assert_allclose(z.mean(axis=(0, 2, 3)), [0.0, 0.0, -5.0, -5.0], atol=0.05)
+  z = _logits("retrieval")
+  high = z > 5.0
+  assert 0.007 < high.mean() < 0.013, high.mean()
+  assert abs(z[high].mean() - 10.0) < 0.2 and abs(z[~high].mean() + 6.0) < 0.05
+
+
+def test_trained_regime_keeps_the_saved_logits():
+  """Head dim doubled and scale halved: the logits of the saved heads, tiled over heads and T."""
+  saved = np.load(benchmark._TRAINED_QK)
+  q0 = np.asarray(saved["query"][0, 0, :, 0], np.float64)  # layer 0, head 0: [T0, H0]
+  k0 = np.asarray(saved["key"][0, 0, :, 0], np.float64)
+  t0 = q0.shape[0]
+  z = _logits("trained", b=1, t=t0 + 64, n=12)  # positions past T0 repeat the saved ones
+  want = float(saved["scale"]) * q0[:64] @ k0.T  # queries t0 .. t0 + 63 repeat 0 .. 63
+  np.testing.assert_allclose(z[0, 0, :, :t0], want, rtol=1e-2, atol=1e-2)  # bf16 inputs
+  np.testing.assert_allclose(z[0, 6], z[0, 0])  # 6 saved heads, repeated over 12
+
+
+def test_run_records_timings_and_errors():
+  records = benchmark.run([(1, 2, 16, 64)], ["local", "far"], ["scan", "pallas"], ["fwd"],
+                          jnp.float32, iters=1, slow_iters=1, log=lambda _: None)
+  scan, = [r for r in records if r["implementation"] == "scan"]
+  assert scan["regime"] == "any" and scan["ms"] > 0 and scan["peak_bytes"] > 0
+  pallas = [r for r in records if r["implementation"] == "pallas"]
+  assert [r["regime"] for r in pallas] == ["local", "far"]
+  assert all("needs an NVIDIA GPU" in r["error"] for r in pallas)  # recorded, not raised
+  assert "ms" in benchmark.format_table(records) and "ERROR" in benchmark.format_table(records)
