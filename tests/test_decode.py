@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 
@@ -12,6 +13,7 @@ import pytest
 
 import sbjax
 from sbjax import reference
+from sbjax.kernels import pallas_triton_decode
 from helpers import assert_within_tolerance, rel_rms, stick_loop
 
 
@@ -110,7 +112,12 @@ def test_pallas_decode_kernel_matches_float64_definition(q_len, gate, attend_cur
     assert_within_tolerance(rel_rms(got, want), rel_rms(same, want), dtype, name)
 
 
-def test_pallas_decode_kernel_lowers_to_one_triton_call():
+@pytest.mark.parametrize("s,skip_tolerance,names", [
+    (1000, 0.0, ["stick_breaking_decode"]),  # 2 chunks of 512: the first launch reads them all
+    (4096, 0.0, ["stick_breaking_decode", "stick_breaking_decode_far"]),
+    (4096, None, ["stick_breaking_decode"]),  # no skipping: one launch
+])
+def test_pallas_decode_kernel_lowers_to_triton_calls(s, skip_tolerance, names):
   """Lowered for an H200 on any machine (as tests/test_pallas_triton.py), bf16 with the gate."""
   from jax.sharding import AbstractDevice, AbstractMesh, AxisType  # pylint: disable=g-import-not-at-top
   h200 = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,),
@@ -122,12 +129,12 @@ def test_pallas_decode_kernel_lowers_to_one_triton_call():
 
   sd = jax.ShapeDtypeStruct
   fn = lambda q, k, v, n, g: sbjax.stick_breaking_decode(
-      q, k, v, n, forget_gate_cache=g, implementation="pallas")
-  text = lower_for_cuda(fn, sd((4, 1, 12, 128), jnp.bfloat16), sd((4, 1000, 4, 128), jnp.bfloat16),
-                        sd((4, 1000, 4, 128), jnp.bfloat16), sd((4,), jnp.int32),
-                        sd((4, 1000, 4), jnp.float32))
-  assert len(re.findall(r"__gpu\$xla\.gpu\.triton", text)) == 1
-  assert re.search(r'name = "stick_breaking_decode"', text)
+      q, k, v, n, forget_gate_cache=g, implementation="pallas", skip_tolerance=skip_tolerance)
+  text = lower_for_cuda(fn, sd((4, 1, 12, 128), jnp.bfloat16), sd((4, s, 4, 128), jnp.bfloat16),
+                        sd((4, s, 4, 128), jnp.bfloat16), sd((4,), jnp.int32),
+                        sd((4, s, 4), jnp.float32))
+  assert len(re.findall(r"__gpu\$xla\.gpu\.triton", text)) == len(names)
+  assert re.findall(r'name = "(stick_breaking_decode\w*)"', text) == names
 
 
 def _saturating_inputs(seed, s=64, shift=6.0):
@@ -173,6 +180,79 @@ def test_skip_tolerance_error_bound(tolerance):
   assert (np.asarray(rem) < tolerance).all()
 
 
+@functools.partial(jax.jit, static_argnames=("block_sizes", "skip_tolerance"))
+def _kernel_decode(q, kc, vc, cache_len, *, block_sizes, skip_tolerance=0.0):
+  """The kernel's own entry, interpreted: it also takes ``skip_tolerance > 0`` and returns
+  ``keys_read [B, K]``."""
+  return pallas_triton_decode.decode(
+      q, kc, vc, cache_len, 16 ** -0.5, attend_current=False, block_sizes=block_sizes,
+      skip_tolerance=skip_tolerance, return_keys_read=True, interpret=True)
+
+
+def _near_keys(cache_len, chunk, near):
+  """Keys in each row's ``near`` nearest chunks (chunks start at multiples of ``chunk``)."""
+  last_start = (np.asarray(cache_len) - 1) // chunk * chunk
+  return np.minimum(np.asarray(cache_len), np.asarray(cache_len) - last_start + (near - 1) * chunk)
+
+
+@pytest.mark.parametrize("chunk_size,per_check", [(16, 1), (64, 3)])
+def test_kernel_cross_chunk_skipping_is_bitwise_the_dense_walk(chunk_size, per_check):
+  """kv head 0 uses its stick up within a key, kv head 1 never: head 0 reads only the first
+  launch's chunks (and, within them, the nearest blocks), head 1 every key, and the output keeps
+  every bit of the dense walk. S=256 in 4 or 16 chunks, rows of 256 and 251 keys."""
+  q, kc, vc, _ = _saturating_inputs(0, s=256, shift=20.0)
+  q1 = np.asarray(q)[:, 0, 1]  # [B, H]
+  far = -24 * q1 / (q1 ** 2).sum(-1, keepdims=True)  # q . k = -24: logit -6, beta ~ 2.5e-3
+  noise = np.random.default_rng(1).normal(size=(2, 256, 16)) * 0.1
+  kc = kc.at[:, :, 1].set(jnp.asarray(far[:, None] + noise, jnp.float32))
+  cache_len = jnp.asarray([256, 251], jnp.int32)
+  blocks = sbjax.DecodeBlockSizes(chunk_size=chunk_size, block_k=16, num_near_chunks=2,
+                                  num_blocks_per_check=per_check)
+  skip = _kernel_decode(q, kc, vc, cache_len, block_sizes=blocks)
+  dense = _kernel_decode(q, kc, vc, cache_len, block_sizes=dataclasses.replace(
+      blocks, skip_used_stick=False))
+  assert np.isfinite(np.asarray(skip[0])).all()
+  for got, want in zip(skip[:2], dense[:2]):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert (np.asarray(skip[1])[:, 0, 0] == 0).all() and (np.asarray(skip[1])[:, 0, 1] > 0).all()
+  np.testing.assert_array_equal(np.asarray(dense[2]), np.stack([cache_len] * 2, 1))
+  np.testing.assert_array_equal(np.asarray(skip[2])[:, 1], cache_len)
+  # Head 0: in each of the first launch's two chunks, the blocks of 16 keys up to the first check
+  # of its stick; the 251-key row's nearest chunk ends in a block of 11 keys.
+  want = [2 * per_check * 16, 11 + (2 * per_check - 1) * 16]
+  np.testing.assert_array_equal(np.asarray(skip[2])[:, 0], want)
+
+
+@pytest.mark.parametrize("tolerance", [1e-1, 1e-2, 1e-5])
+def test_kernel_skip_tolerance_leaves_out_far_chunks_within_the_bound(tolerance):
+  """Logits ~ -1.7: after the first launch's 2 chunks of 16 keys each row has a stick of 2e-4 to
+  3e-2 left, so 1e-1 skips every far chunk, 1e-2 some, 1e-5 none (then the exact result)."""
+  q, kc, vc, cache_len = _saturating_inputs(1, shift=-1.0)
+  blocks = sbjax.DecodeBlockSizes(chunk_size=16, block_k=16, num_near_chunks=2)
+  out, rem, keys_read = _kernel_decode(q, kc, vc, cache_len, block_sizes=blocks,
+                                       skip_tolerance=tolerance)
+  exact = _kernel_decode(q, kc, vc, cache_len, block_sizes=blocks)
+  want_out, want_rem = _prefix_oracle(q, kc, vc, None, cache_len, 16 ** -0.5, False)
+  assert np.isfinite(np.asarray(out)).all()
+  err = np.abs(np.asarray(out, np.float64) - want_out).max()
+  assert err <= tolerance * np.abs(np.asarray(vc)).max() + 1e-5, err
+  rem, keys_read = np.asarray(rem)[:, 0], np.asarray(keys_read)  # [B, N=K], [B, K]
+  near = np.stack([_near_keys(cache_len, 16, 2)] * 2, 1)
+  skipped = keys_read == near
+  np.testing.assert_array_equal(keys_read[~skipped], np.stack([cache_len] * 2, 1)[~skipped])
+  assert (rem[skipped] < tolerance).all() and (rem[~skipped] < want_rem[:, 0][~skipped] * 1.01).all()
+  assert (rem >= want_rem[:, 0] * 0.99).all()  # the stick of the keys read: an upper bound
+  if tolerance == 1e-1:
+    assert skipped.all()
+  elif tolerance == 1e-2:
+    assert skipped.any() and not skipped.all()
+  else:
+    assert not skipped.any()
+    for got, want in zip((out, rem), exact[:2]):
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want)[:, 0] if got is rem else
+                                    np.asarray(want))
+
+
 def test_empty_prefix_and_batch_rows_of_different_lengths():
   """A row whose only key is the new token's own sees nothing without attend_current."""
   q, kc, vc, _, _ = _decode_inputs(3, b=2, s=8, q_len=1, n=2, k=2, h=4, hv=4, dtype=jnp.float32)
@@ -214,6 +294,8 @@ def test_bad_decode_arguments_are_named(change, match):
     (dict(num_stages=0), r"DecodeBlockSizes.num_stages must be a positive int, got 0"),
     (dict(skip_used_stick=1), r"DecodeBlockSizes.skip_used_stick must be a bool, got 1"),
     (dict(chunk_size=40, block_k=16), r"chunk_size must be a positive multiple of block_k=16"),
+    (dict(num_near_chunks=0), r"DecodeBlockSizes.num_near_chunks must be a positive int, got 0"),
+    (dict(num_blocks_per_check=1.5), r"DecodeBlockSizes.num_blocks_per_check must be a positive"),
 ])
 def test_bad_decode_block_sizes_are_named(fields, match):
   with pytest.raises(ValueError, match=match):
@@ -422,4 +504,27 @@ def test_cache_read_in_synthetic_regimes(shift, tolerance, chunks_read):
   assert np.isfinite(np.asarray(out)).all()
   np.testing.assert_array_equal(np.asarray(keys_read), chunks_read * 256)
   if chunks_read < 16:
+    assert (np.asarray(rem, np.float64) < (tolerance or 2.0**-152)).all()
+
+
+@pytest.mark.parametrize("shift,tolerance,keys_read", [
+    (0.0, 0.0, 512),  # each of the first launch's 2 chunks: one check's 4 blocks; no far chunk
+    (-5.0, 0.0, 4096),  # every chunk, to the end of each (rem ~ 1e-19 after 4096 keys)
+    (-5.0, 1e-3, 1024),  # the first launch's 2 chunks: rem < 1e-3 after them
+])
+def test_kernel_cache_read_in_synthetic_regimes(shift, tolerance, keys_read):
+  """The kernel with its default blocks (chunks of 512, checks every 4 blocks of 64) on the
+  regimes of test_cache_read_in_synthetic_regimes: z = shift + N(0, 1), S=4096."""
+  b, s = 2, 4096
+  rng = np.random.default_rng(0)
+  q = jnp.ones((b, 1, 1, 2), jnp.float32)
+  k = jnp.asarray(np.stack([np.full((b, s), shift), rng.normal(size=(b, s))], -1)[:, :, None],
+                  jnp.float32)
+  v = jnp.asarray(rng.normal(size=(b, s, 1, 4)), jnp.float32)
+  out, rem, read = pallas_triton_decode.decode(
+      q, k, v, jnp.full((b,), s, jnp.int32), 1.0, attend_current=False,
+      skip_tolerance=tolerance, return_keys_read=True, interpret=True)
+  assert np.isfinite(np.asarray(out)).all()
+  np.testing.assert_array_equal(np.asarray(read), keys_read)
+  if keys_read < s:
     assert (np.asarray(rem, np.float64) < (tolerance or 2.0**-152)).all()
