@@ -1,8 +1,10 @@
 """MQRAR: stick-breaking vs softmax attention on multi-query repeated associative recall.
 
   python experiments/mqrar.py --config=experiments/configs/mqrar.py --workdir=/tmp/mqrar
+  python experiments/mqrar.py --config=experiments/configs/mqrar.py:sweep --workdir=/tmp/sweep
 
-Ends on a table of accuracy per attention and eval length, and where the outputs are.
+Ends on a table of accuracy per attention and setting (at each cell's best learning rate) and
+eval length, what the numbers mean, and where the outputs are.
 """
 
 from absl import app, flags
@@ -10,6 +12,8 @@ from ml_collections import config_flags
 
 import logs
 import mqrar_lib
+import mqrar_report
+import mqrar_sweep_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -21,8 +25,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.install()
-  records = mqrar_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  print("\n" + mqrar_lib.report(records, _WORKDIR.value), flush=True)
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  if config.vmap:  # the GPU sweep: runs trained in vmapped groups
+    records = mqrar_sweep_lib.train_and_evaluate(config, workdir)
+    print("\n" + mqrar_report.report(records, workdir), flush=True)
+  else:
+    records = mqrar_lib.train_and_evaluate(config, workdir)
+    print("\n" + mqrar_lib.report(records, workdir), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """MQRAR experiment: train a decoder LM per attention and setting, score recall, plot, report.
 
 ``train_and_evaluate(config, workdir)`` runs the product of the config's sweep axes (attentions,
-seeds, d_model, num_heads, seq_len, num_keys). A run is named by its sweep values and a hash of
+seeds, d_model, num_heads, seq_len, num_keys, learning_rates), one run after another (the CPU
+default; ``config.vmap=True`` trains them in vmapped groups instead: ``mqrar_sweep_lib``). A run is named by its sweep values and a hash of
 its whole effective config (``run_config``): ``workdir/runs/<name>-<hash>/`` holds its
 ``config.json``, checkpoints, TensorBoard logs, ``metrics.jsonl`` and, once finished,
 ``result.json``. A run trains ``sbjax.models.DecoderLM`` with ``sbjax.training.train`` on MQRAR
@@ -33,13 +34,16 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+import mqrar_report
 import sbjax
 from sbjax import models, nn, training
 from sbjax.data import mqrar
 from sbjax.parallel import batch_sharding, make_mesh
 
-SWEEP_AXES = ("attentions", "seeds", "d_model", "num_heads", "seq_len", "num_keys")
-RUN_FIELDS = ("attention", "seed", "d_model", "num_heads", "seq_len", "num_keys")  # one per axis
+SWEEP_AXES = (
+    "attentions", "seeds", "d_model", "num_heads", "seq_len", "num_keys", "learning_rates")
+RUN_FIELDS = ("attention", "seed", "d_model", "num_heads", "seq_len", "num_keys",
+              "learning_rate")  # one per axis
 SUMMARY, PLOT, RUNS = "summary.json", "mqrar.png", "runs"
 RUN_CONFIG, RUN_RESULT = "config.json", "result.json"
 # Config fields that change how a run is shown, not what it computes: left out of its identity.
@@ -81,7 +85,7 @@ def run_name(run: dict) -> str:
   """The sweep point of a run (its config fields or a summary record)."""
   train_len = run.get("train_seq_len", run["seq_len"])  # records hold the eval length in seq_len
   return (f"{run['attention']}-D{run['d_model']}-N{run['num_heads']}-T{train_len}"
-          f"-K{run['num_keys']}-seed{run['seed']}")
+          f"-K{run['num_keys']}-lr{run['learning_rate']:g}-seed{run['seed']}")
 
 
 def run_dir_name(run_cfg: dict) -> str:
@@ -186,19 +190,19 @@ def train_and_score(run_cfg: dict, workdir: str, progress_bar: bool = True) -> d
   return {"config": run_cfg, "records": records, "curve": curve}
 
 
-def _read_json(path: str):
+def read_json(path: str):
   with open(path) as f:
     return json.load(f)
 
 
-def _write_json(path: str, value) -> None:
+def write_json(path: str, value) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(value, f, indent=1)
   os.replace(tmp, path)  # a killed process never leaves a half-written file
 
 
-def _claim_run_dir(run_dir: str, run_cfg: dict) -> dict | None:
+def claim_run_dir(run_dir: str, run_cfg: dict) -> dict | None:
   """Makes ``run_dir`` the run's (writing its config.json); returns its finished result, if any.
 
   A directory whose config.json differs (a hash collision, or a hand-edited file) is refused, so
@@ -206,16 +210,16 @@ def _claim_run_dir(run_dir: str, run_cfg: dict) -> dict | None:
   """
   path = os.path.join(run_dir, RUN_CONFIG)
   if os.path.exists(path):
-    saved = _read_json(path)
+    saved = read_json(path)
     if saved != run_cfg:
       raise ValueError(f"{run_dir} holds a run of another config "
                        f"({'; '.join(differences(saved, run_cfg))}); move it away or use another "
                        f"workdir.")
   else:
     os.makedirs(run_dir, exist_ok=True)
-    _write_json(path, run_cfg)
+    write_json(path, run_cfg)
   result_path = os.path.join(run_dir, RUN_RESULT)
-  return _read_json(result_path) if os.path.exists(result_path) else None
+  return read_json(result_path) if os.path.exists(result_path) else None
 
 
 def _report_other_configs(workdir: str, planned: list[dict]) -> None:
@@ -234,13 +238,13 @@ def _report_other_configs(workdir: str, planned: list[dict]) -> None:
     if not os.path.exists(path):
       logging.warning("%s: a run of an older sbjax (no %s); not reused.", d, RUN_CONFIG)
       continue
-    saved = _read_json(path)
+    saved = read_json(path)
     new = by_point.get(run_name(saved), planned[0])
     logging.warning("%s: made with another config, kept but not reused (differs from %s in %s).",
                     d, run_dir_name(new), "; ".join(differences(saved, new)))
   summary_path = os.path.join(workdir, SUMMARY)
   if os.path.exists(summary_path):
-    stale = {r.get("run", run_name(r)) for r in _read_json(summary_path)} - names
+    stale = {r.get("run", run_name(r)) for r in read_json(summary_path)} - names
     if stale:
       logging.warning("%s listed %d runs of another config; it now lists this config's runs "
                       "only (the others stay in %s).", summary_path, len(stale), runs_dir)
@@ -256,7 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
   _report_other_configs(workdir, planned)
   results = {}
   for run_cfg in planned:
-    result = _claim_run_dir(os.path.join(workdir, RUNS, run_dir_name(run_cfg)), run_cfg)
+    result = claim_run_dir(os.path.join(workdir, RUNS, run_dir_name(run_cfg)), run_cfg)
     if result is not None:
       results[run_dir_name(run_cfg)] = result
   todo = [c for c in planned if run_dir_name(c) not in results]
@@ -268,7 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     logging.info("run %d/%d: %s", i + 1, len(todo), name)
     run_dir = os.path.join(workdir, RUNS, name)
     results[name] = train_and_score(run_cfg, run_dir, config.progress_bar)
-    _write_json(os.path.join(run_dir, RUN_RESULT), results[name])
+    write_json(os.path.join(run_dir, RUN_RESULT), results[name])
     _write_summary(workdir, planned, results)
   return [r for c in planned for r in results[run_dir_name(c)]["records"]]
 
@@ -276,7 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
 def _write_summary(workdir: str, planned: list[dict], results: dict) -> None:
   done = [results[run_dir_name(c)] for c in planned if run_dir_name(c) in results]
   records = [r for result in done for r in result["records"]]
-  _write_json(os.path.join(workdir, SUMMARY), records)
+  write_json(os.path.join(workdir, SUMMARY), records)
   if records:
     plot(records, os.path.join(workdir, PLOT),
          {result["records"][0]["run"]: result["curve"] for result in done})
@@ -284,26 +288,10 @@ def _write_summary(workdir: str, planned: list[dict], results: dict) -> None:
     os.remove(os.path.join(workdir, PLOT))  # it showed runs of another config
 
 
-def merge(workdir: str) -> list[dict]:
-  """Joins the summaries of ``workdir``'s subfolders (one per sweep process) into
-  ``workdir/summary.json`` and ``workdir/mqrar.png``, with the training curves of their runs;
-  returns the records."""
-  records, curves = [], {}
-  for name in sorted(os.listdir(workdir)):
-    path = os.path.join(workdir, name, SUMMARY)
-    if os.path.exists(path):
-      records += _read_json(path)
-      curves.update(_curves(os.path.join(workdir, name)))
-  _write_json(os.path.join(workdir, SUMMARY), records)
-  if records:
-    plot(records, os.path.join(workdir, PLOT), curves)
-  return records
-
-
 def replot(directory: str) -> None:
   """Redraws ``directory/mqrar.png`` from ``directory/summary.json`` (and the training curves of
   ``directory/runs``, where there are any)."""
-  plot(_read_json(os.path.join(directory, SUMMARY)), os.path.join(directory, PLOT),
+  plot(read_json(os.path.join(directory, SUMMARY)), os.path.join(directory, PLOT),
        _curves(directory))
 
 
@@ -313,7 +301,7 @@ def _curves(workdir: str) -> dict:
   for d in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
     path = os.path.join(runs_dir, d, RUN_RESULT)
     if os.path.exists(path):
-      curves[d] = _read_json(path)["curve"]
+      curves[d] = read_json(path)["curve"]
   return curves
 
 
@@ -337,6 +325,9 @@ def _baseline(r: dict) -> tuple[float, float]:
 def report(records: list[dict], workdir: str) -> str:
   """The main job's last screen: accuracy per attention (and swept setting) and eval length,
   what the numbers mean, and where the outputs are."""
+  lrs = sorted({r.get("learning_rate") for r in records}, key=str)
+  if len(lrs) > 1:  # each setting at its best learning rate
+    records = mqrar_report.best_records(records)
   varied = _groups(records)
   lens = sorted({r["seq_len"] for r in records})
   trained = sorted({r["train_seq_len"] for r in records})
@@ -354,7 +345,8 @@ def report(records: list[dict], workdir: str) -> str:
   header = "".join(f"{f'T={t}' + ('*' if t in trained else ''):>9}" for t in lens)
   seeds = len({r["seed"] for r in records})
   lines = [f"MQRAR accuracy: share of key queries answered with the key's latest value, on "
-           f"held-out sequences{f' (mean of {seeds} seeds)' if seeds > 1 else ''}.",
+           f"held-out sequences{f' (mean of {seeds} seeds)' if seeds > 1 else ''}"
+           f"{f', at the best of {len(lrs)} learning rates' if len(lrs) > 1 else ''}.",
            f"{'':{width}}{header}"]
   lines[0] = textwrap.fill(lines[0], _WIDTH)
   for row in rows:

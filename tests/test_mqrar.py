@@ -83,13 +83,6 @@ def test_default_config_trains_end_to_end(trained, tmp_path):
   for output in ("summary.json", "mqrar.png", "tensorboard --logdir", "checkpoints"):
     assert output in text
 
-  # The sweep script's merge joins per-process workdirs, with their runs' training curves.
-  sweep = tmp_path / "sweep"
-  shutil.copytree(workdir, sweep / "process0")
-  assert mqrar_lib.merge(str(sweep)) == records
-  assert json.loads((sweep / mqrar_lib.SUMMARY).read_text()) == records
-  assert (sweep / mqrar_lib.PLOT).stat().st_size > 10_000
-
   # A rerun of the same config finds every run finished and trains nothing.
   config = copy.deepcopy(config)
   config.progress_bar = True  # display only: not part of a run's identity
@@ -124,7 +117,7 @@ def test_run_identity_covers_the_whole_config():
   run = mqrar_lib.runs(config)[0]
   base = mqrar_lib.run_config(config, run)
   assert "progress_bar" not in base and base["seq_len"] == 32 and "attentions" not in base
-  for field, value in (("learning_rate", 1e-3), ("num_steps", 10), ("reassign_prob", 0.5),
+  for field, value in (("warmup_steps", 10), ("num_steps", 10), ("reassign_prob", 0.5),
                        ("eval_seq_lens", (32,)), ("implementation", "scan")):
     changed = config.copy_and_resolve_references()
     changed[field] = value
@@ -156,8 +149,18 @@ def test_plot_and_report_of_the_committed_sweep(tmp_path):
 def test_sweep_config_runs():
   config = _load_config("sweep")
   runs = mqrar_lib.runs(config)
-  assert len(runs) == 3 * 3 * 3  # attentions x seeds x num_keys
+  assert len(runs) == 3 * 3 * 3 * 4 * 4  # attentions x seeds x widths x num_keys x learning rates
   assert len({mqrar_lib.run_name(r) for r in runs}) == len(runs)
+
+
+def test_report_takes_each_settings_best_learning_rate():
+  records = [{"attention": "stickbreaking", "seed": 0, "d_model": 64, "num_heads": 2,
+              "train_seq_len": 32, "num_keys": 4, "seq_len": 32, "learning_rate": lr,
+              "accuracy": acc, "eval_loss": 1.0, "num_steps": 8, "vocab_size": 32,
+              "reassign_prob": 1.0} for lr, acc in ((1e-3, 0.25), (3e-3, 0.75))]
+  text = mqrar_lib.report(records, "/tmp/w")
+  assert "at the best of 2 learning rates" in " ".join(text.split())  # the prose is wrapped
+  assert "0.750" in text and "0.250" not in text
 
 
 def test_bad_config_is_named():
