@@ -349,6 +349,15 @@ def report(records: list[dict], workdir: str) -> str:
            f"{f', at the best of {len(lrs)} learning rates' if len(lrs) > 1 else ''}.",
            f"{'':{width}}{header}"]
   lines[0] = textwrap.fill(lines[0], _WIDTH)
+  # What every row shares, so the screen says what was trained.
+  fixed = []
+  for name, field in (("layers", "num_layers"), ("width", "d_model"), ("heads", "num_heads"),
+                      ("keys", "num_keys"), ("lr", "learning_rate"), ("seed", "seed")):
+    values = {r.get(field) for r in records}
+    if len(values) == 1 and None not in values:
+      fixed.append(f"{name} {values.pop():g}")
+  if fixed:
+    lines.insert(1, "Setting: " + ", ".join(fixed) + ".")
   for row in rows:
     accs = (cells.get((row, t)) for t in lens)
     lines.append(f"{label(row):{width}}" + "".join(
