@@ -80,7 +80,8 @@ def _decode_kernel(scale_ref, len_ref, prefix_ref, q_ref, k_ref, v_ref, gate_ref
   q_pos = length - q_len + jax.lax.rem(r, jnp.int32(q_len))  # [R]
   h_cols = tiles.in_range(0, q_ref.shape[-1], head_dim, partial=q_ref.shape[-1] != head_dim)
   hv_cols = tiles.in_range(0, v_ref.shape[-1], head_dim_v, partial=v_ref.shape[-1] != head_dim_v)
-  q = tiles.load(q_ref, rows=row_ok if rows != rows_p else None, cols=h_cols)  # [R, H]
+  r_rows = row_ok if rows != rows_p else None  # padded rows are neither read nor written
+  q = tiles.load(q_ref, rows=r_rows, cols=h_cols)  # [R, H]
   scale2 = scale_ref[0] * tiles.LOG2E
   precision = tiles.dot_precision(q.dtype)
   weights = functools.partial(
@@ -110,7 +111,7 @@ def _decode_kernel(scale_ref, len_ref, prefix_ref, q_ref, k_ref, v_ref, gate_ref
   # Keys of this chunk below cache_len, in blocks walked right to left.
   n_keys = jnp.where(absolute >= 0, jnp.clip(length - chunk_start, 0, chunk), 0)
   if prefix_ref is not None:  # the second launch: nothing to read once the near stick is used up
-    n_keys = jnp.where(live(prefix_ref[...], stop), n_keys, 0)
+    n_keys = jnp.where(live(tiles.load(prefix_ref, rows=r_rows), stop), n_keys, 0)
   n_blocks = tiles.div(n_keys + block_k - 1, block_k)
   carry = (jnp.zeros((rows_p, v_ref.shape[-1]), jnp.float32), jnp.zeros((rows_p,), jnp.float32))
   if skip:
@@ -125,8 +126,8 @@ def _decode_kernel(scale_ref, len_ref, prefix_ref, q_ref, k_ref, v_ref, gate_ref
   else:
     first = jnp.int32(0)
     acc, log_stick = run(n_blocks, n_blocks, carry)
-  out_ref[...] = acc
-  rem_ref[...] = log_stick
+  tiles.store(out_ref, acc, rows=r_rows, cols=hv_cols)
+  tiles.store(rem_ref, log_stick, rows=r_rows)
   keys_ref[...] = jnp.maximum(n_keys - first * block_k, 0)  # blocks [first, n_blocks) were read
 
 
@@ -134,8 +135,8 @@ def _launch(q, key_cache, value_cache, cache_len, scale, gate, prefix, *, first_
             rows, rows_p, q_len, block_sizes, attend_current, skip_tolerance, interpret, name):
   """One ``pallas_call`` over chunks ``[first_chunk, first_chunk + num_chunks)`` of every row.
 
-  Returns ``(o [B, K, C, R_p, Hv_p], log2 rem [B, K, C, R_p], keys read [B, K, C])`` float32,
-  float32, int32 (``C = num_chunks``).
+  Returns ``(o [B, K, C, R, Hv], log2 rem [B, K, C, R], keys read [B, K, C])`` float32, float32,
+  int32 (``C = num_chunks``).
   """
   b, num_kv_heads, _, h = q.shape
   s, hv = key_cache.shape[1], value_cache.shape[-1]
@@ -166,8 +167,8 @@ def _launch(q, key_cache, value_cache, cache_len, scale, gate, prefix, *, first_
           pl.BlockSpec((None, None, None), lambda bi, ki, j: (bi, ki, j)),
       ],
       out_shape=[
-          jax.ShapeDtypeStruct((b, num_kv_heads, num_chunks, rows_p, hvp), jnp.float32),
-          jax.ShapeDtypeStruct((b, num_kv_heads, num_chunks, rows_p), jnp.float32),
+          jax.ShapeDtypeStruct((b, num_kv_heads, num_chunks, rows, hv), jnp.float32),
+          jax.ShapeDtypeStruct((b, num_kv_heads, num_chunks, rows), jnp.float32),
           jax.ShapeDtypeStruct((b, num_kv_heads, num_chunks), jnp.int32),
       ],
       compiler_params=plgpu.CompilerParams(
@@ -212,14 +213,13 @@ def decode(query, key_cache, value_cache, cache_len, scale, forget_gate_cache=No
     parts = launch(None, first_chunk=0, num_chunks=num_chunks, name="stick_breaking_decode")
   else:
     parts = launch(None, first_chunk=0, num_chunks=near, name="stick_breaking_decode")
-    # [B, K, R_p] log2 stick after the near chunks. Its rounding may differ from the combine's
+    # [B, K, R] log2 stick after the near chunks. Its rounding may differ from the combine's
     # cumsum below; harmless, as 2^x is 0 in fp32 from x < -150 on, 2 above the exact threshold.
     prefix = jnp.sum(parts[1], axis=2)
     far = launch(prefix, first_chunk=near, num_chunks=num_chunks - near,
                  name="stick_breaking_decode_far")
     parts = [jnp.concatenate(pair, axis=2) for pair in zip(parts, far)]
-  out, log2_rem, keys_read = parts
-  out, log2_rem = out[..., :rows, :hv], log2_rem[..., :rows]  # [B, K, C, R, Hv], [B, K, C, R]
+  out, log2_rem, keys_read = parts  # [B, K, C, R, Hv], [B, K, C, R], [B, K, C]
   # The combine, nearest chunk first in C: chunk j is scaled by the sticks of chunks 0..j-1.
   # Exclusive sums as the inclusive ones shifted by one chunk (no add-then-subtract).
   incl = jnp.cumsum(log2_rem, axis=2)  # [B, K, C, R]
