@@ -1,7 +1,9 @@
 r"""GPU check of the Pallas kernels (interpret=False) against the float64 scan path.
 
 Realistic shapes (T up to 16384, H 64 and 128, bf16, GQA, segments, attend_current), forward and
-gradients under the tolerance rule of ``sbjax.testing``; saturated logits (|z| up to 1e4);
+gradients under the tolerance rule of ``sbjax.testing``; saturated logits (|z| up to 1e4); logits
+``-5 + N(0, 1)`` (sticks that last ~20K keys: every key walked, T up to 16384); ``skip_tolerance``
+within its documented bounds (``testing.skip_tolerance_bounds``);
 infinite query/key elements and forget gates (normal, saturated, +-inf), with gradients NaN only
 where float64's are; long sequences (T=65536 forward and backward on one head, T=131072
 forward); exact skipping (the default kernels bitwise equal to the dense walk); 20 backward runs
@@ -71,10 +73,20 @@ def _record(name, shape, dtype, got, want, same, *, nonfinite=False):
   return record
 
 
+def _far(q, k, shift):
+  """``q, k`` with logits ``z = shift + N(0, (H-1)/H)`` at scale ``H^-0.5`` (head dim 0 carries the
+  shift): each key takes a small share and sticks last long, as in heads that attend far back."""
+  h = q.shape[-1]
+  return q.at[..., 0].set(1.0), k.at[..., 0].set(shift * h**0.5)
+
+
 def check_accuracy(name, shape, dtype, *, segments=False, attend_current=False, logit_scale=1.0,
-                   gated=False, with_grads=True, same_precision=True):
-  """Compares the kernels with the float64 scan path; returns a record with the errors."""
+                   gated=False, with_grads=True, same_precision=True, shift=None):
+  """Compares the kernels with the float64 scan path; returns a record with the errors.
+  ``shift``: logits ``shift + N(0, 1)`` instead of N(0, logit_scale^2)."""
   q, k, v, seg = random_inputs(shape.t, shape, dtype, segments=segments, logit_scale=logit_scale)
+  if shift is not None:
+    q, k = _far(q, k, shift)
   gate = _gate(shape) if gated else None
   scale = shape.h**-0.5
   d_out, d_rem = _cotangents(q, v)
@@ -117,6 +129,36 @@ def check_infinities(name, shape, dtype, *, where):
   record = _record(name, shape, dtype, got, want, same, nonfinite=True)
   if not (np.isfinite(np.asarray(got[0], np.float32)).all() and np.isfinite(got[1]).all()):
     record["ok"], record["failure"] = False, "non-finite out or rem"
+  return record
+
+
+def check_skip_tolerance(name, shape, dtype, *, tolerance, shift):
+  """``skip_tolerance`` on long sticks (logits ``shift + N(0, 1)``): every output and gradient
+  element within ``testing.skip_tolerance_bounds`` of float64 (plus 1e-5 of the largest value for
+  fp32 rounding), ``rem`` an upper bound of the exact one, and some rows really stopped early."""
+  q, k, v, _ = random_inputs(shape.t, shape, dtype)
+  q, k = _far(q, k, shift)
+  scale = shape.h**-0.5
+  d_out, d_rem = _cotangents(q, v)
+  attn = lambda q, k, v, s, g: sbjax.stick_breaking_attention(
+      q, k, v, scale=s, implementation="pallas", skip_tolerance=tolerance, return_remainder=True)
+  got = jax.jit(functools.partial(testing.gradients, attn))(q, k, v, jnp.float32(scale), d_out,
+                                                             d_rem)
+  want = testing.float64_gradients(q, k, v, None, scale, False, d_out, d_rem,
+                                   implementation="scan")
+  bounds = testing.skip_tolerance_bounds(q, k, v, scale, d_out, d_rem, tolerance)
+  record = dict(check=name, shape=str(shape), dtype=jnp.dtype(dtype).name, ok=True,
+                error_over_bound={})
+  for result, g, w, bound in zip(testing.RESULT_NAMES, got, want, bounds):
+    g = np.asarray(g, np.float64)
+    excess = np.abs(g - w) - bound - 1e-5 * np.abs(w).max()
+    record["error_over_bound"][result] = float(np.max(np.abs(g - w) / (bound + 1e-30)))
+    if not (np.isfinite(g).all() and excess.max() <= 0):
+      record["ok"], record["failure"] = False, f"{result}: above its bound by {excess.max():.3g}"
+  rem, rem64 = np.asarray(got[1], np.float64), want[1]
+  record["rows_stopped_early"] = float(np.mean(rem > 2.0 * rem64))
+  if not ((rem >= rem64 - 1e-6).all() and record["rows_stopped_early"] > 0.1):
+    record["ok"], record["failure"] = False, "rem not an upper bound, or too few rows stopped"
   return record
 
 
@@ -234,10 +276,16 @@ def checks(quick: bool):
             attend_current=True)
   yield acc("H96 T3000 MQA gate", Shape(1, 3000, 4, 1, 96), bf16, gated=True)
   yield acc("saturated |z|<=1e4", Shape(1, 2048, 2, 2, 64), bf16, logit_scale=1250.0)
+  yield acc("far H128 T4096", Shape(2, 4096, 4, 2, 128), bf16, shift=-5.0)
+  yield acc("far fp16 T4096", Shape(1, 4096, 2, 1, 64), jnp.float16, shift=-5.0)
+  yield named(check_skip_tolerance)("skip_tolerance 1e-3 fp32", Shape(1, 2048, 2, 1, 64),
+                                    jnp.float32, tolerance=1e-3, shift=-5.0)
   yield from decode_checks(quick)
   if quick:
     return
   yield acc("H128 T16384", Shape(1, 16384, 2, 1, 128), bf16, same_precision=False)
+  yield acc("far H128 T16384", Shape(1, 16384, 2, 1, 128), bf16, same_precision=False,
+            shift=-5.0)
   yield acc("H64 T16384 seg gate", Shape(1, 16384, 2, 2, 64), bf16, segments=True, gated=True,
             same_precision=False)
   yield acc("T65536 one head", Shape(1, 65536, 1, 1, 64), bf16, same_precision=False)

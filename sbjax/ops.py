@@ -264,13 +264,10 @@ def check_decode_inputs(query, key_cache, value_cache, cache_len, scale, forget_
     if given and implementation != "pallas":
       raise ValueError(f"{name} applies to implementation='pallas' only, got {implementation=}.")
   if implementation == "pallas":
-    for name, bad in (("chunk_size", chunk_size is not None),
-                      ("skip_tolerance", skip_tolerance not in (None, 0.0)),
-                      ("return_keys_read", return_keys_read)):
-      if bad:
-        raise ValueError(
-            f"{name} applies to implementation='xla' only (the kernel takes its chunk from "
-            f"block_sizes and skips exactly), got {name} with implementation='pallas'.")
+    if chunk_size is not None:
+      raise ValueError(
+          "chunk_size applies to implementation='xla' only (the kernel takes its chunk from "
+          "block_sizes), got chunk_size with implementation='pallas'.")
     reason = pallas_triton.unsupported(query, value_cache)
     if reason:
       raise ValueError(f"implementation='pallas' {reason}; use implementation='xla'.")
@@ -321,8 +318,8 @@ def stick_breaking_decode(
     forget_gate_cache: optional ``[B, S, K]`` forget-gate logits of the cached keys.
     attend_current: as in :func:`stick_breaking_attention`.
     return_remainder: also return ``rem [B, Q, N]`` (float32; float64 for float64 inputs).
-    return_keys_read: also return ``keys_read [B]`` int32, the cache keys each row read
-      (``"xla"`` only).
+    return_keys_read: also return ``keys_read [B]`` int32, the cache keys each row read (the
+      Pallas kernel: the mean over kv heads, rounded up).
     implementation: ``None`` (``"pallas"`` on an NVIDIA GPU for inputs it supports, else
       ``"xla"``), ``"pallas"`` (the Pallas Triton kernel) or ``"xla"`` (the portable chunked
       path, ``sbjax/decode.py``).
@@ -331,8 +328,9 @@ def stick_breaking_decode(
       (``2^-1080`` for float64), where it is exactly 0 in the compute dtype, so skipping changes
       no bit of the result. ``> 0``: stop once ``rem < skip_tolerance``; the output then differs
       from the full result by at most ``skip_tolerance * max|v|`` (the unread values). ``None``:
-      read every chunk. ``"pallas"`` takes ``0.0`` (exact skipping within each chunk, as
-      ``block_sizes.skip_used_stick``) or ``None`` only.
+      read every chunk. ``"pallas"`` skips within each chunk exactly, and leaves out the chunks
+      past each row's ``block_sizes.num_near_chunks`` nearest once their stick is below the
+      threshold (``sbjax/kernels/pallas_triton_decode.py``).
     interpret: run the Pallas kernel in interpret mode (any backend; slow).
     block_sizes: a ``sbjax.DecodeBlockSizes`` (chunk and tile sizes) for the Pallas kernel.
 
@@ -351,15 +349,16 @@ def stick_breaking_decode(
     forget_gate_cache = forget_gate_cache.astype(dtype)
   if implementation is None:
     implementation = "pallas" if default_implementation(query, value_cache) == "pallas" and (
-        chunk_size is None and skip_tolerance in (None, 0.0) and not return_keys_read) else "xla"
+        chunk_size is None) else "xla"
   if implementation == "pallas":
     if skip_tolerance is None:
       block_sizes = dataclasses.replace(
           block_sizes or pallas_triton_decode.DecodeBlockSizes(), skip_used_stick=False)
-    out, rem = pallas_triton_decode.decode(
+    out, rem, keys_read = pallas_triton_decode.decode(
         query, key_cache, value_cache, cache_len, jnp.asarray(scale, dtype), forget_gate_cache,
-        attend_current=attend_current, block_sizes=block_sizes, interpret=interpret)
-    keys_read = None
+        attend_current=attend_current, block_sizes=block_sizes,
+        skip_tolerance=skip_tolerance or 0.0, return_keys_read=True, interpret=interpret)
+    keys_read = -(-jnp.sum(keys_read, axis=1) // key_cache.shape[2])  # [B, K] -> [B], rounded up
   else:
     out, rem, keys_read = decode.stick_breaking_decode(
         query, key_cache, value_cache, cache_len, jnp.asarray(scale, dtype), forget_gate_cache,

@@ -8,15 +8,19 @@ With ``G_ji = dL/dlog A_ji = A_ji (do_j . v_i - drem_j)`` (docs/design.md §1, G
               dg_i  = sum_j (1 - f_i) (G_ji - P_ji beta_ji / (1 - beta_ji))
 
 while ``A`` needs suffix sums of ``log2(1 - beta)`` from the RIGHT. Keys are walked right to left,
-as in the forward pass, so ``A`` is built exactly whatever the size of the logits. The dq kernel
-walks each row block twice: first for the row sums of ``G`` over each key block, which it turns
-into exact left prefixes (no "total minus suffix" cancellation: softmax kernels' ``delta = do . o``
-analogue would multiply the bf16 rounding of ``o`` by ``sum_m sigmoid(z_jm)``, which grows with T);
-then for ``dz``, ``dq`` and ``dscale``. It leaves each row's ``log2``-stick and ``G`` prefix at every
-key-block boundary (fp32 ``[B, N, T / block_k_bwd, T]`` each) for the dk/dv kernel, one program
-per key block and kv head, which starts from them instead of re-walking the row. The dq walks stop
-where the forward's does (a used-up stick, or ``skip_tolerance``), and the dk/dv kernel visits only
-the row blocks whose walk reached its key block (exact in fp32 for exact skipping). No atomics: each output element is written by one
+as in the forward pass, so ``A`` is built exactly whatever the size of the logits. Two walks in all
+(the forward's is a third): the dq kernel walks each row block once. ``P`` of a key splits into an
+in-block part and ``P_start`` of its block (the farther blocks' ``G``, not walked yet), and
+``dz = dz_local - c P_start``; the ``P_start`` terms of ``dq`` and ``dscale`` are accumulated as the
+walk meets each block's row sum of ``G``, weighted by what the nearer blocks gave (``sum c k``,
+``sum c q.k``). Everything stays a sum of products in walk order: no "total minus suffix"
+cancellation (softmax kernels' ``delta = do . o`` analogue would multiply the bf16 rounding of
+``o`` by ``sum_m sigmoid(z_jm)``, which grows with T). The kernel leaves each row's ``log2``-stick
+and exact ``G`` prefix at every key-block boundary (fp32 ``[B, N, T / block_k_bwd, T]`` each) for
+the dk/dv kernel, one program per key block and kv head, which starts from them instead of
+re-walking the row. The dq walk stops where the forward's does (a used-up stick, or
+``skip_tolerance``), and the dk/dv kernel visits only the row blocks whose walk reached its key
+block (exact in fp32 for exact skipping). No atomics: each output element is written by one
 program, so gradients are bitwise deterministic.
 """
 
@@ -95,6 +99,13 @@ def _logit_grads(w: tiles.StickTile, d_log_a, prefix, *, mask, gate, triangles, 
   return dz, dg
 
 
+def _prefix_coefficient(w: tiles.StickTile, *, mask, gate):
+  """``c [Q, S]`` with ``dz = (dz at a zero left prefix) - c P`` (see ``_logit_grads``):
+  ``sigmoid(z)``, or ``beta / (1 - beta) (1 - sigmoid(z))`` with a gate; 0 where invisible."""
+  c = jnp.exp2(w.log_s if gate is None else w.log_beta - w.log_1m_beta + w.log_1m_s)
+  return c if mask is None else jnp.where(mask, c, 0.0)
+
+
 def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, seg_ref, gate_ref, do_ref, drem_ref,
                dq_ref, dscale_ref, first_ref, stick_ref, prefix_ref, *,
                seq_len, head_dim, head_dim_v, block_q, block_k, attend_current, cumsum_parts, gpu,
@@ -134,39 +145,45 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, seg_ref, gate_ref, do_ref, drem_r
                  triangles=triangles, parts=cumsum_parts, gpu=gpu)
     return k, mask, gate, w, t
 
-  def sum_tile(kb, log_stick, *, masked):  # first walk: row sums of G per key block
-    _, _, _, _, t = tile(kb, log_stick, masked)
-    prefix_ref[kb, :] = jnp.sum(t.d_log_a, axis=1)
-    return log_stick + t.stick_sum
+  def dq_tile(kb, carry, *, masked):
+    # dz = dz_local - c P_start: dz_local needs only this block (G's in-block prefix), and the
+    # prefix of the farther blocks, P_start [Q], is not known yet. Its share of dq,
+    # sum_b P_start(b) (c_b @ k_b) = sum_b g_b (sum of c @ k over the blocks nearer than b), is
+    # accumulated as the walk meets each block's G row sum g_b: a sum of products in walk order,
+    # with no "total minus suffix" cancellation.
+    dq, near_ck, dscale, near_cqk, log_stick = carry
+    stick_ref[kb, :] = log_stick
+    k, mask, gate, w, t = tile(kb, log_stick, masked)
+    g = jnp.sum(t.d_log_a, axis=1)  # [block_q]
+    prefix_ref[kb, :] = g  # block sums here; exclusive prefixes after the walk
+    dz, _ = _logit_grads(w, t.d_log_a, zeros, mask=mask, gate=gate, triangles=triangles,
+                         exact=q.dtype == jnp.float32)
+    c = _prefix_coefficient(w, mask=mask, gate=gate)
+    dq += tiles.dot(dz.astype(k.dtype), k, precision=precision) - g[:, None] * near_ck
+    near_ck += tiles.dot(c.astype(k.dtype), k, precision=precision)  # [block_q, H]
+    dscale += jnp.sum(dz * t.qk, axis=1) - g * near_cqk
+    near_cqk += jnp.sum(c * t.qk, axis=1)
+    return dq, near_ck, dscale, near_cqk, log_stick + t.stick_sum
 
   zeros = jnp.zeros((block_q,), jnp.float32)
-  first, _ = walk(sum_tile, zeros, live)
+  carry = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(q.shape, jnp.float32), zeros, zeros, zeros)
+  first, (dq, _, dscale, _, _) = walk(dq_tile, carry, lambda c: live(c[4]))
   if gpu:
     plgpu.debug_barrier()  # the block sums were stored by other threads than may read them
 
+  def unwalked(kb, _):  # blocks the walk never reached: weights and G exactly 0 for dk/dv
+    prefix_ref[kb, :] = zeros
+    stick_ref[kb, :] = jnp.full((block_q,), _NO_STICK, jnp.float32)
+
   def to_prefix(kb, running):  # block sums -> exclusive prefixes from the left
-    block_sum = jnp.where(kb >= first, prefix_ref[kb, :], 0.0)  # unwalked blocks hold G = 0
+    block_sum = prefix_ref[kb, :]
     if gpu:
       plgpu.debug_barrier()  # every thread has read the sums before any overwrites them
     prefix_ref[kb, :] = running
-    stick_ref[kb, :] = jnp.full((block_q,), _NO_STICK, jnp.float32)  # overwritten where walked
     return running + block_sum
 
-  jax.lax.fori_loop(0, n_total, to_prefix, zeros)
-  if gpu:
-    plgpu.debug_barrier()
-
-  def dq_tile(kb, carry, *, masked):  # second walk: dz, dq, dscale and the stick at boundaries
-    dq, dscale, log_stick = carry
-    stick_ref[kb, :] = log_stick
-    k, mask, gate, w, t = tile(kb, log_stick, masked)
-    dz, _ = _logit_grads(w, t.d_log_a, prefix_ref[kb, :], mask=mask, gate=gate,
-                         triangles=triangles, exact=q.dtype == jnp.float32)
-    dq += tiles.dot(dz.astype(k.dtype), k, precision=precision)  # [block_q, H]
-    return dq, dscale + jnp.sum(dz * t.qk, axis=1), log_stick + t.stick_sum
-
-  first, (dq, dscale, _) = walk(dq_tile, (jnp.zeros(q.shape, jnp.float32), zeros, zeros),
-                                lambda c: live(c[2]))
+  jax.lax.fori_loop(0, first, unwalked, None)
+  jax.lax.fori_loop(first, n_total, to_prefix, zeros)
   tiles.store(dq_ref, (dq * scale).astype(dq_ref.dtype), rows=q_rows, cols=h_cols)
   if q_rows is not None:
     dscale = jnp.where(q_rows, dscale, 0.0)

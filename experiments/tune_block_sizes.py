@@ -1,0 +1,49 @@
+r"""Times ``BlockSizes`` variants side by side in one process (the benchmark's inputs and timing).
+
+Each ``--variants`` entry is a JSON dict of ``BlockSizes`` fields over the defaults ("{}": the
+defaults themselves); every variant runs the same implementations, regimes and passes.
+
+  python experiments/tune_block_sizes.py --shapes=4:12:128:16384 --regimes=far \
+      --impls=pallas_dense --modes=fwd+bwd --variants='{}' --variants='{"block_q_dq": 32}'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from absl import app, flags
+import jax.numpy as jnp
+
+import sbjax
+
+import benchmark
+import logs
+
+_VARIANTS = flags.DEFINE_multi_string("variants", ["{}"], "JSON dicts of BlockSizes fields.")
+_OUT = flags.DEFINE_string("out_variants", None, "Write the records (with their variant) here.")
+
+
+def main(argv):
+  del argv
+  logs.install()
+  flags_ = flags.FLAGS
+  shapes = [tuple(int(x) for x in s.split(":")) for s in flags_.shapes]
+  dtype = jnp.dtype(flags_.dtype)
+  records = []
+  for variant in _VARIANTS.value:
+    overrides = json.loads(variant)
+    for b, n, h, t in shapes:
+      block_sizes = dataclasses.replace(sbjax.BlockSizes.get_default(h, dtype), **overrides)
+      for record in benchmark.run([(b, n, h, t)], flags_.regimes, flags_.impls, flags_.modes,
+                                  dtype, flags_.iters, block_sizes=block_sizes,
+                                  skip_tolerance=flags_.skip_tolerance, log=lambda _: None):
+        records.append(dict(record, variant=overrides))
+        print(variant, benchmark.format_table([record]).splitlines()[1], flush=True)
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      json.dump(records, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
