@@ -141,7 +141,7 @@ def test_skip_tolerance_bounds_the_error(tolerance):
   d_rem = jnp.asarray(rng.normal(size=q.shape[:3]), jnp.float32)
   fn = lambda q, k, v, s: sbjax.stick_breaking_attention(
       q, k, v, scale=s, implementation="pallas", interpret=True, skip_tolerance=tolerance,
-      block_sizes=dataclasses.replace(SMALL_BLOCKS, num_blocks_per_check=2, check_growth=1,
+      block_sizes=dataclasses.replace(SMALL_BLOCKS, num_blocks_per_check=2,
                                       num_blocks_per_check_bwd=2), return_remainder=True)
   got = jax.jit(lambda q, k, v: testing.gradients(
       lambda q, k, v, s, g: fn(q, k, v, s), q, k, v, jnp.float32(0.25), d_out, d_rem))(q, k, v)
@@ -161,9 +161,8 @@ def test_skip_tolerance_bounds_the_error(tolerance):
 
 
 def test_skipping_checks_between_pipelined_chunks():
-  """The stop test runs after 3 (forward) and 5 (backward) key blocks, then after fixed or doubling
-  chunks (the walk also ends in a partial chunk): results equal the dense walk bit for bit,
-  forward and gradients."""
+  """The stop test runs every 3 (forward) and 5 (backward) key blocks, so the walk also ends in a
+  partial chunk: results equal the dense walk bit for bit, forward and gradients."""
   shape = Shape(1, 150, 2, 1, 16)
   q, k, v, _ = random_inputs(0, shape, jnp.float32, logit_scale=4.0)
   q, k = q + 3.0, k + 1.0
@@ -172,11 +171,10 @@ def test_skipping_checks_between_pipelined_chunks():
   d_rem = jnp.asarray(rng.normal(size=q.shape[:3]), jnp.float32)
   run = jax.jit(functools.partial(_grads, d_out=d_out, d_rem=d_rem), static_argnums=4)
   full = run(q, k, v, None, dataclasses.replace(SMALL_BLOCKS, skip_used_stick=False))
-  for growth in (1, 2):
-    chunked = run(q, k, v, None, dataclasses.replace(
-        SMALL_BLOCKS, num_blocks_per_check=3, num_blocks_per_check_bwd=5, check_growth=growth))
-    assert float(jnp.min(chunked[1])) == 0.0
-    chex.assert_trees_all_equal(chunked, full)
+  chunked = run(q, k, v, None, dataclasses.replace(SMALL_BLOCKS, num_blocks_per_check=3,
+                                                   num_blocks_per_check_bwd=5))
+  assert float(jnp.min(chunked[1])) == 0.0
+  chex.assert_trees_all_equal(chunked, full)
 
 
 def test_head_dim_256():
@@ -200,8 +198,6 @@ def test_block_sizes_validation():
   with pytest.raises(ValueError, match=r"BlockSizes.num_blocks_per_check must be a positive int, "
                                        r"got 0"):
     sbjax.BlockSizes(num_blocks_per_check=0)
-  with pytest.raises(ValueError, match=r"BlockSizes.check_growth must be an int in \[1, 16\], got 0"):
-    sbjax.BlockSizes(check_growth=0)
   q, _, _, _ = random_inputs(0, Shape(1, 8, 2, 1, 16), jnp.float32)
   for bad in (-0.1, 1.0, True, "1e-3"):
     with pytest.raises(ValueError, match=rf"skip_tolerance must be a float in \[0, 1\), got "

@@ -109,7 +109,7 @@ def _prefix_coefficient(w: tiles.StickTile, *, mask, gate):
 def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, seg_ref, gate_ref, do_ref, drem_ref,
                dq_ref, dscale_ref, first_ref, stick_ref, prefix_ref, *,
                seq_len, head_dim, head_dim_v, block_q, block_k, attend_current, cumsum_parts, gpu,
-               skip, blocks_per_check, growth, stop):
+               skip, blocks_per_check, stop):
   num_q_blocks, num_k_blocks = tiles.cdiv(seq_len, block_q), tiles.cdiv(seq_len, block_k)
   q_block = tiles.heaviest_first(pl.program_id(0), num_q_blocks)
   h_cols = tiles.in_range(0, q_ref.shape[-1], head_dim, partial=q_ref.shape[-1] != head_dim)
@@ -127,7 +127,7 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, seg_ref, gate_ref, do_ref, drem_r
   n_full, n_total = tiles.key_blocks_seen(q_block, block_q=block_q, block_k=block_k,
                                           num_k_blocks=num_k_blocks, attend_current=attend_current)
   walk = functools.partial(tiles.walk_right_to_left, n_full=n_full, n_total=n_total, skip=skip,
-                           blocks_per_check=blocks_per_check, growth=growth, stop=stop)
+                           blocks_per_check=blocks_per_check, stop=stop)
   live = (lambda s: s) if q_rows is None else (lambda s: jnp.where(q_rows, s, -jnp.inf))
 
   def tile(kb, log_stick, masked):
@@ -313,8 +313,7 @@ def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_c
   dq, dscale, first, stick, prefix = pl.pallas_call(
       functools.partial(_dq_kernel, block_q=bq, block_k=bk, skip=block_sizes.skip_used_stick,
                         blocks_per_check=block_sizes.num_blocks_per_check_bwd,
-                        growth=block_sizes.check_growth, stop=tiles.stop_log2(skip_tolerance),
-                        **common),
+                        stop=tiles.stop_log2(skip_tolerance), **common),
       grid=(nq, b, n),
       in_specs=[
           pl.BlockSpec((1,), lambda i, bi, ni: (0,)),

@@ -42,11 +42,9 @@ class BlockSizes:
     block_q_dkv: query rows per tile of the dk/dv kernel.
     num_warps_bwd: warps per backward program.
     num_stages_bwd: pipelining stages of the backward loops.
-    num_blocks_per_check: forward key blocks walked before the first test of the stop
-      condition (they are software-pipelined; a test per block is not).
+    num_blocks_per_check: forward key blocks walked between two tests of the stop condition
+      (they are software-pipelined; a test per block is not).
     num_blocks_per_check_bwd: the same for the backward walk.
-    check_growth: each chunk of blocks between two tests is this many times longer than the
-      one before (1: fixed chunks); see ``pallas_triton_tiles.walk_right_to_left``.
     skip_used_stick: stop walking a row block's keys once every row's stick is below 2^-152 (or
       the op's ``skip_tolerance``): the farther keys' weights and gradients are then exactly 0 in
       fp32, so results are unchanged bit for bit, and long sequences cost what the rows really
@@ -67,14 +65,10 @@ class BlockSizes:
   num_stages_bwd: int = 3
   num_blocks_per_check: int = 4
   num_blocks_per_check_bwd: int = 8
-  check_growth: int = 2
   skip_used_stick: bool = True
 
   def __post_init__(self):
     check_tiling(self)
-    if not (isinstance(self.check_growth, int) and 1 <= self.check_growth <= 16):
-      raise ValueError(f"BlockSizes.check_growth must be an int in [1, 16], got "
-                       f"{self.check_growth!r}.")
 
   @classmethod
   def get_default(cls, head_dim: int, dtype) -> "BlockSizes":

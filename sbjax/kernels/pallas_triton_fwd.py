@@ -22,7 +22,7 @@ from sbjax.kernels.pallas_triton_config import BlockSizes
 
 def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, seg_ref, gate_ref, out_ref, rem_ref, *, seq_len,
                 head_dim, head_dim_v, block_q, block_k, attend_current, cumsum_parts, gpu, skip,
-                blocks_per_check, growth, stop):
+                blocks_per_check, stop):
   num_q_blocks, num_k_blocks = tiles.cdiv(seq_len, block_q), tiles.cdiv(seq_len, block_k)
   q_block = tiles.heaviest_first(pl.program_id(0), num_q_blocks)
   h_cols = tiles.in_range(0, q_ref.shape[-1], head_dim, partial=q_ref.shape[-1] != head_dim)
@@ -62,7 +62,7 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, seg_ref, gate_ref, out_ref, rem_
   carry = (jnp.zeros((block_q, v_ref.shape[-1]), jnp.float32), jnp.zeros((block_q,), jnp.float32))
   _, (acc, log_stick) = tiles.walk_right_to_left(
       tile, carry, live, n_full=n_full, n_total=n_total, skip=skip,
-      blocks_per_check=blocks_per_check, growth=growth, stop=stop)
+      blocks_per_check=blocks_per_check, stop=stop)
   tiles.store(out_ref, acc.astype(out_ref.dtype), rows=q_rows, cols=hv_cols)
   tiles.store(rem_ref, jnp.exp2(log_stick), rows=q_rows)
 
@@ -92,7 +92,7 @@ def forward(q, k, v, scale, segment_ids, forget_gate, *, attend_current: bool,
       _fwd_kernel, seq_len=t, head_dim=h, head_dim_v=hv, block_q=bq, block_k=bk,
       attend_current=attend_current, cumsum_parts=tiles.cumsum_parts(q.dtype), gpu=not interpret,
       skip=block_sizes.skip_used_stick, blocks_per_check=block_sizes.num_blocks_per_check,
-      growth=block_sizes.check_growth, stop=tiles.stop_log2(skip_tolerance))
+      stop=tiles.stop_log2(skip_tolerance))
   q_block = lambda i: tiles.heaviest_first(i, nq)
   kv_head = lambda ni: ni // group
   return pl.pallas_call(
