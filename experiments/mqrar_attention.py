@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sbjax.common import split_heads, stick_breaking_weights, visible_mask
+import sbjax
 from sbjax.nn import SoftmaxAttention, StickBreakingAttention, apply_rope
 
 
@@ -32,32 +32,28 @@ def _layer_weights(attention, h):
     query = query + attention.query_bias[...].astype(h.dtype)
     key = key + attention.key_bias[...].astype(h.dtype)
   t, num_kv_heads = h.shape[1], key.shape[2]
-  pos = jnp.arange(t)
   dtype = jnp.promote_types(h.dtype, jnp.float32)
-  if isinstance(attention, SoftmaxAttention):
-    if attention.position_embedding == "rope":
-      query = apply_rope(query, pos, base=attention.rope_base)
-      key = apply_rope(key, pos, base=attention.rope_base)
-    mask = visible_mask(pos, pos, attend_current=True)  # is_causal: query j sees keys i <= j
-  elif isinstance(attention, StickBreakingAttention):
+  if isinstance(attention, StickBreakingAttention):
     if attention.forget_kernel is not None:
       raise ValueError("attention_weights does not support the forget gate (forget_gate=True).")
-    mask = visible_mask(pos, pos, attend_current=attention.attend_current)
-  else:
+    # The op's default scale, 1/sqrt(H), as the module uses it.
+    return sbjax.stick_breaking_weights(query.astype(dtype), key.astype(dtype),
+                                        attend_current=attention.attend_current)
+  if not isinstance(attention, SoftmaxAttention):
     raise TypeError(f"attention must be a SoftmaxAttention or StickBreakingAttention, got "
                     f"{type(attention).__name__}.")
-  q = split_heads(query, num_kv_heads).astype(dtype)  # [B, T, K, G, H]
-  # The ops' scale: 1/sqrt(H) in jax.nn.dot_product_attention and sbjax's op alike.
-  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key.astype(dtype),
-                      precision=jax.lax.Precision.HIGHEST) / jnp.sqrt(jnp.asarray(q.shape[-1], dtype))
-  if isinstance(attention, SoftmaxAttention):
-    # In float32 whatever the dtype, as jax.nn.dot_product_attention does.
-    weights = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf).astype(jnp.float32), axis=-1)
-    weights = weights.astype(dtype)
-  else:
-    weights, _ = stick_breaking_weights(logits, mask)
-  b, _, _, _, s = weights.shape
-  return weights.reshape(b, -1, t, s)  # [B, N, T, S]: query head n = k * G + g, as the ops
+  pos = jnp.arange(t)
+  if attention.position_embedding == "rope":
+    query = apply_rope(query, pos, base=attention.rope_base)
+    key = apply_rope(key, pos, base=attention.rope_base)
+  key = jnp.repeat(key, query.shape[2] // num_kv_heads, axis=2)  # query head n reads n // G
+  # jax.nn.dot_product_attention's scale, 1/sqrt(H), and its float32 softmax; is_causal: i <= j.
+  logits = jnp.einsum("BTNH,BSNH->BNTS", query.astype(dtype), key.astype(dtype),
+                      precision=jax.lax.Precision.HIGHEST)
+  logits = logits / jnp.sqrt(jnp.asarray(query.shape[-1], dtype))
+  causal = pos[None, :] <= pos[:, None]
+  weights = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf).astype(jnp.float32), axis=-1)
+  return weights.astype(dtype)  # [B, N, T, S]
 
 
 def attention_weights(model, tokens):

@@ -202,6 +202,19 @@ def stick_breaking_attention(
   return (out, rem) if return_remainder else out
 
 
+def stick_breaking_weights(query, key, *, scale=None, attend_current: bool = False,
+                           segment_ids=None, forget_gate=None):
+  """The attention weights ``A [B, N, T, T]`` of :func:`stick_breaking_attention` (same arguments):
+  ``A[b, n, j, i]`` is what query ``j`` of head ``n`` takes from key ``i``'s value, ``1 - rem``
+  in all. Dense (O(T^2) memory), float32 or wider: for inspecting attention maps."""
+  check_inputs(query, key, key, scale, segment_ids, None, False, None, forget_gate)
+  dtype = compute_dtype(query.dtype)
+  scale = jnp.asarray(1.0 / math.sqrt(query.shape[-1]) if scale is None else scale, dtype)
+  return reference.attention_weights(
+      query, key, scale, None if segment_ids is None else segment_ids.astype(jnp.int32),
+      None if forget_gate is None else forget_gate.astype(dtype), attend_current=attend_current)
+
+
 DecodeImplementation = Literal["pallas", "xla"]
 DECODE_IMPLEMENTATIONS = typing.get_args(DecodeImplementation)
 

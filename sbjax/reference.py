@@ -37,6 +37,26 @@ def stick_breaking_attention(
   """
   b, t, n, _ = query.shape
   dtype = dtype or compute_dtype(query.dtype)
+  weights, log_rem = _weights(query, key, scale, segment_ids, forget_gate, attend_current, dtype)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", weights, value.astype(dtype), precision=_HIGHEST)
+  rem = jnp.exp(log_rem).transpose(0, 3, 1, 2).reshape(b, t, n)
+  return out.reshape(b, t, n, value.shape[-1]).astype(query.dtype), rem
+
+
+def attention_weights(query, key, scale, segment_ids=None, forget_gate=None, *,
+                      attend_current=False, dtype=None):
+  """The weights ``A [B, N, T, S]`` (``S = T`` keys) that :func:`stick_breaking_attention` applies
+  to the values, in ``dtype`` (default ``compute_dtype(query.dtype)``); arguments as there. Query
+  head ``n`` reads kv head ``n // (N // K)``; each row sums to ``1 - rem``."""
+  b, t, n, _ = query.shape
+  weights, _ = _weights(query, key, scale, segment_ids, forget_gate, attend_current,
+                        dtype or compute_dtype(query.dtype))
+  return weights.reshape(b, n, t, t)
+
+
+def _weights(query, key, scale, segment_ids, forget_gate, attend_current, dtype):
+  """``(A [B, K, G, T, S], log rem [B, K, G, T])``."""
+  t = query.shape[1]
   q = split_heads(query, key.shape[2]).astype(dtype)  # [B, T, K, G, H]
   logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key.astype(dtype), precision=_HIGHEST)
   logits = logits * jnp.asarray(scale, dtype)
@@ -46,7 +66,4 @@ def stick_breaking_attention(
   gate = None
   if forget_gate is not None:
     gate = jnp.einsum("BSK->BKS", forget_gate.astype(dtype))[:, :, None, None, :]  # [B, K, 1, 1, S]
-  weights, log_rem = stick_breaking_weights(logits, mask, gate=gate)  # [B, K, G, T, S], [B, K, G, T]
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", weights, value.astype(dtype), precision=_HIGHEST)
-  rem = jnp.exp(log_rem).transpose(0, 3, 1, 2).reshape(b, t, n)
-  return out.reshape(b, t, n, value.shape[-1]).astype(query.dtype), rem
+  return stick_breaking_weights(logits, mask, gate=gate)  # [B, K, G, T, S], [B, K, G, T]

@@ -158,3 +158,18 @@ def test_testing_comparisons():
                                               jnp.float32)
   errors = testing.assert_gradients_within_tolerance(want, want, same, jnp.bfloat16)
   assert errors == {"out": (0.0, 4e-3), "rem": (0.0, 4e-3)}
+
+
+def test_stick_breaking_weights_are_the_ops_weights():
+  """``A @ v`` is the op's output and each row of ``A`` sums to ``1 - rem`` (GQA, segments)."""
+  q, k, v, seg = random_inputs(0, Shape(2, 24, 4, 2, 8), jnp.float32, segments=True)
+  a = sbjax.stick_breaking_weights(q, k, scale=0.3, segment_ids=seg, attend_current=True)
+  out, rem = sbjax.stick_breaking_attention(q, k, v, scale=0.3, segment_ids=seg,
+                                            attend_current=True, implementation="xla",
+                                            return_remainder=True)
+  assert a.shape == (2, 4, 24, 24) and np.isfinite(np.asarray(a)).all()
+  v_n = jnp.repeat(v, 2, axis=2)  # query head n reads kv head n // 2
+  np.testing.assert_allclose(jnp.einsum("bnji,binh->bjnh", a, v_n), out, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(a.sum(-1).transpose(0, 2, 1), 1.0 - rem, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match=r"query heads must be a multiple of key/value heads"):
+    sbjax.stick_breaking_weights(q, k[:, :, :1].repeat(3, axis=2))
