@@ -1,11 +1,12 @@
 r"""Times stick-breaking attention against cuDNN softmax attention and the scan path, on logits
 shaped like those of real heads.
 
-Regimes (logits ``z = scale q . k`` per head, built by ``benchmark_inputs``): ``local`` (z ~ N(0, 1):
-every stick is used up within a few hundred keys), ``far`` (z ~ -5 + N(0, 1): each key takes ~1%,
-sticks last ~20K keys), ``mixed`` (half the heads of each), ``retrieval`` (z ~ -6 + N(0, 1) with 1%
-of keys at +10) and ``trained`` (q/k of six heads of the length-extrapolation model,
-experiments/results/length_extrapolation/qk_stickbreaking.npz, tiled to the shape).
+Regimes (logits ``z = scale q . k`` per head, built by ``benchmark_inputs``): ``local``
+(z ~ N(0, 1): every stick is used up within a few hundred keys), ``far`` (z ~ -5 + N(0, 1): each
+key takes ~1%, sticks last ~20K keys), ``mixed`` (half the heads of each), ``retrieval``
+(z ~ -6 + N(0, 1) with 1% of keys at +10) and ``trained`` (q/k of six heads of the
+length-extrapolation model, experiments/results/length_extrapolation/qk_stickbreaking.npz, tiled
+to the shape).
 Implementations: ``pallas`` (the default kernels, exact skipping), ``pallas_dense`` (every key
 walked), ``pallas_tol`` (``skip_tolerance``, default 1e-3; its forward error against
 ``pallas_dense``, ``max_err`` = max|out - out_dense| / max|v|, and ``max_err_beyond_ulp``, the same
@@ -106,7 +107,8 @@ def attention(impl: str, head_dim: int, dtype, block_sizes=None, skip_tolerance=
     return lambda q, k, v, s: jax.nn.dot_product_attention(
         q, k, v, is_causal=True, implementation="cudnn")
   if impl == "scan":
-    return lambda q, k, v, s: sbjax.stick_breaking_attention(q, k, v, scale=s, implementation="scan")
+    return lambda q, k, v, s: sbjax.stick_breaking_attention(q, k, v, scale=s,
+                                                             implementation="scan")
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"impls must be among {IMPLEMENTATIONS}, got {impl!r}.")
   block_sizes = block_sizes or sbjax.BlockSizes.get_default(head_dim, dtype)

@@ -19,13 +19,17 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+import sbjax
 from sbjax import parallel, training
 from sbjax.models import DecoderLM, count_params, lm_config
 
 import logs
 
 _PRESET = flags.DEFINE_string("preset", "125m", "LM size: tiny | 125m | 350m.")
-_ATTENTIONS = flags.DEFINE_list("attentions", ["stickbreaking", "softmax_rope"], "Attentions to time.")
+_ATTENTIONS = flags.DEFINE_list(
+    "attentions", ["stickbreaking", "stickbreaking_dense", "softmax_rope"],
+    "Attentions to time; stickbreaking_dense walks every key (BlockSizes(skip_used_stick=False)): "
+    "what heads that attend far back cost, which random-token initialisations never show.")
 _IMPLEMENTATION = flags.DEFINE_string(
     "implementation", None, "Stick-breaking op implementation (None: Pallas on GPU, else scan).")
 _SOFTMAX_IMPLEMENTATION = flags.DEFINE_string(
@@ -82,11 +86,14 @@ def main(argv):
              "dtype": "bfloat16 compute, float32 params", "runs": {}}
   for attention in _ATTENTIONS.value:
     impls = [_IMPLEMENTATION.value]
-    if attention == "stickbreaking" and _FALLBACK.value:
+    if attention.startswith("stickbreaking") and _FALLBACK.value:
       impls.append(_FALLBACK.value)
     for impl in impls:
-      config = lm_config(_PRESET.value, attention=attention, implementation=impl, dtype="bfloat16",
-                         softmax_implementation=_SOFTMAX_IMPLEMENTATION.value)
+      dense = attention == "stickbreaking_dense"
+      config = lm_config(_PRESET.value, attention="stickbreaking" if dense else attention,
+                         implementation=impl, dtype="bfloat16",
+                         softmax_implementation=_SOFTMAX_IMPLEMENTATION.value,
+                         block_sizes=sbjax.BlockSizes(skip_used_stick=False) if dense else None)
       name = attention if impl is None else f"{attention}[{impl}]"
       try:
         results["runs"][name] = measure(config, _BATCH.value, _SEQ_LEN.value, _WARMUP.value,
@@ -97,10 +104,11 @@ def main(argv):
         results["runs"][name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
         traceback.print_exc()
   runs = {k: v for k, v in results["runs"].items() if "tokens_per_s" in v}
-  sb = [v for k, v in runs.items() if k.startswith("stickbreaking")]
   sm = [v for k, v in runs.items() if k.startswith("softmax_rope")]
-  if sb and sm:
-    results["stickbreaking_over_softmax"] = sb[0]["tokens_per_s"] / sm[0]["tokens_per_s"]
+  for name in ("stickbreaking", "stickbreaking_dense"):
+    sb = [v for k, v in runs.items() if k == name or k.startswith(name + "[")]
+    if sb and sm:
+      results[f"{name}_over_softmax"] = sb[0]["tokens_per_s"] / sm[0]["tokens_per_s"]
   print(json.dumps(results, indent=1))
   if _OUT.value:
     with open(_OUT.value, "w") as f:
