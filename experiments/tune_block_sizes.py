@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 import sbjax
 
-import benchmark
+import benchmark  # noqa: F401  (its flags: shapes, regimes, impls, modes, ...)
+from benchmark_lib import format_table, run
 import logs
 
 _VARIANTS = flags.DEFINE_multi_string("variants", ["{}"], "JSON dicts of BlockSizes fields.")
@@ -35,11 +36,11 @@ def main(argv):
     overrides = json.loads(variant)
     for b, n, h, t in shapes:
       block_sizes = dataclasses.replace(sbjax.BlockSizes.get_default(h, dtype), **overrides)
-      for record in benchmark.run([(b, n, h, t)], flags_.regimes, flags_.impls, flags_.modes,
+      for record in run([(b, n, h, t)], flags_.regimes, flags_.impls, flags_.modes,
                                   dtype, flags_.iters, block_sizes=block_sizes,
                                   skip_tolerance=flags_.skip_tolerance, log=lambda _: None):
         records.append(dict(record, variant=overrides))
-        print(variant, benchmark.format_table([record]).splitlines()[1], flush=True)
+        print(variant, format_table([record]).splitlines()[1], flush=True)
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       json.dump(records, f, indent=1)

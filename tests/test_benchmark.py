@@ -1,4 +1,4 @@
-"""experiments/benchmark.py on the CPU: the logit regimes really are what they are named after,
+"""experiments/benchmark_lib.py (behind experiments/benchmark.py) on the CPU: the logit regimes really are what they are named after,
 and a run records every implementation (errors included) without stopping."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "experiments"))
-import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
+import benchmark_lib as benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _logits(regime, b=2, t=512, n=4, h=128):

@@ -12,7 +12,7 @@ import numpy as np
 import sbjax
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "experiments"))
-import benchmark_decode as bench  # pylint: disable=g-import-not-at-top,wrong-import-position
+import benchmark_decode_lib as bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _logits(q, kc):

@@ -472,7 +472,7 @@ def test_generate_experiment_end_to_end():
   import pathlib  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "experiments"))
-  import generate as experiment  # pylint: disable=g-import-not-at-top
+  import generate_lib as experiment  # pylint: disable=g-import-not-at-top
   kwargs = dict(train_steps=1, seq_len=16, batch=2, max_new_tokens=3, temperature=0.0,
                 progress_bar=False, num_layers=1, d_model=16, mlp_dim=16)
   samples = experiment.train_and_sample(experiment.default_text()[:400], ["1 2 ", "7"], **kwargs)
@@ -492,7 +492,7 @@ def test_generate_experiment_samples_a_length_extrapolation_run(tmp_path):
   import pathlib  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "experiments"))
-  import generate as experiment  # pylint: disable=g-import-not-at-top
+  import generate_lib as experiment  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sbjax import data, models, training  # pylint: disable=g-import-not-at-top
   text = "It was the best of times, it was the worst of times. " * 20
