@@ -361,23 +361,6 @@ class _Compiled:
     return self.future.result() if self.future is not None else self._cached()
 
 
-def _read_metrics(path: str, upto: int) -> list[dict]:
-  """The entries of ``metrics.jsonl`` at steps ``<= upto`` (later ones are redone on resume)."""
-  entries = []
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          entries.append(json.loads(line))
-        except json.JSONDecodeError:
-          break  # the last line of a killed process may be cut off
-  entries = [e for e in entries if e["step"] <= upto]
-  with open(path + ".tmp", "w") as f:
-    f.writelines(json.dumps(e) + "\n" for e in entries)
-  os.replace(path + ".tmp", path)
-  return entries
-
-
 def train_group(group_cfg: dict, group_dir: str, compiled: _Compiled) -> dict:
   """Trains every member of a group (resuming its checkpoint), scores and analyses them.
 
@@ -401,7 +384,7 @@ def train_group(group_cfg: dict, group_dir: str, compiled: _Compiled) -> dict:
     state = init_state(g)[2]
   member_arrays = _member_arrays(g)
   metrics_path = os.path.join(group_dir, "metrics.jsonl")
-  entries = _read_metrics(metrics_path, int(state.step))
+  entries = training.read_metrics_log(metrics_path, int(state.step))
   pending = None  # fetched one chunk late, so the host never waits for the device in between
 
   def write(step, metrics):

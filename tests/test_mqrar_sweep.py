@@ -198,7 +198,7 @@ def test_interrupted_group_resumes_from_its_checkpoint(swept, tmp_path, monkeypa
   monkeypatch.setattr(training.checkpoint.Checkpointer, "save", save)
   # The restored state must be the one trained on: the first chunk is not run again.
   steps = []
-  monkeypatch.setattr(mqrar_sweep_lib, "_read_metrics", lambda path, upto: steps.append(upto)
+  monkeypatch.setattr(training, "read_metrics_log", lambda path, upto: steps.append(upto)
                       or real_read(path, upto))
   resumed = mqrar_sweep_lib.train_and_evaluate(config, str(tmp_path))
   assert steps == [2]
@@ -207,7 +207,7 @@ def test_interrupted_group_resumes_from_its_checkpoint(swept, tmp_path, monkeypa
     assert got["train_loss"] == want["train_loss"]
 
 
-real_read = mqrar_sweep_lib._read_metrics  # pylint: disable=protected-access
+real_read = training.read_metrics_log
 
 
 def test_sweep_config():

@@ -18,6 +18,7 @@ Public API (stable):
         -> train_step(state, batch) -> (state, metrics)
     make_eval_step(graphdef, rest, mesh, param_shardings) -> eval_step(params, batch) -> sums
     evaluate(eval_step, params, batches, sharding) -> {"loss", "accuracy", "tokens"}
+    read_metrics_log(path, upto) -> [entries at steps <= upto]   # and drops later ones from the file
     TrainState(step, params, opt_state)                     # NamedTuple; what checkpoints hold
     checkpoint.Checkpointer(directory, *, every, keep, async_save=True)
         .save(state, *, force=False) / .restore_latest(shardings, like) / .latest_step()
@@ -35,13 +36,13 @@ adds them to the loss and reports ``cross_entropy`` and ``aux_loss`` beside it.
 
 from sbjax.training import checkpoint
 from sbjax.training.config import RESUMABLE_FIELDS, TrainConfig
-from sbjax.training.loop import TrainResult, evaluate, train
+from sbjax.training.loop import TrainResult, evaluate, read_metrics_log, train
 from sbjax.training.optim import learning_rate_schedule, make_optimizer, weight_decay_mask
 from sbjax.training.steps import (TrainState, cross_entropy, init_train_state, make_eval_step,
                                   make_train_step, state_shardings)
 
 __all__ = [
-    "RESUMABLE_FIELDS", "TrainConfig", "TrainResult", "TrainState", "checkpoint", "cross_entropy", "evaluate",
-    "init_train_state", "learning_rate_schedule", "make_eval_step", "make_optimizer",
-    "make_train_step", "state_shardings", "train", "weight_decay_mask",
+    "RESUMABLE_FIELDS", "TrainConfig", "TrainResult", "TrainState", "checkpoint", "cross_entropy",
+    "evaluate", "init_train_state", "learning_rate_schedule", "make_eval_step", "make_optimizer",
+    "make_train_step", "read_metrics_log", "state_shardings", "train", "weight_decay_mask",
 ]

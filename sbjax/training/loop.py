@@ -77,10 +77,10 @@ def _check_resumable(workdir: str, config: TrainConfig) -> None:
         f"delete {os.path.join(workdir, 'checkpoints')} to start over.")
 
 
-def _read_metrics(workdir: str, upto: int) -> tuple[list[dict], list[dict]]:
-  """The train and eval entries logged in ``workdir`` at steps ``<= upto``; later ones (logged
-  after the checkpoint a run resumes from) are dropped from the file, since they are redone."""
-  path = os.path.join(workdir, METRICS_FILE)
+def read_metrics_log(path: str, upto: int) -> list[dict]:
+  """The JSON lines of the metrics log ``path`` at steps ``<= upto``, rewriting the file without
+  the later ones (logged after the checkpoint a run resumes from, they are redone) and without a
+  last line cut off by a killed process. A missing file reads as empty."""
   entries = []
   if os.path.exists(path):
     with open(path) as f:
@@ -90,10 +90,15 @@ def _read_metrics(workdir: str, upto: int) -> tuple[list[dict], list[dict]]:
         except json.JSONDecodeError:
           break  # the last line of a killed process may be cut off
   entries = [e for e in entries if e["step"] <= upto]
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  with open(path + ".tmp", "w") as f:
     f.writelines(json.dumps(e) + "\n" for e in entries)
-  os.replace(tmp, path)
+  os.replace(path + ".tmp", path)
+  return entries
+
+
+def _read_metrics(workdir: str, upto: int) -> tuple[list[dict], list[dict]]:
+  """The train and eval entries logged in ``workdir`` at steps ``<= upto``."""
+  entries = read_metrics_log(os.path.join(workdir, METRICS_FILE), upto)
   history = [{k: v for k, v in e.items() if k != "split"} for e in entries if e["split"] == "train"]
   eval_history = [{k: v for k, v in e.items() if k != "split"} for e in entries
                   if e["split"] == "eval"]
