@@ -8,7 +8,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import statistics
 import time
 
@@ -18,11 +17,11 @@ import numpy as np
 
 import sbjax
 
+from benchmark_lib import TRAINED_QK, load_trained  # the trained heads, shared
+
 
 IMPLEMENTATIONS = ("pallas_dense", "pallas", "pallas_tol", "xla", "softmax")
 REGIMES = ("local", "far", "trained")
-TRAINED_QK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                          "length_extrapolation", "qk_stickbreaking.npz")
 SKIP_TOLERANCE = 1e-3
 _BLOCK = 8192  # positions of random keys/values, tiled along S
 _ROW_STEP = 16  # trained regime: row b's query is the one at position 4095 - 16 b
@@ -79,14 +78,6 @@ def _tile(block, offsets, s):
   (one fused gather: no temporary the size of the cache)."""
   idx = (jnp.arange(s)[None, :] + offsets[:, None]) % block.shape[0]  # [B, S]
   return jnp.take(block, idx, axis=0)
-
-
-def load_trained(path: str = TRAINED_QK):
-  """``(query [4096, 6, 64], key [4096, 6, 64], scale)``: the npz's (layer, head) pairs as 6 heads."""
-  data = np.load(path)
-  q, k = (np.asarray(data[name][:, 0], np.float32) for name in ("query", "key"))  # [L, T, 2, 64]
-  pairs = lambda x: np.einsum("LTNH->TLNH", x).reshape(x.shape[1], -1, x.shape[-1])
-  return pairs(q), pairs(k), float(data["scale"])
 
 
 def regime_inputs(regime: str, case: Case, dtype, trained=None, seed: int = 0):

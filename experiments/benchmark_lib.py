@@ -18,8 +18,8 @@ from sbjax.testing import median_time_ms
 
 REGIMES = ("local", "far", "mixed", "retrieval", "trained")
 IMPLEMENTATIONS = ("pallas", "pallas_dense", "pallas_tol", "cudnn", "scan")
-_TRAINED_QK = os.path.join(os.path.dirname(__file__), "results", "length_extrapolation",
-                           "qk_stickbreaking.npz")
+TRAINED_QK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                          "length_extrapolation", "qk_stickbreaking.npz")
 
 
 def _shifted(rng, b, t, n, h, shift, dtype):
@@ -31,18 +31,25 @@ def _shifted(rng, b, t, n, h, shift, dtype):
   return jnp.asarray(q, dtype), jnp.asarray(k, dtype)
 
 
+def load_trained(path: str = TRAINED_QK):
+  """``(query [4096, 6, 64], key [4096, 6, 64], scale)``: the npz's (layer, head) pairs as 6 heads."""
+  data = np.load(path)
+  q, k = (np.asarray(data[name][:, 0], np.float32) for name in ("query", "key"))  # [L, T, 2, 64]
+  pairs = lambda x: np.einsum("LTNH->TLNH", x).reshape(x.shape[1], -1, x.shape[-1])
+  return pairs(q), pairs(k), float(data["scale"])
+
+
 def _trained(b, t, n, h, dtype):
   """The saved trained heads (``[layers, 1, T0, heads, H0]``) tiled to ``[b, t, n, h]``: heads
   repeated over N, positions over T, and the head dim doubled (``[q, q] . [k, k] = 2 q . k``, so
   the scale is halved to keep the logits). Returns ``(q, k, scale)``."""
-  saved = np.load(_TRAINED_QK)
-  q0, k0 = (np.concatenate(list(saved[x][:, 0]), axis=1) for x in ("query", "key"))  # [T0, 6, H0]
+  q0, k0, scale = load_trained()  # [T0, 6, H0] each
   reps_h = h // q0.shape[-1]
   if reps_h * q0.shape[-1] != h:
     raise ValueError(f"trained regime needs H a multiple of {q0.shape[-1]}, got H={h}.")
   tile = lambda x: np.tile(x, (-(-t // x.shape[0]), -(-n // x.shape[1]), reps_h))[:t, :n]
   q, k = (np.broadcast_to(tile(x)[None], (b, t, n, h)) for x in (q0, k0))
-  return jnp.asarray(q, dtype), jnp.asarray(k, dtype), float(saved["scale"]) / reps_h
+  return jnp.asarray(q, dtype), jnp.asarray(k, dtype), scale / reps_h
 
 
 def benchmark_inputs(regime: str, b: int, t: int, n: int, h: int, dtype, seed: int = 0):

@@ -48,7 +48,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sbjax
 from sbjax import data, models, nn, training
-from sbjax.parallel import batch_sharding, make_mesh
+from sbjax.parallel import batch_sharding, jit_under_mesh, make_mesh
 
 SUMMARY = "summary.json"
 PLOTS = {"position": "position_loss.png", "context": "ppl_context.png", "train": "train_loss.png"}
@@ -215,14 +215,8 @@ def make_position_loss(graphdef, rest, mesh, param_shardings, chunk: int):
     losses = jax.lax.map(chunk_loss, (xs, ts))  # [L / C, B, C]
     return losses.swapaxes(0, 1).reshape(b, length)
 
-  jitted = jax.jit(fn, in_shardings=(param_shardings, batch_sharding(mesh)),
-                   out_shardings=NamedSharding(mesh, P()))
-
-  def position_loss(params, tokens):
-    with jax.set_mesh(mesh):
-      return jitted(params, tokens)
-
-  return position_loss
+  return jit_under_mesh(fn, mesh, in_shardings=(param_shardings, batch_sharding(mesh)),
+                        out_shardings=NamedSharding(mesh, P()))
 
 
 def score_windows(position_loss, params, windows: data.EvalWindows, batch_size: int,

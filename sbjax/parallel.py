@@ -6,6 +6,7 @@ Public API (stable; ``sbjax.nn``, ``sbjax.models`` and ``sbjax.training`` build 
     make_mesh(data=-1, model=1, *, devices=None) -> jax.sharding.Mesh
     batch_sharding(mesh) -> NamedSharding            # P("data"): leading batch axis over "data"
     shard_attention(fn, query, key, value, segment_ids=None, forget_gate=None)  # per (batch, head) shard
+    jit_under_mesh(fn, mesh, **jit_kwargs)          # jax.jit, called under jax.set_mesh(mesh)
 
 Parallelism is data over ``"data"`` (the batch) and tensor over ``"model"`` (attention heads, MLP
 hidden units, vocabulary). Both axes are ``AxisType.Auto``, so the partitioner places activations
@@ -46,6 +47,18 @@ def make_mesh(data: int = -1, model: int = 1, *, devices: Sequence[jax.Device] |
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis over ``"data"``, everything else replicated."""
   return NamedSharding(mesh, P(DATA))
+
+
+def jit_under_mesh(fn: Callable, mesh: Mesh, **jit_kwargs) -> Callable:
+  """``jax.jit(fn, **jit_kwargs)``, each call made under ``jax.set_mesh(mesh)`` so that code traced
+  inside (``shard_attention``) sees the mesh."""
+  jitted = jax.jit(fn, **jit_kwargs)
+
+  def call(*args):
+    with jax.set_mesh(mesh):
+      return jitted(*args)
+
+  return call
 
 
 def _mesh_axis(mesh, name: str, dim: int, what: str) -> str | None:

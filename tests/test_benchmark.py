@@ -37,7 +37,7 @@ def test_mixed_and_retrieval_regimes():
 
 def test_trained_regime_keeps_the_saved_logits():
   """Head dim doubled and scale halved: the logits of the saved heads, tiled over heads and T."""
-  saved = np.load(benchmark._TRAINED_QK)
+  saved = np.load(benchmark.TRAINED_QK)
   q0 = np.asarray(saved["query"][0, 0, :, 0], np.float64)  # layer 0, head 0: [T0, H0]
   k0 = np.asarray(saved["key"][0, 0, :, 0], np.float64)
   t0 = q0.shape[0]

@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sbjax.parallel import batch_sharding
+from sbjax.parallel import batch_sharding, jit_under_mesh
 
 
 class TrainState(NamedTuple):
@@ -119,14 +119,9 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, mesh: Mesh
       metrics["learning_rate"] = schedule(state.step)
     return TrainState(state.step + 1, params, opt_state), metrics
 
-  jitted = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
-                   out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
-
-  def train_step(state, batch):
-    with jax.set_mesh(mesh):  # shard_attention reads the mesh while tracing
-      return jitted(state, batch)
-
-  return train_step
+  # Under the mesh: shard_attention reads it while tracing.
+  return jit_under_mesh(step, mesh, in_shardings=(shardings, batch_sharding(mesh)),
+                        out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
 
 def make_eval_step(graphdef, rest, mesh: Mesh, param_shardings) -> Callable:
@@ -136,11 +131,5 @@ def make_eval_step(graphdef, rest, mesh: Mesh, param_shardings) -> Callable:
     logits, _ = _apply(graphdef, params, rest, batch)
     return cross_entropy(logits, batch["targets"], batch.get("loss_mask"))[1]
 
-  jitted = jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh)),
-                   out_shardings=NamedSharding(mesh, P()))
-
-  def eval_step(params, batch):
-    with jax.set_mesh(mesh):
-      return jitted(params, batch)
-
-  return eval_step
+  return jit_under_mesh(step, mesh, in_shardings=(param_shardings, batch_sharding(mesh)),
+                        out_shardings=NamedSharding(mesh, P()))
