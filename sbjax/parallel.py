@@ -2,14 +2,14 @@
 
 Public API (stable; ``sbjax.nn``, ``sbjax.models`` and ``sbjax.training`` build on it):
 
-    DATA, MODEL = "data", "model"                    # the two mesh axis names
-    make_mesh(data=-1, model=1, *, devices=None) -> jax.sharding.Mesh
+    DATA, MODEL, CONTEXT = "data", "model", "context"  # the mesh axis names
+    make_mesh(data=-1, model=1, context=1, *, devices=None) -> jax.sharding.Mesh
     batch_sharding(mesh) -> NamedSharding            # P("data"): leading batch axis over "data"
     shard_attention(fn, query, key, value, segment_ids=None, forget_gate=None)  # per (batch, head) shard
     jit_under_mesh(fn, mesh, **jit_kwargs)          # jax.jit, called under jax.set_mesh(mesh)
 
-Parallelism is data over ``"data"`` (the batch) and tensor over ``"model"`` (attention heads, MLP
-hidden units, vocabulary). Both axes are ``AxisType.Auto``, so the partitioner places activations
+Parallelism is data over ``"data"`` (the batch), tensor over ``"model"`` (attention heads, MLP
+hidden units, vocabulary) and context over ``"context"`` (the sequence). Both axes are ``AxisType.Auto``, so the partitioner places activations
 from the parameter and batch shardings; only opaque ops (a ``pallas_call``) need ``shard_map``.
 """
 
@@ -23,25 +23,29 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA = "data"
 MODEL = "model"
+CONTEXT = "context"
 
 
-def make_mesh(data: int = -1, model: int = 1, *, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ``("data", "model")`` mesh of Auto axes over ``devices`` (default: all of them).
+def make_mesh(data: int = -1, model: int = 1, context: int = 1, *,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ``("data", "model", "context")`` mesh of Auto axes over ``devices`` (default: all of them).
 
-  ``data=-1`` takes every device left after ``model``. The mesh may use a prefix of ``devices``
-  (e.g. ``data=1, model=1`` is one device), which is how sharded runs are compared with one device.
+  ``data=-1`` takes every device left after ``model x context``. The mesh may use a prefix of
+  ``devices`` (e.g. ``data=1`` is one device), which is how sharded runs are compared with one device.
   """
   devices = list(jax.devices() if devices is None else devices)
-  if not isinstance(model, int) or model < 1:
-    raise ValueError(f"model must be a positive int, got {model=}.")
+  for name, size in (("model", model), ("context", context)):
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+      raise ValueError(f"{name} must be a positive int, got {name}={size!r}.")
   if data == -1:
-    data = len(devices) // model
-  if not isinstance(data, int) or data < 1:
+    data = len(devices) // (model * context)
+  if isinstance(data, bool) or not isinstance(data, int) or data < 1:
     raise ValueError(f"data must be -1 or a positive int, got {data=}.")
-  if data * model > len(devices):
-    raise ValueError(f"mesh data={data} x model={model} needs more than the {len(devices)} devices.")
-  grid = np.asarray(devices[: data * model], dtype=object).reshape(data, model)
-  return Mesh(grid, (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto))
+  if data * model * context > len(devices):
+    raise ValueError(f"mesh data={data} x model={model} x context={context} needs more than the "
+                     f"{len(devices)} devices.")
+  grid = np.asarray(devices[: data * model * context], dtype=object).reshape(data, model, context)
+  return Mesh(grid, (DATA, MODEL, CONTEXT), axis_types=(AxisType.Auto,) * 3)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
