@@ -1,0 +1,31 @@
+"""Tiling of the Pallas Mosaic GPU kernels: one frozen dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBlockSizes:
+  """Tiling of the Mosaic GPU forward kernel.
+
+  Attributes:
+    block_q: query rows per program; one warpgroup's wgmma tile has 64 rows, so a multiple of 64
+      (64 in this first kernel: one consumer warpgroup).
+    block_k: keys per tile, a multiple of 64 (the 128-byte swizzle of a bf16 row of 64 keys, the
+      triangular in-block sum's operand).
+    num_buffers: K/V tiles in flight (TMA prefetch depth), at least 2.
+  """
+
+  block_q: int = 64
+  block_k: int = 64
+  num_buffers: int = 2
+
+  def __post_init__(self):
+    cls = type(self).__name__
+    if self.block_q != 64:
+      raise ValueError(f"{cls}.block_q must be 64 (one warpgroup), got {self.block_q!r}.")
+    if not (isinstance(self.block_k, int) and self.block_k > 0 and self.block_k % 64 == 0):
+      raise ValueError(f"{cls}.block_k must be a positive multiple of 64, got {self.block_k!r}.")
+    if not (isinstance(self.num_buffers, int) and self.num_buffers >= 2):
+      raise ValueError(f"{cls}.num_buffers must be an int >= 2, got {self.num_buffers!r}.")

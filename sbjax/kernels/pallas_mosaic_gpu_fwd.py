@@ -1,0 +1,207 @@
+"""Forward Pallas Mosaic GPU kernel (Hopper): one program per (query block, head, batch).
+
+The first, simplest structure (docs/design.md "Mosaic GPU kernels"): one warpgroup per program,
+64 query rows, K/V tiles TMA-loaded into a ring of ``num_buffers`` shared-memory slots (the next
+tile's copy is issued before the current tile's math), and three wgmma per key block, all with
+both operands in shared memory:
+
+    x   = q @ k^T                      [block_q, block_k]  (fp32 accumulator)
+    sum = part(log2(1 - beta)) @ tri   [block_q, block_k]  (in-block sums of the nearer keys)
+    acc = acc + a @ v                  [block_q, H]
+
+Key blocks are walked from the diagonal leftwards (nearest first), the row's log2-stick carried
+in fp32, exactly as the Triton forward (``pallas_triton_fwd``) does; only the diagonal blocks are
+masked. No skipping yet: every visible key block is walked (the Triton kernels' dense walk).
+T that is not a multiple of the block is padded by the launcher (zeros, so the padding is finite;
+padded keys lie after every real query and the causal mask hides them).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+from sbjax.kernels.pallas_mosaic_gpu_config import MosaicBlockSizes
+
+LOG2E = math.log2(math.e)
+# softplus(z) = z above 15 nats, clamped at 2^20 (base 2): the constants and reasons of
+# pallas_triton_tiles (SOFTPLUS_CUT, SOFTPLUS_MAX), restated here so backends stay independent.
+SOFTPLUS_CUT = 15.0 * LOG2E
+SOFTPLUS_MAX = 2.0**20
+NAME = "stick_breaking_fwd_mosaic_gpu"
+
+_ROW = plgpu.Layout.WGMMA.reduce(1)  # a [block_q] vector laid out like the rows of a wgmma tile
+
+
+def _cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def _row_bcast(x, shape):
+  """``x [Q]`` (row layout) broadcast along the keys to ``shape [Q, S]``."""
+  return lax.broadcast_in_dim(x, shape, [0])
+
+
+def _stick_terms(x):
+  """``(log2 beta, log2(1 - beta))`` of base-2 logits ``x``; see ``pallas_triton_tiles.stick_terms``
+  (the jnp branch: ``log2(1 + 2^x)``, cut above ``SOFTPLUS_CUT`` and clamped)."""
+  sp = jnp.where(x > SOFTPLUS_CUT, jnp.minimum(x, SOFTPLUS_MAX), jnp.log2(1.0 + jnp.exp2(x)))
+  return jnp.minimum(x - sp, 0.0), -sp
+
+
+def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *, block_q, block_k,
+                num_buffers, group, attend_current, cumsum_parts):
+  q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, rem_smem, barriers = scratch
+  q_barrier, k_barriers, v_barriers = barriers
+  q_block, head, batch = lax.axis_index("q"), lax.axis_index("heads"), lax.axis_index("batch")
+  kv_head = lax.div(head, jnp.array(group, head.dtype))
+  q_start = q_block * block_q
+  dtype = q_smem.dtype
+
+  plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_start, block_q), head], q_smem, q_barrier)
+
+  # Key blocks [0, n_full) are visible to every row; [n_full, n_total) need the causal mask.
+  lag = 0 if attend_current else 1
+  first_last_key = q_start - lag  # the last key the block's first row sees
+  n_total = lax.div(first_last_key + block_q - 1 + block_k, jnp.int32(block_k))
+  n_full = jnp.minimum(lax.div(first_last_key + 1, jnp.int32(block_k)), n_total)
+
+  def fetch(step):  # walk step t reads key block n_total - 1 - t into slot t % num_buffers
+    slot = lax.rem(step, jnp.int32(num_buffers))
+    keys = (batch, pl.ds((n_total - 1 - step) * block_k, block_k), kv_head)
+    plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_barriers.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_barriers.at[slot])
+
+  for step in range(num_buffers - 1):
+    pl.when(step < n_total)(functools.partial(fetch, jnp.int32(step)))
+
+  # tri[m, i] = 1 for m > i: (x @ tri)[r, i] sums x[r, m] over the nearer keys m of the tile.
+  # Mosaic GPU has no cumsum lowering, so the in-block suffix sum is a wgmma.
+  m_ids = plgpu.broadcasted_iota(jnp.int32, (block_k, block_k), 0, layout=plgpu.Layout.WGMMA)
+  i_ids = plgpu.broadcasted_iota(jnp.int32, (block_k, block_k), 1, layout=plgpu.Layout.WGMMA)
+  tri_smem[...] = (m_ids > i_ids).astype(jnp.bfloat16)
+
+  scale2 = plgpu.load(scale_ref, (), layout=_ROW) * LOG2E  # [block_q] (the scale, per row)
+  plgpu.barrier_wait(q_barrier)
+
+  def matmul(a_smem, b_smem, shape):
+    def body(acc_ref):
+      plgpu.wgmma(acc_ref, a_smem, b_smem)
+      return acc_ref[...]
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+  def tile(step, carry, *, masked):
+    acc, log_stick = carry  # [block_q, H] fp32, [block_q] fp32
+    slot = lax.rem(step, jnp.int32(num_buffers))
+    kb = n_total - 1 - step
+    nxt = step + num_buffers - 1
+    # The slot this copy overwrites was read by step - 1, whose wgmmas have completed.
+    pl.when(nxt < n_total)(functools.partial(fetch, nxt))
+
+    plgpu.barrier_wait(k_barriers.at[slot])
+    shape = (block_q, block_k)
+    x = matmul(q_smem, k_smem.at[slot].T, shape) * _row_bcast(scale2, shape)  # [block_q, block_k]
+    log_beta, log_1m_beta = _stick_terms(x)
+    if masked:
+      q_pos = q_start + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+      k_pos = kb * block_k + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+      mask = k_pos <= q_pos - lag
+      log_1m_beta = jnp.where(mask, log_1m_beta, 0.0)
+    # In-block sums of log2(1 - beta) over the nearer keys, in bf16 parts (hi + lo + ...): each
+    # part is written to shared memory and multiplied by the triangle on the tensor cores.
+    nearer, rest = None, log_1m_beta
+    for _ in range(cumsum_parts):
+      part = rest.astype(jnp.bfloat16)
+      part_smem[...] = part
+      plgpu.commit_smem()  # make the register stores visible to the wgmma (async proxy)
+      term = matmul(part_smem, tri_smem, shape)
+      nearer = term if nearer is None else nearer + term
+      rest = rest - part.astype(jnp.float32)
+    a = jnp.exp2(log_beta + nearer + _row_bcast(log_stick, shape))  # [block_q, block_k]
+    if masked:
+      a = jnp.where(mask, a, 0.0)
+
+    p_smem[...] = a.astype(dtype)
+    plgpu.commit_smem()
+    plgpu.barrier_wait(v_barriers.at[slot])
+    acc = acc + matmul(p_smem, v_smem.at[slot], acc.shape)  # [block_q, H]
+    return acc, log_stick + jnp.sum(log_1m_beta, axis=1)
+
+  head_dim = q_smem.shape[-1]
+  acc = plgpu.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+  log_stick = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), _ROW)
+  n_masked = n_total - n_full
+  carry = lax.fori_loop(0, n_masked, functools.partial(tile, masked=True), (acc, log_stick))
+  acc, log_stick = lax.fori_loop(n_masked, n_total, functools.partial(tile, masked=False), carry)
+
+  q_smem[...] = acc.astype(dtype)  # q is no longer read: its buffer stages the output
+  rem_smem[...] = jnp.exp2(log_stick)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, pl.ds(q_start, block_q), head])
+  plgpu.copy_smem_to_gmem(rem_smem, rem_ref.at[batch, head, pl.ds(q_start, block_q)])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _cumsum_parts(dtype) -> int:
+  """bf16 parts of the in-block sums: 1 for bf16, 2 for fp16 (``pallas_triton_tiles.cumsum_parts``
+  gives the error analysis)."""
+  return 2 if jnp.dtype(dtype) == jnp.float16 else 1
+
+
+def forward(q, k, v, scale, *, attend_current: bool, block_sizes: MosaicBlockSizes,
+            interpret=False):
+  """Launches the forward kernel.
+
+  Args:
+    q: ``[B, T, N, H]``; k, v: ``[B, T, K, H]``; bf16 or fp16, H in {64, 128}, any T.
+    scale: ``[1]`` float32 (traced).
+    interpret: False, or ``plgpu.InterpretGPUParams()`` for Mosaic GPU interpret mode (CPU).
+
+  Returns:
+    ``(out [B, T, N, H] in q.dtype, rem [B, N, T] float32)``.
+  """
+  b, t, n, h = q.shape
+  group = n // k.shape[2]
+  bq, bk = block_sizes.block_q, block_sizes.block_k
+  tp = _cdiv(t, math.lcm(bq, bk)) * math.lcm(bq, bk)
+  if tp != t:  # zeros: finite padding; padded keys follow every real query, so the mask hides them
+    pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+  dtype = q.dtype
+  # 64 bf16/fp16 elements are one 128-byte row: the widest swizzle, which wgmma reads best.
+  transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=transforms)
+  scratch = (
+      smem((bq, h), dtype),  # q, then the output
+      smem((block_sizes.num_buffers, bk, h), dtype),  # k ring
+      smem((block_sizes.num_buffers, bk, h), dtype),  # v ring
+      smem((bk, bk), jnp.bfloat16),  # triangle
+      smem((bq, bk), jnp.bfloat16),  # a bf16 part of log2(1 - beta)
+      smem((bq, bk), dtype),  # weights a
+      plgpu.SMEM((bq,), jnp.float32),  # rem
+      (plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=block_sizes.num_buffers),
+       plgpu.Barrier(num_barriers=block_sizes.num_buffers)),
+  )
+  kernel = functools.partial(
+      _fwd_kernel, block_q=bq, block_k=bk, num_buffers=block_sizes.num_buffers, group=group,
+      attend_current=attend_current, cumsum_parts=_cumsum_parts(dtype))
+  body = lambda *refs: kernel(*refs[:6], refs[6:])
+  scale_rows = jnp.broadcast_to(jnp.reshape(scale, ()).astype(jnp.float32), (bq,))
+  out, rem = plgpu.kernel(
+      body,
+      out_type=(jax.ShapeDtypeStruct((b, tp, n, h), dtype),
+                jax.ShapeDtypeStruct((b, n, tp), jnp.float32)),
+      scratch_types=scratch,
+      grid=(tp // bq, n, b),
+      grid_names=("q", "heads", "batch"),
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=interpret,
+      kernel_name=NAME,
+  )(scale_rows, q, k, v)
+  return out[:, :t], rem[:, :, :t]
