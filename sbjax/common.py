@@ -13,14 +13,20 @@ def compute_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def visible_mask(q_pos, k_pos, q_seg=None, k_seg=None, *, attend_current: bool):
+def visible_mask(q_pos, k_pos, q_seg=None, k_seg=None, *, attend_current: bool = False,
+                 causal: bool = True):
   """Which keys each query sees: ``[Tq, Tk]`` bool from positions ``q_pos [Tq]``, ``k_pos [Tk]``.
 
   With segment ids ``q_seg [..., Tq]`` and ``k_seg [..., Tk]`` (any leading axes, e.g. ``[B]``;
   both or neither) the result is ``[..., Tq, Tk]``: keys of another segment are invisible.
+  ``causal=False`` (the fully visible cross-chunk mode: keys of an earlier chunk) ignores
+  positions: every key of the query's segment is visible.
   """
   rel = q_pos[:, None] - k_pos[None, :]
-  mask = rel >= 0 if attend_current else rel > 0
+  if not causal:
+    mask = jnp.ones(rel.shape, jnp.bool_)
+  else:
+    mask = rel >= 0 if attend_current else rel > 0
   if q_seg is not None:
     mask = mask & (q_seg[..., :, None] == k_seg[..., None, :])
   return mask

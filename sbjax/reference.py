@@ -16,7 +16,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 def stick_breaking_attention(
     query, key, value, scale, segment_ids=None, forget_gate=None, *, attend_current=False,
-    dtype=None
+    dtype=None, causal=True, key_segment_ids=None
 ):
   """Dense stick-breaking attention.
 
@@ -31,13 +31,18 @@ def stick_breaking_attention(
     attend_current: whether query ``j`` also sees key ``j``.
     dtype: dtype of the math and of ``rem``; defaults to ``compute_dtype(query.dtype)`` (float32 or
       wider). Tests pass the input dtype to measure what a same-precision computation gets wrong.
+    causal: False is the fully visible cross-chunk mode (docs/design.md §1, chunk combine): the
+      queries attend to an earlier chunk of keys, every key visible (``attend_current`` ignored),
+      with a fresh stick broken from the chunk's last key leftwards. ``segment_ids`` are then the
+      queries' and ``key_segment_ids`` the keys' (both or neither).
 
   Returns:
     ``(out [B, T, N, Hv] in query.dtype, rem [B, T, N] in dtype)``.
   """
   b, t, n, _ = query.shape
   dtype = dtype or compute_dtype(query.dtype)
-  weights, log_rem = _weights(query, key, scale, segment_ids, forget_gate, attend_current, dtype)
+  weights, log_rem = _weights(query, key, scale, segment_ids, forget_gate, attend_current, dtype,
+                              causal, key_segment_ids)
   out = jnp.einsum("BKGTS,BSKH->BTKGH", weights, value.astype(dtype), precision=_HIGHEST)
   rem = jnp.exp(log_rem).transpose(0, 3, 1, 2).reshape(b, t, n)
   return out.reshape(b, t, n, value.shape[-1]).astype(query.dtype), rem
@@ -54,7 +59,8 @@ def attention_weights(query, key, scale, segment_ids=None, forget_gate=None, *,
   return weights.reshape(b, n, t, t)
 
 
-def _weights(query, key, scale, segment_ids, forget_gate, attend_current, dtype):
+def _weights(query, key, scale, segment_ids, forget_gate, attend_current, dtype, causal=True,
+             key_segment_ids=None):
   """``(A [B, K, G, T, S], log rem [B, K, G, T])``."""
   t = query.shape[1]
   q = split_heads(query, key.shape[2]).astype(dtype)  # [B, T, K, G, H]
@@ -62,7 +68,11 @@ def _weights(query, key, scale, segment_ids, forget_gate, attend_current, dtype)
   logits = logits * jnp.asarray(scale, dtype)
   pos = jnp.arange(t)
   seg = None if segment_ids is None else segment_ids[:, None, None]  # [B, 1, 1, T]
-  mask = visible_mask(pos, pos, seg, seg, attend_current=attend_current)  # [B, 1, 1, T, S] or [T, S]
+  if causal:
+    mask = visible_mask(pos, pos, seg, seg, attend_current=attend_current)  # [B, 1, 1, T, S] or [T, S]
+  else:
+    k_seg = None if seg is None else key_segment_ids[:, None, None]  # [B, 1, 1, S]
+    mask = visible_mask(pos, jnp.arange(key.shape[1]), seg, k_seg, causal=False)
   gate = None
   if forget_gate is not None:
     gate = jnp.einsum("BSK->BKS", forget_gate.astype(dtype))[:, :, None, None, :]  # [B, K, 1, 1, S]

@@ -68,10 +68,10 @@ _weighted_values.defvjp(_weighted_values_fwd, _weighted_values_bwd)
 
 # Jitted so that eager calls compile once per shape: lax.map would otherwise be traced and compiled
 # on every call (seconds each).
-@functools.partial(jax.jit, static_argnames=("attend_current", "block_q"))
+@functools.partial(jax.jit, static_argnames=("attend_current", "block_q", "causal"))
 def stick_breaking_attention(
     query, key, value, scale, segment_ids=None, forget_gate=None, *, attend_current=False,
-    block_q=None
+    block_q=None, causal=True, key_segment_ids=None
 ):
   """Stick-breaking attention by query blocks; same contract as ``sbjax.reference``.
 
@@ -84,6 +84,9 @@ def stick_breaking_attention(
     forget_gate: optional ``[B, T, K]`` logits (see ``sbjax.reference``).
     attend_current: whether query ``j`` also sees key ``j``.
     block_q: queries per block; default from :func:`default_block_q`.
+    causal: False is the fully visible cross-chunk mode (the queries attend to an earlier chunk
+      of keys: every key visible, a fresh stick from the chunk's last key; ``attend_current``
+      ignored); ``segment_ids`` are then the queries' and ``key_segment_ids`` the keys'.
 
   Returns:
     ``(out [B, T, N, Hv] in query.dtype, rem [B, T, N] in compute_dtype(query.dtype))``.
@@ -101,10 +104,13 @@ def stick_breaking_attention(
   precision = jax.lax.Precision.HIGHEST if query.dtype in (jnp.float32, jnp.float64) else None
   q = split_heads(query, num_kv_heads)  # [B, T, K, G, H]
   scale = jnp.asarray(scale, dtype)
-  k_pos = jnp.arange(t)
+  k_pos = jnp.arange(key.shape[1])
   q_pos = jnp.arange(t + pad)
   q_seg = segment_ids
-  k_seg = None if segment_ids is None else segment_ids[:, None, None]  # [B, 1, 1, S]
+  if not causal and (segment_ids is None) != (key_segment_ids is None):
+    raise ValueError("segment_ids and key_segment_ids must be given together (causal=False).")
+  k_seg_ids = segment_ids if causal else key_segment_ids
+  k_seg = None if k_seg_ids is None else k_seg_ids[:, None, None]  # [B, 1, 1, S]
   gate = None
   if forget_gate is not None:
     gate = jnp.einsum("BSK->BKS", forget_gate.astype(dtype))[:, :, None, None, :]  # [B, K, 1, 1, S]
@@ -119,7 +125,8 @@ def stick_breaking_attention(
     logits = jnp.einsum("BQKGH,BSKH->BKGQS", q_blk, key, precision=precision,
                         preferred_element_type=dtype)
     seg_blk = None if seg_blk is None else seg_blk[:, None, None]  # [B, 1, 1, Q]
-    mask = visible_mask(pos_blk, k_pos, seg_blk, k_seg, attend_current=attend_current)
+    mask = visible_mask(pos_blk, k_pos, seg_blk, k_seg, attend_current=attend_current,
+                        causal=causal)
     weights, log_rem = stick_breaking_weights(logits * scale, mask, cumsum=_reverse_scan, gate=gate)
     out = _weighted_values(weights, value, precision)
     return out, log_rem  # [B, Q, K, G, Hv], [B, K, G, Q]

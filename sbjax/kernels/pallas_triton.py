@@ -33,10 +33,13 @@ def unsupported(query, value) -> str | None:
 def stick_breaking_attention(query, key, value, scale, segment_ids=None, forget_gate=None, *,
                              attend_current=False, block_sizes: BlockSizes | None = None,
                              skip_tolerance: float = 0.0, interpret: bool = False,
-                             reference_vjp: Callable | None = None):
+                             reference_vjp: Callable | None = None, causal: bool = True,
+                             key_segment_ids=None):
   """Same contract as ``sbjax.reference.stick_breaking_attention`` for inputs that ``unsupported``
   accepts; ``segment_ids`` int32, ``forget_gate [B, T, K]`` float32. Arguments are checked by
-  ``sbjax.ops``. ``skip_tolerance``: see ``sbjax.stick_breaking_attention``.
+  ``sbjax.ops`` (``sbjax.context_parallel`` for ``causal=False``). ``skip_tolerance``: see
+  ``sbjax.stick_breaking_attention``. ``causal=False``: the fully visible cross-chunk mode (query
+  and key chunks of one length T; ``key_segment_ids [B, T]`` int32 with ``segment_ids``).
 
   ``reference_vjp`` is for tests (tokamax style): a function with the signature of
   ``sbjax.reference.stick_breaking_attention``; when given, the forward kernel runs as usual and
@@ -44,40 +47,49 @@ def stick_breaking_attention(query, key, value, scale, segment_ids=None, forget_
   """
   block_sizes = block_sizes or BlockSizes.get_default(query.shape[-1], query.dtype)
   # hashable, not differentiated
-  static = (attend_current, block_sizes, float(skip_tolerance), interpret, reference_vjp)
+  static = (attend_current, block_sizes, float(skip_tolerance), interpret, reference_vjp, causal)
+  if not causal and (segment_ids is None) != (key_segment_ids is None):
+    raise ValueError("segment_ids and key_segment_ids must be given together (causal=False).")
+  if not causal and key.shape[1] != query.shape[1]:
+    raise ValueError(f"causal=False takes query and key chunks of one length, got "
+                     f"{query.shape=}, {key.shape=}.")
+  k_seg = segment_ids if causal else key_segment_ids
   out, rem = _attention(query, key, value, jnp.reshape(scale, (1,)).astype(jnp.float32),
-                        segment_ids, forget_gate, static)
+                        segment_ids, k_seg, forget_gate, static)
   return out, rem.transpose(0, 2, 1)  # rem [B, N, T] -> [B, T, N]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(q, k, v, scale, seg, gate, static):
-  attend_current, block_sizes, skip_tolerance, interpret, _ = static
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _attention(q, k, v, scale, seg, k_seg, gate, static):
+  attend_current, block_sizes, skip_tolerance, interpret, _, causal = static
   return pallas_triton_fwd.forward(q, k, v, scale, seg, gate, attend_current=attend_current,
                                    block_sizes=block_sizes, skip_tolerance=skip_tolerance,
-                                   interpret=interpret)
+                                   interpret=interpret, causal=causal, key_segment_ids=k_seg)
 
 
-def _attention_fwd(q, k, v, scale, seg, gate, static):
+def _attention_fwd(q, k, v, scale, seg, k_seg, gate, static):
   # The backward recomputes everything it needs from the inputs: no residual beyond them.
-  return _attention(q, k, v, scale, seg, gate, static), (q, k, v, scale, seg, gate)
+  return (_attention(q, k, v, scale, seg, k_seg, gate, static),
+          (q, k, v, scale, seg, k_seg, gate))
 
 
 def _attention_bwd(static, residuals, cotangents):
-  attend_current, block_sizes, skip_tolerance, interpret, reference_vjp = static
-  q, k, v, scale, seg, gate = residuals
+  attend_current, block_sizes, skip_tolerance, interpret, reference_vjp, causal = static
+  q, k, v, scale, seg, k_seg, gate = residuals
   d_out, d_rem = cotangents
   if reference_vjp is not None:
     def reference(q, k, v, scale, gate):
-      out, rem = reference_vjp(q, k, v, scale[0], seg, gate, attend_current=attend_current)
+      out, rem = reference_vjp(q, k, v, scale[0], seg, gate, attend_current=attend_current,
+                               **({} if causal else dict(causal=False, key_segment_ids=k_seg)))
       return out, rem.transpose(0, 2, 1).astype(jnp.float32)
     _, vjp = jax.vjp(reference, q, k, v, scale, gate)
     dq, dk, dv, dscale, dgate = vjp((d_out, d_rem))
-    return dq, dk, dv, dscale, None, dgate
+    return dq, dk, dv, dscale, None, None, dgate
   dq, dk, dv, dscale, dgate = pallas_triton_bwd.backward(
       q, k, v, scale, seg, gate, d_out, d_rem, attend_current=attend_current,
-      block_sizes=block_sizes, skip_tolerance=skip_tolerance, interpret=interpret)
-  return dq, dk, dv, dscale, None, dgate
+      block_sizes=block_sizes, skip_tolerance=skip_tolerance, interpret=interpret, causal=causal,
+      key_segment_ids=k_seg)
+  return dq, dk, dv, dscale, None, None, dgate
 
 
 # optimize_remat: under jax.checkpoint the forward kernel is not run twice (JAX recommends it for

@@ -106,10 +106,10 @@ def _prefix_coefficient(w: tiles.StickTile, *, mask, gate):
   return c if mask is None else jnp.where(mask, c, 0.0)
 
 
-def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, seg_ref, gate_ref, do_ref, drem_ref,
+def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, gate_ref, do_ref, drem_ref,
                dq_ref, dscale_ref, first_ref, stick_ref, prefix_ref, *,
-               seq_len, head_dim, head_dim_v, block_q, block_k, attend_current, cumsum_parts, gpu,
-               skip, blocks_per_check, stop):
+               seq_len, head_dim, head_dim_v, block_q, block_k, attend_current, causal,
+               cumsum_parts, gpu, skip, blocks_per_check, stop):
   num_q_blocks, num_k_blocks = tiles.cdiv(seq_len, block_q), tiles.cdiv(seq_len, block_k)
   q_block = tiles.heaviest_first(pl.program_id(0), num_q_blocks)
   h_cols = tiles.in_range(0, q_ref.shape[-1], head_dim, partial=q_ref.shape[-1] != head_dim)
@@ -119,13 +119,14 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, seg_ref, gate_ref, do_ref, drem_r
   do = tiles.load(do_ref, rows=q_rows, cols=hv_cols)  # [block_q, Hv]
   drem = tiles.load(drem_ref, rows=q_rows)  # [block_q]
   q_pos = tiles.positions(q_block * block_q, block_q)
-  q_seg = None if seg_ref is None else tiles.load(seg_ref.at[pl.ds(q_block * block_q, block_q)],
-                                                  rows=q_rows)
+  q_seg = None if q_seg_ref is None else tiles.load(
+      q_seg_ref.at[pl.ds(q_block * block_q, block_q)], rows=q_rows)
   scale = scale_ref[0]
   precision = tiles.dot_precision(q.dtype)
   triangles = _Triangles.make(block_k)
   n_full, n_total = tiles.key_blocks_seen(q_block, block_q=block_q, block_k=block_k,
-                                          num_k_blocks=num_k_blocks, attend_current=attend_current)
+                                          num_k_blocks=num_k_blocks, attend_current=attend_current,
+                                          causal=causal, partial_k=seq_len % block_k != 0)
   walk = functools.partial(tiles.walk_right_to_left, n_full=n_full, n_total=n_total, skip=skip,
                            blocks_per_check=blocks_per_check, stop=stop)
   live = (lambda s: s) if q_rows is None else (lambda s: jnp.where(q_rows, s, -jnp.inf))
@@ -136,10 +137,11 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, seg_ref, gate_ref, do_ref, drem_r
     k = tiles.load(k_ref.at[keys, :], rows=k_rows, cols=h_cols)  # [block_k, H]
     v = tiles.load(v_ref.at[keys, :], rows=k_rows, cols=hv_cols)  # [block_k, Hv]
     mask = None
-    if masked or seg_ref is not None:
-      k_seg = None if seg_ref is None else tiles.load(seg_ref.at[keys], rows=k_rows)
+    if masked or q_seg_ref is not None:
+      k_seg = None if k_seg_ref is None else tiles.load(k_seg_ref.at[keys], rows=k_rows)
       mask = tiles.visible(q_pos, tiles.positions(kb * block_k, block_k), q_seg, k_seg,
-                           attend_current=attend_current)
+                           attend_current=attend_current, causal=causal,
+                           k_valid=None if causal else k_rows)
     gate = None if gate_ref is None else tiles.key_gate(tiles.load(gate_ref.at[keys], rows=k_rows))
     w, t = _tile(q, k, v, do, drem, log_stick, scale2=scale * tiles.LOG2E, mask=mask, gate=gate,
                  triangles=triangles, parts=cumsum_parts, gpu=gpu)
@@ -191,9 +193,9 @@ def _dq_kernel(scale_ref, q_ref, k_ref, v_ref, seg_ref, gate_ref, do_ref, drem_r
   first_ref[...] = jnp.full((1,), first, jnp.int32)
 
 
-def _dkv_kernel(scale_ref, row_end_ref, q_ref, k_ref, v_ref, seg_ref, gate_ref, do_ref, drem_ref,
-                stick_ref, prefix_ref, dk_ref, dv_ref, dgate_ref, *,
-                seq_len, head_dim, head_dim_v, block_q, block_k, group, attend_current,
+def _dkv_kernel(scale_ref, row_end_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, gate_ref, do_ref,
+                drem_ref, stick_ref, prefix_ref, dk_ref, dv_ref, dgate_ref, *,
+                seq_len, head_dim, head_dim_v, block_q, block_k, group, attend_current, causal,
                 cumsum_parts, gpu):
   kb = pl.program_id(0)
   h_cols = tiles.in_range(0, k_ref.shape[-1], head_dim, partial=k_ref.shape[-1] != head_dim)
@@ -202,8 +204,10 @@ def _dkv_kernel(scale_ref, row_end_ref, q_ref, k_ref, v_ref, seg_ref, gate_ref, 
   k = tiles.load(k_ref, rows=k_rows, cols=h_cols)  # [block_k, H]
   v = tiles.load(v_ref, rows=k_rows, cols=hv_cols)  # [block_k, Hv]
   k_pos = tiles.positions(kb * block_k, block_k)
-  k_seg = None if seg_ref is None else tiles.load(seg_ref.at[pl.ds(kb * block_k, block_k)],
-                                                  rows=k_rows)
+  k_seg = None if k_seg_ref is None else tiles.load(
+      k_seg_ref.at[pl.ds(kb * block_k, block_k)], rows=k_rows)
+  # Cross-chunk mode: keys past the chunk's end (a partial last block) are masked in every tile.
+  mask_keys = not causal and k_rows is not None
   gate = None if gate_ref is None else tiles.key_gate(tiles.load(gate_ref, rows=k_rows))
   scale = scale_ref[0]
   precision = tiles.dot_precision(k.dtype)
@@ -223,10 +227,11 @@ def _dkv_kernel(scale_ref, row_end_ref, q_ref, k_ref, v_ref, seg_ref, gate_ref, 
     do = tiles.load(do_ref.at[rows, head, :], rows=q_rows, cols=hv_cols)  # [block_q, Hv]
     drem = tiles.load(drem_ref.at[head, rows], rows=q_rows)  # [block_q]
     mask = None
-    if masked or seg_ref is not None:
-      q_seg = None if seg_ref is None else tiles.load(seg_ref.at[rows], rows=q_rows)
+    if masked or q_seg_ref is not None or mask_keys:
+      q_seg = None if q_seg_ref is None else tiles.load(q_seg_ref.at[rows], rows=q_rows)
       mask = tiles.visible(tiles.positions(j * block_q, block_q), k_pos, q_seg, k_seg,
-                           attend_current=attend_current)
+                           attend_current=attend_current, causal=causal,
+                           k_valid=k_rows if mask_keys else None)
       if partial_rows:  # rows past the sequence end hold no gradient
         mask = mask & q_rows[:, None]
     w, t = _tile(q, k, v, do, drem, log_stick, scale2=scale * tiles.LOG2E, mask=mask, gate=gate,
@@ -243,7 +248,7 @@ def _dkv_kernel(scale_ref, row_end_ref, q_ref, k_ref, v_ref, seg_ref, gate_ref, 
   # [j_first, j_end); rows of [j_first, j_full) may miss some of its keys, and a last, partial
   # block [j_whole, ...) has rows past the sequence end: both masked.
   j_first, j_full = tiles.query_blocks_seeing(kb, block_k=block_k, block_q=block_q,
-                                              attend_current=attend_current)
+                                              attend_current=attend_current, causal=causal)
   j_end = jnp.minimum(tiles.div(row_end_ref[0] + block_q - 1, block_q),
                       tiles.cdiv(seq_len, block_q))
   j_whole = seq_len // block_q
@@ -281,11 +286,13 @@ def _live_row_end(first, block_q, num_key_blocks, num_kv_heads):
 
 
 def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_current: bool,
-             block_sizes: BlockSizes, skip_tolerance: float, interpret: bool):
+             block_sizes: BlockSizes, skip_tolerance: float, interpret: bool, causal: bool = True,
+             key_segment_ids=None):
   """Gradients of ``pallas_triton_fwd.forward``.
 
   Args:
-    q, k, v, scale, segment_ids, forget_gate: as for ``pallas_triton_fwd.forward``.
+    q, k, v, scale, segment_ids, forget_gate, causal, key_segment_ids: as for
+      ``pallas_triton_fwd.forward``.
     d_out: ``[B, T, N, Hv]``; d_rem: ``[B, N, T]`` cotangents.
 
   Returns:
@@ -300,7 +307,8 @@ def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_c
   nq, nkb = tiles.cdiv(t, bq), tiles.cdiv(t, bk)
   rows_padded = tiles.cdiv(t, max(bq, bq_kv)) * max(bq, bq_kv)  # rows of the boundary sums
   d_rem = d_rem.astype(jnp.float32)
-  common = dict(seq_len=t, head_dim=h, head_dim_v=hv, attend_current=attend_current,
+  k_seg = segment_ids if causal else key_segment_ids
+  common = dict(seq_len=t, head_dim=h, head_dim_v=hv, attend_current=attend_current, causal=causal,
                 cumsum_parts=tiles.cumsum_parts(q.dtype), gpu=not interpret)
   params = plgpu.CompilerParams(num_warps=block_sizes.num_warps_bwd,
                                 num_stages=block_sizes.num_stages_bwd)
@@ -321,6 +329,7 @@ def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_c
           pl.BlockSpec((None, t, None, hp), lambda i, bi, ni: (bi, 0, kv_head(ni), 0)),
           pl.BlockSpec((None, t, None, hvp), lambda i, bi, ni: (bi, 0, kv_head(ni), 0)),
           optional(pl.BlockSpec((None, t), lambda i, bi, ni: (bi, 0)))(segment_ids),
+          optional(pl.BlockSpec((None, t), lambda i, bi, ni: (bi, 0)))(k_seg),
           optional(pl.BlockSpec((None, t, None), lambda i, bi, ni: (bi, 0, kv_head(ni))))(forget_gate),
           pl.BlockSpec((None, bq, None, hvp), lambda i, bi, ni: (bi, q_block(i), ni, 0)),
           pl.BlockSpec((None, None, bq), lambda i, bi, ni: (bi, ni, q_block(i))),
@@ -342,7 +351,7 @@ def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_c
       compiler_params=params,
       interpret=interpret,
       name="stick_breaking_bwd_dq",
-  )(scale, q, k, v, segment_ids, forget_gate, d_out, d_rem)
+  )(scale, q, k, v, segment_ids, k_seg, forget_gate, d_out, d_rem)
 
   row_end = _live_row_end(first, bq, nkb, num_kv_heads)
   group_boundary = pl.BlockSpec((None, group, None, rows_padded),
@@ -360,6 +369,7 @@ def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_c
           key_block(hp),
           key_block(hvp),
           optional(pl.BlockSpec((None, t), lambda kb, bi, ki: (bi, 0)))(segment_ids),
+          optional(pl.BlockSpec((None, t), lambda kb, bi, ki: (bi, 0)))(k_seg),
           optional(gate_block)(forget_gate),
           pl.BlockSpec((None, t, group, hvp), lambda kb, bi, ki: (bi, 0, ki, 0)),
           pl.BlockSpec((None, group, t), lambda kb, bi, ki: (bi, ki, 0)),
@@ -373,5 +383,5 @@ def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_c
       compiler_params=params,
       interpret=interpret,
       name="stick_breaking_bwd_dkv",
-  )(scale, row_end, q, k, v, segment_ids, forget_gate, d_out, d_rem, stick, prefix)
+  )(scale, row_end, q, k, v, segment_ids, k_seg, forget_gate, d_out, d_rem, stick, prefix)
   return dq, dk, dv, jnp.sum(dscale).reshape(scale.shape), dgate

@@ -142,25 +142,38 @@ def lag(attend_current: bool) -> int:
   return 0 if attend_current else 1
 
 
-def visible(q_pos, k_pos, q_seg, k_seg, *, attend_current: bool):
-  """``[Q, S]`` bool: key ``k_pos[s]`` is visible to query ``q_pos[r]`` (``common.visible_mask``)."""
-  return common.visible_mask(q_pos, k_pos, q_seg, k_seg, attend_current=attend_current)
+def visible(q_pos, k_pos, q_seg, k_seg, *, attend_current: bool, causal: bool = True,
+            k_valid=None):
+  """``[Q, S]`` bool: key ``k_pos[s]`` is visible to query ``q_pos[r]`` (``common.visible_mask``).
+
+  ``causal=False`` (the fully visible cross-chunk mode) sees every key of the query's segment
+  that lies in the chunk: ``k_valid [S]`` (or None) marks the keys before the chunk's end (causal
+  masks never reach past the end: the last query is there)."""
+  mask = common.visible_mask(q_pos, k_pos, q_seg, k_seg, attend_current=attend_current,
+                             causal=causal)
+  return mask if k_valid is None else mask & k_valid[None, :]
 
 
-def key_blocks_seen(q_block, *, block_q, block_k, num_k_blocks: int, attend_current):
+def key_blocks_seen(q_block, *, block_q, block_k, num_k_blocks: int, attend_current,
+                    causal: bool = True, partial_k: bool = False):
   """Key blocks seen by query block ``q_block``: ``(n_full, n_total)``.
 
   Blocks ``[0, n_full)`` are causally visible to every row; ``[n_full, n_total)`` need the mask.
   ``n_total`` stops at ``num_k_blocks``, the sequence's last (possibly partial) key block.
+  ``causal=False``: every block, the last masked when ``partial_k`` (keys past the chunk's end).
   """
+  if not causal:
+    return jnp.int32(num_k_blocks - int(partial_k)), jnp.int32(num_k_blocks)
   first_last_key = q_block * block_q - lag(attend_current)  # last key the block's first row sees
   n_total = jnp.minimum(div(first_last_key + block_q - 1 + block_k, block_k), num_k_blocks)
   return jnp.minimum(div(first_last_key + 1, block_k), n_total), n_total
 
 
-def query_blocks_seeing(k_block, *, block_k, block_q, attend_current):
+def query_blocks_seeing(k_block, *, block_k, block_q, attend_current, causal: bool = True):
   """Query blocks that see key block ``k_block``: from ``j_first``; from ``j_full`` on, every row
-  sees every key of it (the mirror of ``key_blocks_seen``)."""
+  sees every key of it (the mirror of ``key_blocks_seen``; every block for ``causal=False``)."""
+  if not causal:
+    return jnp.int32(0), jnp.int32(0)
   first_row = k_block * block_k + lag(attend_current)  # first row that sees the block's first key
   j_first = div(first_row, block_q)
   j_full = div(first_row + block_k - 1 + block_q - 1, block_q)
