@@ -13,11 +13,12 @@ import numpy as np
 
 from sbjax import decode, reference, scan
 from sbjax.common import compute_dtype
-from sbjax.kernels import pallas_triton, pallas_triton_decode
+from sbjax.kernels import pallas_mosaic_gpu, pallas_triton, pallas_triton_decode
+from sbjax.kernels.pallas_mosaic_gpu_config import MosaicBlockSizes
 from sbjax.kernels.pallas_triton_config import BlockSizes
 from sbjax.platform import on_nvidia_gpu
 
-Implementation = Literal["pallas", "scan", "xla"]
+Implementation = Literal["pallas", "pallas_mosaic_gpu", "scan", "xla"]
 IMPLEMENTATIONS = typing.get_args(Implementation)
 
 
@@ -92,6 +93,10 @@ def check_inputs(query, key, value, scale, segment_ids, implementation, interpre
   if implementation is not None and implementation not in IMPLEMENTATIONS:
     raise ValueError(
         f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}.")
+  if implementation == "pallas_mosaic_gpu":
+    _check_mosaic_gpu(query, value, segment_ids, forget_gate, skip_tolerance, interpret,
+                      block_sizes)
+    return
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise TypeError(f"block_sizes must be a sbjax.BlockSizes, got {type(block_sizes).__name__}.")
   for name, given in (("block_sizes", block_sizes is not None), ("interpret", interpret)):
@@ -107,6 +112,22 @@ def check_inputs(query, key, value, scale, segment_ids, implementation, interpre
           "implementation='pallas' needs an NVIDIA GPU or interpret=True, got interpret=False "
           f"with JAX's default device {device.device_kind!r} (platform {device.platform!r}); use "
           "implementation='scan' (runs anywhere) or interpret=True (slow; for tests).")
+
+
+def _check_mosaic_gpu(query, value, segment_ids, forget_gate, skip_tolerance, interpret,
+                      block_sizes):
+  """``check_inputs`` for ``implementation="pallas_mosaic_gpu"`` (forward only, Hopper)."""
+  if block_sizes is not None and not isinstance(block_sizes, MosaicBlockSizes):
+    raise TypeError("implementation='pallas_mosaic_gpu' takes a MosaicBlockSizes, got "
+                    f"{type(block_sizes).__name__}.")
+  reason = pallas_mosaic_gpu.unsupported(query, value, segment_ids=segment_ids,
+                                         forget_gate=forget_gate, skip_tolerance=skip_tolerance)
+  if reason:
+    raise ValueError(f"implementation='pallas_mosaic_gpu' {reason}; use implementation='pallas'.")
+  if not interpret and not _lowering_for_nvidia_gpu():
+    raise ValueError(
+        "implementation='pallas_mosaic_gpu' needs an NVIDIA Hopper GPU or interpret=True, got "
+        f"interpret=False on {jax.devices()[0].device_kind!r}.")
 
 
 def _lowering_for_nvidia_gpu() -> bool:
@@ -161,7 +182,9 @@ def stick_breaking_attention(
       (float64 for float64 inputs).
     return_remainder: also return ``rem``.
     implementation: ``None`` (auto: ``"pallas"`` on an NVIDIA GPU for inputs it supports, else
-      ``"scan"``), ``"pallas"`` (Pallas Triton kernels), ``"scan"`` (pure JAX, query blocks and
+      ``"scan"``), ``"pallas"`` (Pallas Triton kernels), ``"pallas_mosaic_gpu"`` (the Mosaic GPU
+      forward kernel for Hopper: bf16/fp16, head dims 64/128, no segment_ids, forget_gate or
+      skip_tolerance yet, not differentiable yet), ``"scan"`` (pure JAX, query blocks and
       an associative scan) or ``"xla"`` (the dense reference, O(T^2) memory).
     interpret: run the Pallas kernels in interpret mode (any backend; slow).
     block_sizes: a ``sbjax.BlockSizes`` for the Pallas kernels; defaults by head dim and dtype.
@@ -195,6 +218,10 @@ def stick_breaking_attention(
   elif implementation == "scan":
     out, rem = scan.stick_breaking_attention(
         query, key, value, scale, segment_ids, forget_gate, attend_current=attend_current)
+  elif implementation == "pallas_mosaic_gpu":  # forward only: gradients raise
+    out, rem = pallas_mosaic_gpu.stick_breaking_attention(
+        query, key, value, scale, attend_current=attend_current, block_sizes=block_sizes,
+        interpret=interpret)
   else:
     out, rem = pallas_triton.stick_breaking_attention(
         query, key, value, scale, segment_ids, forget_gate, attend_current=attend_current,

@@ -1,0 +1,71 @@
+"""Stick-breaking attention on the Pallas Mosaic GPU (Hopper) forward kernel.
+
+Forward only for now: the backward kernels do not exist yet, and differentiating raises. (The
+Triton backward is not borrowed: it recomputes the Triton forward's weights, so its gradients
+would belong to a slightly different rounding of the function than this forward's output, and a
+backend should not reach sideways into another.)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from sbjax.kernels import pallas_mosaic_gpu_fwd
+from sbjax.kernels.pallas_mosaic_gpu_config import MosaicBlockSizes
+
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+HEAD_DIMS = (64, 128)
+
+
+def unsupported(query, value, *, segment_ids=None, forget_gate=None,
+                skip_tolerance: float = 0.0) -> str | None:
+  """Why the Mosaic GPU kernel cannot take these inputs, or None if it can."""
+  if query.dtype not in SUPPORTED_DTYPES:
+    return (f"supports bfloat16 and float16 inputs (float32 stays on the Triton kernels), got "
+            f"query.dtype={query.dtype}")
+  if query.shape[-1] not in HEAD_DIMS or value.shape[-1] != query.shape[-1]:
+    return (f"supports head dims {HEAD_DIMS} with value's equal to query's (wgmma tiles of 64), "
+            f"got query.shape={query.shape}, value.shape={value.shape}")
+  if segment_ids is not None:
+    return "does not take segment_ids yet"
+  if forget_gate is not None:
+    return "does not take forget_gate yet"
+  if skip_tolerance:
+    return f"does not skip key blocks yet (dense walk only), got skip_tolerance={skip_tolerance}"
+  return None
+
+
+def stick_breaking_attention(query, key, value, scale, *, attend_current=False,
+                             block_sizes: MosaicBlockSizes | None = None,
+                             interpret: bool = False):
+  """``(out [B, T, N, H], rem [B, T, N] float32)`` for inputs that ``unsupported`` accepts;
+  arguments are checked by ``sbjax.ops``. ``interpret``: Mosaic GPU interpret mode (CPU, slow).
+  Not differentiable yet: ``jax.grad`` through it raises ``NotImplementedError``."""
+  static = (attend_current, block_sizes or MosaicBlockSizes(), interpret)
+  out, rem = _attention(query, key, value, jnp.reshape(scale, (1,)).astype(jnp.float32), static)
+  return out, rem.transpose(0, 2, 1)  # rem [B, N, T] -> [B, T, N]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, scale, static):
+  attend_current, block_sizes, interpret = static
+  return pallas_mosaic_gpu_fwd.forward(
+      q, k, v, scale, attend_current=attend_current, block_sizes=block_sizes,
+      interpret=plgpu.InterpretGPUParams() if interpret else False)
+
+
+def _attention_fwd(q, k, v, scale, static):
+  return _attention(q, k, v, scale, static), None
+
+
+def _attention_bwd(static, residuals, cotangents):
+  raise NotImplementedError(
+      "implementation='pallas_mosaic_gpu' has no backward kernels yet (forward only); use "
+      "implementation='pallas' (Triton) for gradients.")
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
