@@ -4,13 +4,20 @@ Public API (stable; ``sbjax.nn``, ``sbjax.models`` and ``sbjax.training`` build 
 
     DATA, MODEL, CONTEXT = "data", "model", "context"  # the mesh axis names
     make_mesh(data=-1, model=1, context=1, *, devices=None) -> jax.sharding.Mesh
-    batch_sharding(mesh) -> NamedSharding            # P("data"): leading batch axis over "data"
+    batch_sharding(mesh) -> NamedSharding            # [B, T] batches: P("data"), or
+                                                      # P("data", "context") with a context axis
+    context_size() -> int                            # the set mesh's "context" axis size (1: none)
     shard_attention(fn, query, key, value, segment_ids=None, forget_gate=None)  # per (batch, head) shard
+    shard_attention_gathered(fn, query, key, value, segment_ids=None)  # + T over "context", K/V gathered
     jit_under_mesh(fn, mesh, **jit_kwargs)          # jax.jit, called under jax.set_mesh(mesh)
 
 Parallelism is data over ``"data"`` (the batch), tensor over ``"model"`` (attention heads, MLP
-hidden units, vocabulary) and context over ``"context"`` (the sequence). Both axes are ``AxisType.Auto``, so the partitioner places activations
-from the parameter and batch shardings; only opaque ops (a ``pallas_call``) need ``shard_map``.
+hidden units, vocabulary) and context over ``"context"`` (the sequence). The axes are
+``AxisType.Auto``, so the partitioner places activations from the parameter and batch shardings
+(with a context axis, batches and so the activations between layers are sharded on ``T``); only
+opaque ops (a ``pallas_call``) and attention across sequence shards need ``shard_map``:
+stick-breaking attention over the context axis is ``sbjax.context_parallel`` (the chunk combine),
+softmax attention ``shard_attention_gathered`` (keys and values all-gathered).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -49,8 +57,17 @@ def make_mesh(data: int = -1, model: int = 1, context: int = 1, *,
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis over ``"data"``, everything else replicated."""
+  """Leading (batch) axis over ``"data"``; with a ``"context"`` axis larger than 1, the second
+  (sequence) axis over it too, so batches are ``[B, T]`` arrays; everything else replicated."""
+  if dict(mesh.shape).get(CONTEXT, 1) > 1:
+    return NamedSharding(mesh, P(DATA, CONTEXT))
   return NamedSharding(mesh, P(DATA))
+
+
+def context_size() -> int:
+  """The size of the ``"context"`` axis of the mesh set by ``jax.set_mesh`` (1 without one)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else dict(mesh.shape).get(CONTEXT, 1)
 
 
 def jit_under_mesh(fn: Callable, mesh: Mesh, **jit_kwargs) -> Callable:
@@ -80,7 +97,9 @@ def shard_attention(fn: Callable, query, key, value, segment_ids=None, forget_ga
   heads (``"model"``).
 
   Uses the mesh set by ``jax.set_mesh``; without one (or with neither axis larger than 1) ``fn`` is
-  called directly. ``fn`` must be per-example and per-head (attention is), returning arrays whose
+  called directly. The sequence is not split: under a ``"context"`` axis larger than 1 the
+  arguments are gathered on ``T`` and every context shard computes the whole attention (use
+  ``sbjax.context_parallel`` or ``shard_attention_gathered`` to split the work). ``fn`` must be per-example and per-head (attention is), returning arrays whose
   leading axes are ``[B, T, N, ...]`` (``out [B, T, N, Hv]``, ``rem [B, T, N]``). Needed because
   ``pallas_call`` is opaque to the SPMD partitioner.
 
@@ -117,3 +136,41 @@ def shard_attention(fn: Callable, query, key, value, segment_ids=None, forget_ga
   return jax.shard_map(
       fn, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec, gate_spec),
       out_specs=out_specs, check_vma=False)(*args)
+
+
+def shard_attention_gathered(fn: Callable, query, key, value, segment_ids=None):
+  """``fn(q, k, v, q_segment_ids, k_segment_ids, q_start)`` per shard of batch (``"data"``),
+  heads (``"model"``) and queries (``"context"``), with the keys and values of the whole sequence.
+
+  For causal attention whose kernel takes an explicit mask (the softmax baselines): each context
+  shard holds ``T / C`` queries starting at ``q_start`` (an int32 scalar, the global position of
+  its first query) and the all-gathered ``key [B, T, K, H]``, ``value`` and key segment ids.
+  Without a context axis larger than 1 ``fn`` sees the whole sequence with ``q_start = 0``. ``fn``
+  returns ``[B, T/C, N, ...]``.
+  """
+  c = context_size()
+  if c == 1:
+    return shard_attention(lambda q, k, v, seg, _: fn(q, k, v, seg, seg, jnp.int32(0)),
+                           query, key, value, segment_ids)
+  mesh = jax.sharding.get_abstract_mesh()
+  b, t, n, _ = query.shape
+  data = _mesh_axis(mesh, DATA, b, "batch size B")
+  model = _mesh_axis(mesh, MODEL, n, "query heads N")
+  _mesh_axis(mesh, CONTEXT, t, "sequence length T")
+  if model is not None and key.shape[2] % dict(mesh.shape)[MODEL]:
+    group = n // key.shape[2]
+    key, value = (x.repeat(group, axis=2) for x in (key, value))
+
+  def local(q, k, v, q_seg, k_seg):
+    q_start = (jax.lax.axis_index(CONTEXT) * q.shape[1]).astype(jnp.int32)
+    return fn(q, k, v, q_seg, k_seg, q_start)
+
+  seg_specs = (None, None) if segment_ids is None else (P(data, CONTEXT), P(data, None))
+  out_shape = jax.eval_shape(lambda q, k, v, s: fn(q, k, v, s, s, jnp.int32(0)),
+                             query, key, value, segment_ids)
+  out_specs = jax.tree.map(lambda s: P(data, CONTEXT, model, *([None] * (s.ndim - 3))), out_shape)
+  return jax.shard_map(
+      local, mesh=mesh,
+      in_specs=(P(data, CONTEXT, model, None), P(data, None, model, None),
+                P(data, None, model, None), *seg_specs),
+      out_specs=out_specs, check_vma=False)(query, key, value, segment_ids, segment_ids)

@@ -9,7 +9,7 @@ from flax import nnx
 
 from sbjax.nn.projections import AttentionProjections
 from sbjax.nn.rope import apply_rope
-from sbjax.parallel import shard_attention
+from sbjax.parallel import context_size, shard_attention, shard_attention_gathered
 from sbjax.platform import on_nvidia_gpu
 
 POSITION_EMBEDDINGS = ("rope", "none")
@@ -71,6 +71,18 @@ class SoftmaxAttention(AttentionProjections):
       query = apply_rope(query, positions, base=self.rope_base)
       key = apply_rope(key, positions, base=self.rope_base)
     implementation = self.implementation or default_softmax_implementation()
+
+    if context_size() > 1:  # T over "context": each shard's queries against the gathered K/V
+      def gathered(q, k, v, q_seg, k_seg, q_start):
+        q_pos = q_start + jnp.arange(q.shape[1])  # global positions of this shard's queries
+        mask = (q_pos[:, None] >= jnp.arange(k.shape[1])[None, :])[None, None]  # [1, 1, T/C, T]
+        if q_seg is not None:
+          mask = mask & (q_seg[:, None, :, None] == k_seg[:, None, None, :])  # [B, 1, T/C, T]
+        # An explicit mask of a query chunk: the XLA implementation (cuDNN's fused kernel wants a
+        # causal or padding mask).
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+      return shard_attention_gathered(gathered, query, key, value, segment_ids)
 
     def op(q, k, v, seg, _):
       mask = None if seg is None else (seg[:, None, :, None] == seg[:, None, None, :])  # [B,1,T,S]

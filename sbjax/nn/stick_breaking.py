@@ -10,7 +10,8 @@ from sbjax.kernels.pallas_triton_config import BlockSizes
 from sbjax.nn.params import annotated_param
 from sbjax.nn.projections import AttentionProjections, rms_norm_heads
 from sbjax.ops import IMPLEMENTATIONS, stick_breaking_attention, stick_breaking_decode
-from sbjax.parallel import MODEL, shard_attention
+from sbjax import context_parallel
+from sbjax.parallel import MODEL, context_size, shard_attention
 
 REMAINDERS = ("none", "current", "bias")
 
@@ -163,7 +164,13 @@ class StickBreakingAttention(AttentionProjections):
           return_remainder=True, implementation=self.implementation, block_sizes=self.block_sizes,
           interpret=self.interpret)
 
-    out, rem = shard_attention(op, query, key, value, segment_ids, gate)  # [B, T, N, H], [B, T, N]
+    if context_size() > 1:  # T over "context": the chunk combine across shards
+      out, rem = context_parallel.stick_breaking_attention(
+          query, key, value, attend_current=self.attend_current, segment_ids=segment_ids,
+          forget_gate=gate, return_remainder=True, implementation=self.implementation,
+          block_sizes=self.block_sizes, interpret=self.interpret)
+    else:
+      out, rem = shard_attention(op, query, key, value, segment_ids, gate)  # [B, T, N, H], [B, T, N]
     return self.finish(out, rem, value)
 
   def init_cache(self, input_shape, dtype=jnp.float32):
