@@ -57,6 +57,7 @@ from sbjax.common import compute_dtype
 from sbjax.kernels import pallas_triton
 
 DATA, MODEL, CONTEXT = "data", "model", "context"  # as sbjax.parallel (which sits above this)
+CHUNK_IMPLEMENTATIONS = (None, "pallas", "scan", "xla")
 
 
 def chunk_attention(query, key, value, *, causal: bool, scale=None, attend_current: bool = False,
@@ -75,6 +76,9 @@ def chunk_attention(query, key, value, *, causal: bool, scale=None, attend_curre
   Returns:
     ``out [B, T, N, Hv]`` in ``query.dtype``, ``rem [B, T, N]`` float32 (float64 for float64).
   """
+  if implementation not in CHUNK_IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {CHUNK_IMPLEMENTATIONS} (the paths with a "
+                     f"cross-chunk mode), got {implementation=}.")
   ops.check_inputs(query, key, value, scale, segment_ids, implementation, interpret, block_sizes,
                    forget_gate, skip_tolerance)
   if causal and key_segment_ids is not None:
@@ -194,6 +198,9 @@ def stick_breaking_attention(query, key, value, *, mesh=None, axis_name: str = C
   Raises:
     ValueError: a bad argument (named), e.g. ``mesh`` without ``axis_name``.
   """
+  if implementation not in CHUNK_IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {CHUNK_IMPLEMENTATIONS} (the paths with a "
+                     f"cross-chunk mode), got {implementation=}.")
   ops.check_inputs(query, key, value, scale, segment_ids, implementation, interpret, block_sizes,
                    forget_gate, skip_tolerance)
   mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh

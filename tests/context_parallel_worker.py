@@ -29,6 +29,7 @@ from sbjax.models import DecoderLM, lm_config  # noqa: E402
 from sbjax.testing import Shape, random_inputs, rel_rms  # noqa: E402
 
 SCALE = 0.25
+SHAPE = Shape(2, 44, 4, 2, 8)  # one shape for the rings of the XLA and scan paths: one oracle
 
 
 def _inputs(shape, seed=0):
@@ -63,23 +64,23 @@ def _ring_vs_float64(mesh_shape, shape, *, attend_current=False, **options):
 
 def check_ring_data2_model2_context2():
   # T=44: 4 pieces of 11; GQA (N=4, K=2) with heads over "model", batch over "data".
-  _ring_vs_float64((2, 2, 2), Shape(2, 44, 4, 2, 8), implementation="xla")
+  _ring_vs_float64((2, 2, 2), SHAPE, implementation="xla")
 
 
 def check_ring_data2_context4():
-  # T=44 is not a multiple of 2C=8: padded at the end. attend_current with it.
-  _ring_vs_float64((2, 1, 4), Shape(2, 44, 4, 2, 8), implementation="xla", attend_current=True)
+  # T=44 is not a multiple of 2C=8: padded at the end.
+  _ring_vs_float64((2, 1, 4), SHAPE, implementation="xla")
 
 
 def check_ring_context8():
-  # T=44, 2C=16: 4 padded positions; MQA (K=1); the scan path per chunk.
-  _ring_vs_float64((1, 1, 8), Shape(1, 44, 2, 1, 8), implementation="scan")
+  # T=44, 2C=16: 4 padded positions; the scan path per chunk.
+  _ring_vs_float64((1, 1, 8), SHAPE, implementation="scan")
 
 
 def check_ring_pallas_context2():
-  # The interpreted Pallas kernels (causal and cross-chunk) per chunk: 4 pieces of 24 rows with
-  # blocks of 16 and 32: partial blocks in both modes.
-  _ring_vs_float64((1, 1, 2), Shape(1, 96, 2, 1, 16), implementation="pallas", interpret=True,
+  # The interpreted Pallas kernels, causal and cross-chunk (forward, dq, dk/dv) with segments, the
+  # forget gate and MQA: 4 pieces of 20 rows with blocks of 16 and 32, partial in both modes.
+  _ring_vs_float64((1, 1, 2), Shape(1, 80, 2, 1, 16), implementation="pallas", interpret=True,
                    block_sizes=SMALL_BLOCKS)
 
 
@@ -88,8 +89,9 @@ def check_skips_used_up_chunks():
   hold NaN, which a visit would spread (rem * NaN); the output equals the op's with them zeroed."""
   shape = Shape(1, 32, 2, 1, 8)
   q, k, v, _ = random_inputs(3, shape, jnp.float32)
-  q = 30.0 * jnp.repeat(k, shape.n // shape.k, axis=2)
-  # q_j . k_j = 30 |k_j|^2 at every position: with attend_current each query's own key takes the
+  k = 4.0 * k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+  q = 100.0 * jnp.repeat(k, shape.n // shape.k, axis=2)
+  # scale * q_j . k_j = 1600 / sqrt(8) at every position: with attend_current each query's own key takes the
   # whole stick (rem exactly 0 in float32) before any farther key.
   piece = shape.t // 8  # context 4: 8 pieces
   v_nan = v.at[:, :piece].set(jnp.nan)  # piece 0: a far piece for every other piece's queries
@@ -126,6 +128,8 @@ def check_errors_name_the_argument():
       assert "batch size B=2" in str(e), str(e)
     else:
       raise AssertionError("no ValueError naming the batch size")
+  assert parallel.batch_sharding(parallel.make_mesh(2, 1, 4)).spec == jax.P("data", "context")
+  assert parallel.batch_sharding(parallel.make_mesh(2, 4, 1)).spec == jax.P("data")
 
 
 def _lm_step(config, mesh_shape, num_steps=2):
@@ -157,14 +161,14 @@ def _lm_matches_one_device(config, mesh_shape):
 
 
 def check_lm_train_step_stickbreaking_context4():
-  _lm_matches_one_device(lm_config("tiny", implementation="xla", num_kv_heads=2, forget_gate=True,
-                                   remainder="current", head_norm=True), (2, 1, 4))
+  _lm_matches_one_device(lm_config("tiny", num_layers=1, implementation="xla", num_kv_heads=2,
+                                   forget_gate=True, remainder="current", head_norm=True), (2, 1, 4))
 
 
 def check_lm_train_step_softmax_model2_context2():
   # RoPE at global positions: each shard's queries rotated where they sit in the sequence.
-  _lm_matches_one_device(lm_config("tiny", attention="softmax_rope", softmax_implementation="xla",
-                                   num_kv_heads=2), (1, 2, 2))
+  _lm_matches_one_device(lm_config("tiny", num_layers=1, attention="softmax_rope",
+                                   softmax_implementation="xla", num_kv_heads=2), (1, 2, 2))
 
 
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
