@@ -87,7 +87,8 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *, bl
   i_ids = plgpu.broadcasted_iota(jnp.int32, (block_k, block_k), 1, layout=plgpu.Layout.WGMMA)
   tri_smem[...] = (m_ids > i_ids).astype(jnp.bfloat16)
 
-  scale2 = plgpu.load(scale_ref, (), layout=_ROW, optimized=False) * LOG2E  # [block_q] (the scale, per row)
+  # [block_q]: the scale in every row. An optimized (vectorised) load from GMEM does not lower.
+  scale2 = plgpu.load(scale_ref, layout=_ROW, optimized=False) * LOG2E
   plgpu.barrier_wait(q_barrier)
 
   def matmul(a_smem, b_smem, shape):

@@ -1,0 +1,160 @@
+"""The Pallas Mosaic GPU forward kernel: Mosaic GPU interpret mode on the CPU against float64, the
+race detector on the TMA ring, the lowering for Hopper without a GPU, and what the op rejects.
+
+Forward only: the kernel has no backward yet, so it is not in the shared gradient suite
+(tests/test_op_accuracy.py). Interpret mode costs ~0.3 s per (head, key tile): shapes stay small.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+import numpy as np
+import pytest
+
+import sbjax
+from sbjax import reference
+from sbjax.kernels import pallas_mosaic_gpu_fwd
+from sbjax.kernels.pallas_mosaic_gpu_config import MosaicBlockSizes
+from sbjax.testing import Shape, assert_gradients_within_tolerance, float64_result, random_inputs
+
+_H200 = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,),
+                     abstract_device=AbstractDevice("NVIDIA H200", None, "cuda"))
+
+
+@functools.partial(jax.jit, static_argnames=("attend_current",))
+def _mosaic(q, k, v, scale, attend_current):
+  return sbjax.stick_breaking_attention(
+      q, k, v, scale=scale, attend_current=attend_current, implementation="pallas_mosaic_gpu",
+      interpret=True, return_remainder=True)
+
+
+@functools.partial(jax.jit, static_argnames=("attend_current",))
+def _same_precision(q, k, v, scale, attend_current):
+  """The dense reference with its math in the input dtype: the tolerance rule's yardstick."""
+  return reference.stick_breaking_attention(q, k, v, scale.astype(q.dtype), None, None,
+                                            attend_current=attend_current, dtype=q.dtype)
+
+
+def _assert_close_to_float64(q, k, v, scale, attend_current):
+  got = _mosaic(q, k, v, jnp.float32(scale), attend_current)
+  for name, x in zip(("out", "rem"), got):
+    assert np.isfinite(np.asarray(x, np.float32)).all(), name
+  assert got[0].dtype == q.dtype and got[1].dtype == jnp.float32
+  want = float64_result(q, k, v, None, scale, attend_current)
+  same = _same_precision(q, k, v, jnp.float32(scale), attend_current)
+  assert_gradients_within_tolerance(got, want, same, q.dtype, names=("out", "rem"))
+  return got
+
+
+# (dtype, shape, attend_current): T not a multiple of the 64-row block, MQA and GQA, both head
+# dims, fp16's two bf16 parts of the in-block sum.
+CASES = [
+    (jnp.bfloat16, Shape(1, 130, 2, 1, 64), False),
+    (jnp.float16, Shape(1, 100, 4, 2, 128), True),
+]
+
+
+@pytest.mark.parametrize("dtype,shape,attend_current", CASES,
+                         ids=[f"{jnp.dtype(d).name}-{s}-cur{int(c)}" for d, s, c in CASES])
+def test_forward_matches_float64(dtype, shape, attend_current):
+  q, k, v, _ = random_inputs(1, shape, dtype, logit_scale=2.0)
+  _assert_close_to_float64(q, k, v, 0.3, attend_current)
+
+
+def test_large_logits():
+  """Logits of magnitude ~100 (sticks used up after a key or two, many weights exactly 0) under
+  the tolerance rule; then saturated ones, |z| = 1e4: out_j = v_{j-1} and rem = 0, or out = 0 and
+  rem = 1, as in the shared suite's test_saturated_logits."""
+  shape = Shape(1, 70, 2, 1, 64)
+  q, k, v, _ = random_inputs(2, shape, jnp.bfloat16, logit_scale=16.0)
+  _assert_close_to_float64(q, k, v, 1.0, False)
+
+  u = np.ones(64, np.float32) / 8.0
+  k = jnp.asarray(np.broadcast_to(u, (1, 70, 1, 64)), jnp.bfloat16)
+  for sign in (1.0, -1.0):
+    q = jnp.asarray(np.broadcast_to(sign * 1e4 * u, (1, 70, 1, 64)), jnp.bfloat16)
+    out, rem = _mosaic(q, k, v, jnp.float32(1.0), False)
+    out, rem = np.asarray(out, np.float32), np.asarray(rem)
+    assert np.isfinite(out).all() and np.isfinite(rem).all()
+    if sign > 0:
+      np.testing.assert_array_equal(out[:, 1:], np.asarray(v[:, :-1], np.float32))
+      np.testing.assert_array_equal(out[:, 0], 0.0)
+      np.testing.assert_array_equal(rem[:, 1:], 0.0)
+      np.testing.assert_array_equal(rem[:, 0], 1.0)
+    else:
+      np.testing.assert_array_equal(out, 0.0)
+      np.testing.assert_array_equal(rem, 1.0)
+
+
+def test_tma_ring_has_no_races():
+  """The interpreter's happens-before race detector over the K/V ring: a prefetch must not
+  overwrite a slot before the tile that reads it is done. Three key blocks, two slots."""
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as mgpu_interpret
+  q, k, v, _ = random_inputs(3, Shape(1, 192, 1, 1, 64), jnp.bfloat16)
+  mgpu_interpret.reset_gpu_interpret_mode_state()
+  out, _ = pallas_mosaic_gpu_fwd.forward(
+      q, k, v, jnp.float32([0.125]), attend_current=False, block_sizes=MosaicBlockSizes(),
+      interpret=plgpu.InterpretGPUParams(detect_races=True))
+  jax.block_until_ready(out)
+  assert not mgpu_interpret.get_races().races_found
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_lowers_for_hopper(dtype, head_dim):
+  """Lowering for an H200 on the CPU runs Pallas's Mosaic GPU lowering and the Mosaic GPU dialect
+  lowering (layouts, wgmma operand and swizzle checks) and emits one ``mosaic_gpu_v2`` custom call
+  with the kernel's name. It does not compile to PTX (that needs a GPU)."""
+  sd = jax.ShapeDtypeStruct
+  args = (sd((2, 200, 4, head_dim), dtype), sd((2, 200, 2, head_dim), dtype),
+          sd((2, 200, 2, head_dim), dtype), sd((), jnp.float32))
+  fn = lambda q, k, v, s: sbjax.stick_breaking_attention(
+      q, k, v, scale=s, attend_current=True, implementation="pallas_mosaic_gpu",
+      return_remainder=True)
+  with jax.sharding.use_abstract_mesh(_H200):
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert len(re.findall(r"custom_call @mosaic_gpu_v2", text)) == 1
+  assert pallas_mosaic_gpu_fwd.NAME in text
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(segment_ids=jnp.zeros((1, 64), jnp.int32)), "does not take segment_ids yet"),
+    (dict(forget_gate=jnp.zeros((1, 64, 1))), "does not take forget_gate yet"),
+    (dict(skip_tolerance=1e-3), "does not skip key blocks yet"),
+    (dict(dtype=jnp.float32), "supports bfloat16 and float16"),
+    (dict(head_dim=80), "supports head dims"),
+    (dict(block_sizes=sbjax.BlockSizes()), "takes a MosaicBlockSizes"),
+], ids=["segment_ids", "forget_gate", "skip_tolerance", "float32", "head_dim", "block_sizes"])
+def test_rejects_what_it_does_not_take(kwargs, match):
+  dtype, h = kwargs.pop("dtype", jnp.bfloat16), kwargs.pop("head_dim", 64)
+  q, k, v, _ = random_inputs(0, Shape(1, 64, 1, 1, h), dtype)
+  with pytest.raises((ValueError, TypeError), match=match):
+    sbjax.stick_breaking_attention(q, k, v, implementation="pallas_mosaic_gpu", interpret=True,
+                                   **kwargs)
+
+
+def test_gradients_raise():
+  q, k, v, _ = random_inputs(0, Shape(1, 64, 1, 1, 64), jnp.bfloat16)
+  loss = lambda q: sbjax.stick_breaking_attention(
+      q, k, v, implementation="pallas_mosaic_gpu", interpret=True).astype(jnp.float32).sum()
+  with pytest.raises(NotImplementedError, match="no backward kernels yet"):
+    jax.eval_shape(jax.grad(loss), q)
+
+
+def test_needs_a_gpu_or_interpret():
+  q, k, v, _ = random_inputs(0, Shape(1, 64, 1, 1, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match="needs an NVIDIA Hopper GPU or interpret=True"):
+    sbjax.stick_breaking_attention(q, k, v, implementation="pallas_mosaic_gpu")
+
+
+@pytest.mark.parametrize("kwargs", [dict(block_q=128), dict(block_k=96), dict(num_buffers=1)],
+                         ids=str)
+def test_config_validation(kwargs):
+  with pytest.raises(ValueError, match="MosaicBlockSizes"):
+    MosaicBlockSizes(**kwargs)
