@@ -7,6 +7,7 @@ Public API (stable; ``sbjax.nn``, ``sbjax.models`` and ``sbjax.training`` build 
     batch_sharding(mesh) -> NamedSharding            # [B, T] batches: P("data"), or
                                                       # P("data", "context") with a context axis
     context_size() -> int                            # the set mesh's "context" axis size (1: none)
+    shard_sequence(x) -> x                           # [B, T, ...] constrained to ("data", "context")
     shard_attention(fn, query, key, value, segment_ids=None, forget_gate=None)  # per (batch, head) shard
     shard_attention_gathered(fn, query, key, value, segment_ids=None)  # + T over "context", K/V gathered
     jit_under_mesh(fn, mesh, **jit_kwargs)          # jax.jit, called under jax.set_mesh(mesh)
@@ -68,6 +69,14 @@ def context_size() -> int:
   """The size of the ``"context"`` axis of the mesh set by ``jax.set_mesh`` (1 without one)."""
   mesh = jax.sharding.get_abstract_mesh()
   return 1 if mesh.empty else dict(mesh.shape).get(CONTEXT, 1)
+
+
+def shard_sequence(x):
+  """Activations ``[B, T, ...]`` kept sharded on ``T`` over ``"context"`` (and ``B`` over
+  ``"data"``) between layers, where the set mesh has a context axis larger than 1; else ``x``."""
+  if context_size() == 1:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(DATA, CONTEXT, *([None] * (x.ndim - 2))))
 
 
 def jit_under_mesh(fn: Callable, mesh: Mesh, **jit_kwargs) -> Callable:

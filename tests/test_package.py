@@ -19,11 +19,12 @@ ALLOWED = {
     "reference": {"common"}, "scan": {"common"}, "decode": {"common"}, "kernels": {"common"},
     "testing": {"common", "reference", "ops"},
     "ops": {"common", "platform", "reference", "scan", "decode", "kernels"},
-    "nn": {"ops", "kernels", "parallel", "platform"},
+    "context_parallel": {"common", "ops", "reference", "scan", "kernels"},
+    "nn": {"ops", "context_parallel", "kernels", "parallel", "platform"},
     "models": {"nn", "kernels", "parallel"},
     "training": {"parallel"},
 }
-PUBLIC = {"sbjax", "sbjax.data", "sbjax.models", "sbjax.nn", "sbjax.parallel", "sbjax.testing",
+PUBLIC = {"sbjax", "sbjax.context_parallel", "sbjax.data", "sbjax.models", "sbjax.nn", "sbjax.parallel", "sbjax.testing",
           "sbjax.training"}
 
 

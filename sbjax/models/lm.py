@@ -9,7 +9,7 @@ from flax import nnx
 from sbjax.models.config import LMConfig
 from sbjax.nn import make_attention
 from sbjax.nn.params import annotated_param
-from sbjax.parallel import MODEL
+from sbjax.parallel import MODEL, shard_sequence
 
 
 class SwiGLU(nnx.Module):
@@ -95,7 +95,9 @@ class DecoderLM(nnx.Module):
     for block in self.blocks:
       if decode:  # no backward pass: nothing to rematerialise
         x = block(x, decode=True, prompt_lengths=prompt_lengths)
-      elif self.config.remat:
+        continue
+      x = shard_sequence(x)  # T over "context" between layers, under a mesh with that axis
+      if self.config.remat:
         x = nnx.remat(lambda b, y: b(y, segment_ids, positions))(block, x)
       else:
         x = block(x, segment_ids, positions)

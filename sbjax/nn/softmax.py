@@ -28,6 +28,10 @@ class SoftmaxAttention(AttentionProjections):
   maps ``x [B, T, in_features]`` to ``[B, T, out_features]``. ``positions [B, T]`` default to
   ``0..T-1``; RoPE is relative, so packed segments need no per-segment positions.
 
+  Under a mesh with a ``"context"`` axis larger than 1, each context shard's queries (rotated at
+  their global positions) attend to the all-gathered keys and values with an explicit causal
+  mask, through the XLA implementation (``sbjax.parallel.shard_attention_gathered``).
+
   Decoding as ``StickBreakingAttention`` (``init_cache``, ``decode=True``, ``prompt_lengths``): the
   cache holds keys already rotated at their positions; a step's queries are rotated at their
   cache index and attend through ``jax.nn.dot_product_attention`` with a length mask.

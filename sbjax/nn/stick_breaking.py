@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sbjax import context_parallel
 from sbjax.kernels.pallas_triton_config import BlockSizes
 from sbjax.nn.params import annotated_param
 from sbjax.nn.projections import AttentionProjections, rms_norm_heads
 from sbjax.ops import IMPLEMENTATIONS, stick_breaking_attention, stick_breaking_decode
-from sbjax import context_parallel
 from sbjax.parallel import MODEL, context_size, shard_attention
 
 REMAINDERS = ("none", "current", "bias")
@@ -27,9 +27,11 @@ class StickBreakingAttention(AttentionProjections):
   ``module(prompt, decode=True, prompt_lengths=lengths)`` (the prefill, through the training op)
   and ``module(x_step [B, 1, D], decode=True)`` per step (``sbjax.stick_breaking_decode`` over the
   cache). Keys, values and the forget gate's logits are cached; the index is per row. A step past
-  the cache's end raises when called eagerly and gives NaN rows under ``jit``. The op runs inside ``jax.shard_map`` over ``("data",
-  "model")`` when a mesh is set (``jax.set_mesh``), because the Pallas kernels are opaque to the
-  partitioner.
+  the cache's end raises when called eagerly and gives NaN rows under ``jit``. The op runs inside
+  ``jax.shard_map`` over ``("data", "model")`` when a mesh is set (``jax.set_mesh``), because the
+  Pallas kernels are opaque to the partitioner; with a ``"context"`` axis larger than 1 the
+  sequence is split over it too (``sbjax.context_parallel``: each shard's queries against its
+  own keys and every earlier shard's, combined by the chunk combine).
 
   Args:
     in_features: ``D``, the width of ``x``.
