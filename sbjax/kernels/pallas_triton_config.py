@@ -74,11 +74,16 @@ class BlockSizes:
   def get_default(cls, head_dim: int, dtype) -> "BlockSizes":
     """Defaults for the query/key head dim ``H`` and the input dtype.
 
-    bf16/fp16 with head dims up to 128: swept on an H200. fp32 and head dims above 128 take
-    smaller tiles to bound registers (not tuned; fp32 was checked on the H200, head dim 256
-    only in interpret mode).
+    bf16/fp16 with head dims up to 128: swept on an H200. fp32 (IEEE products on the CUDA cores)
+    with head dims up to 128: chosen by registers and spills for sm_90a
+    (``experiments/kernel_resources.py``): the bf16 tiles spilled 3-31 KB per thread in the fp32
+    backward; these spill at most 1.6 KB (H=128) and 48 bytes (H=64). Head dims above 128 take
+    small tiles to bound registers (checked only in interpret mode).
     """
-    if jnp.dtype(dtype) == jnp.float32 or head_dim > 128:
+    if head_dim > 128:
       return cls(block_q=64, block_k=32, num_warps=4, block_q_dq=32, block_k_bwd=32,
                  block_q_dkv=32)
+    if jnp.dtype(dtype) == jnp.float32:
+      return cls(block_q=32, block_k=32, num_warps=4, block_q_dq=16, block_k_bwd=32,
+                 block_q_dkv=16, num_warps_bwd=8)
     return cls()
