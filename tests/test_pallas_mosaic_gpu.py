@@ -27,11 +27,16 @@ _H200 = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,),
                      abstract_device=AbstractDevice("NVIDIA H200", None, "cuda"))
 
 
-@functools.partial(jax.jit, static_argnames=("attend_current",))
-def _mosaic(q, k, v, scale, attend_current):
+# The two kernel structures: one warpgroup issuing its own copies, and FA3's two consumers with a
+# producer warpgroup (three K/V slots).
+ONE_WG, TWO_WGS = MosaicBlockSizes(), MosaicBlockSizes(num_compute_warpgroups=2, num_buffers=3)
+
+
+@functools.partial(jax.jit, static_argnames=("attend_current", "block_sizes"))
+def _mosaic(q, k, v, scale, attend_current, block_sizes=ONE_WG):
   return sbjax.stick_breaking_attention(
       q, k, v, scale=scale, attend_current=attend_current, implementation="pallas_mosaic_gpu",
-      interpret=True, return_remainder=True)
+      interpret=True, return_remainder=True, block_sizes=block_sizes)
 
 
 @functools.partial(jax.jit, static_argnames=("attend_current",))
@@ -41,8 +46,8 @@ def _same_precision(q, k, v, scale, attend_current):
                                             attend_current=attend_current, dtype=q.dtype)
 
 
-def _assert_close_to_float64(q, k, v, scale, attend_current):
-  got = _mosaic(q, k, v, jnp.float32(scale), attend_current)
+def _assert_close_to_float64(q, k, v, scale, attend_current, block_sizes=ONE_WG):
+  got = _mosaic(q, k, v, jnp.float32(scale), attend_current, block_sizes)
   for name, x in zip(("out", "rem"), got):
     assert np.isfinite(np.asarray(x, np.float32)).all(), name
   assert got[0].dtype == q.dtype and got[1].dtype == jnp.float32
@@ -52,19 +57,22 @@ def _assert_close_to_float64(q, k, v, scale, attend_current):
   return got
 
 
-# (dtype, shape, attend_current): T not a multiple of the 64-row block, MQA and GQA, both head
-# dims, fp16's two bf16 parts of the in-block sum.
+# (dtype, shape, attend_current, block sizes): T not a multiple of the block, MQA and GQA, both
+# head dims, fp16's two bf16 parts of the in-block sum, both kernel structures.
 CASES = [
-    (jnp.bfloat16, Shape(1, 130, 2, 1, 64), False),
-    (jnp.float16, Shape(1, 100, 4, 2, 128), True),
+    (jnp.bfloat16, Shape(1, 130, 2, 1, 64), False, ONE_WG),
+    (jnp.float16, Shape(1, 100, 4, 2, 128), True, ONE_WG),
+    (jnp.bfloat16, Shape(1, 200, 2, 1, 128), True, TWO_WGS),
 ]
 
 
-@pytest.mark.parametrize("dtype,shape,attend_current", CASES,
-                         ids=[f"{jnp.dtype(d).name}-{s}-cur{int(c)}" for d, s, c in CASES])
-def test_forward_matches_float64(dtype, shape, attend_current):
+@pytest.mark.parametrize(
+    "dtype,shape,attend_current,block_sizes", CASES,
+    ids=[f"{jnp.dtype(d).name}-{s}-cur{int(c)}-wgs{b.num_compute_warpgroups}"
+         for d, s, c, b in CASES])
+def test_forward_matches_float64(dtype, shape, attend_current, block_sizes):
   q, k, v, _ = random_inputs(1, shape, dtype, logit_scale=2.0)
-  _assert_close_to_float64(q, k, v, 0.3, attend_current)
+  _assert_close_to_float64(q, k, v, 0.3, attend_current, block_sizes)
 
 
 def test_large_logits():
@@ -92,22 +100,27 @@ def test_large_logits():
       np.testing.assert_array_equal(rem, 1.0)
 
 
-def test_tma_ring_has_no_races():
-  """The interpreter's happens-before race detector over the K/V ring: a prefetch must not
-  overwrite a slot before the tile that reads it is done. Three key blocks, two slots."""
+@pytest.mark.parametrize("block_sizes", [ONE_WG, TWO_WGS],
+                         ids=lambda b: f"wgs{b.num_compute_warpgroups}")
+def test_tma_ring_has_no_races(block_sizes):
+  """The interpreter's happens-before race detector over the K/V ring: a copy must not overwrite
+  a slot before every tile that reads it is done. Four key blocks, two or three slots. (The
+  interpreter also fails a kernel whose barrier phases go unobserved.)"""
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as mgpu_interpret
-  q, k, v, _ = random_inputs(3, Shape(1, 192, 1, 1, 64), jnp.bfloat16)
+  q, k, v, _ = random_inputs(3, Shape(1, 256, 1, 1, 64), jnp.bfloat16)
   mgpu_interpret.reset_gpu_interpret_mode_state()
   out, _ = pallas_mosaic_gpu_fwd.forward(
-      q, k, v, jnp.float32([0.125]), attend_current=False, block_sizes=MosaicBlockSizes(),
+      q, k, v, jnp.float32([0.125]), attend_current=False, block_sizes=block_sizes,
       interpret=plgpu.InterpretGPUParams(detect_races=True))
   jax.block_until_ready(out)
   assert not mgpu_interpret.get_races().races_found
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_lowers_for_hopper(dtype, head_dim):
+@pytest.mark.parametrize("dtype,head_dim,block_sizes", [
+    (jnp.bfloat16, 64, ONE_WG), (jnp.float16, 128, ONE_WG), (jnp.bfloat16, 128, TWO_WGS),
+    (jnp.float16, 64, TWO_WGS)], ids=["bf16-64-wgs1", "fp16-128-wgs1", "bf16-128-wgs2",
+                                      "fp16-64-wgs2"])
+def test_lowers_for_hopper(dtype, head_dim, block_sizes):
   """Lowering for an H200 on the CPU runs Pallas's Mosaic GPU lowering and the Mosaic GPU dialect
   lowering (layouts, wgmma operand and swizzle checks) and emits one ``mosaic_gpu_v2`` custom call
   with the kernel's name. It does not compile to PTX (that needs a GPU)."""
@@ -116,7 +129,7 @@ def test_lowers_for_hopper(dtype, head_dim):
           sd((2, 200, 2, head_dim), dtype), sd((), jnp.float32))
   fn = lambda q, k, v, s: sbjax.stick_breaking_attention(
       q, k, v, scale=s, attend_current=True, implementation="pallas_mosaic_gpu",
-      return_remainder=True)
+      return_remainder=True, block_sizes=block_sizes)
   with jax.sharding.use_abstract_mesh(_H200):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert len(re.findall(r"custom_call @mosaic_gpu_v2", text)) == 1
@@ -153,7 +166,8 @@ def test_needs_a_gpu_or_interpret():
     sbjax.stick_breaking_attention(q, k, v, implementation="pallas_mosaic_gpu")
 
 
-@pytest.mark.parametrize("kwargs", [dict(block_q=128), dict(block_k=96), dict(num_buffers=1)],
+@pytest.mark.parametrize("kwargs", [dict(block_q=128), dict(block_k=96), dict(num_buffers=1),
+                                    dict(num_compute_warpgroups=3)],
                          ids=str)
 def test_config_validation(kwargs):
   with pytest.raises(ValueError, match="MosaicBlockSizes"):

@@ -11,15 +11,19 @@ class MosaicBlockSizes:
 
   Attributes:
     block_q: query rows per program; one warpgroup's wgmma tile has 64 rows, so a multiple of 64
-      (64 in this first kernel: one consumer warpgroup).
+      (64: one warpgroup's rows).
     block_k: keys per tile, a multiple of 64 (the 128-byte swizzle of a bf16 row of 64 keys, the
       triangular in-block sum's operand).
     num_buffers: K/V tiles in flight (TMA prefetch depth), at least 2.
+    num_compute_warpgroups: 1 (one warpgroup issues its own TMA copies) or 2 (FlashAttention-3's
+      structure: two consumer warpgroups of ``block_q`` rows each share the K/V tiles that a
+      third, producer warpgroup loads).
   """
 
   block_q: int = 64
   block_k: int = 64
   num_buffers: int = 2
+  num_compute_warpgroups: int = 1
 
   def __post_init__(self):
     cls = type(self).__name__
@@ -29,3 +33,6 @@ class MosaicBlockSizes:
       raise ValueError(f"{cls}.block_k must be a positive multiple of 64, got {self.block_k!r}.")
     if not (isinstance(self.num_buffers, int) and self.num_buffers >= 2):
       raise ValueError(f"{cls}.num_buffers must be an int >= 2, got {self.num_buffers!r}.")
+    if self.num_compute_warpgroups not in (1, 2):
+      raise ValueError(f"{cls}.num_compute_warpgroups must be 1 or 2, got "
+                       f"{self.num_compute_warpgroups!r}.")

@@ -55,63 +55,54 @@ def _stick_terms(x):
   return jnp.minimum(x - sp, 0.0), -sp
 
 
-def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *, block_q, block_k,
-                num_buffers, group, attend_current, cumsum_parts):
-  q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, rem_smem, barriers = scratch
-  q_barrier, k_barriers, v_barriers = barriers
-  q_block, head, batch = lax.axis_index("q"), lax.axis_index("heads"), lax.axis_index("batch")
-  kv_head = lax.div(head, jnp.array(group, head.dtype))
-  q_start = q_block * block_q
-  dtype = q_smem.dtype
+def _key_blocks(q_start, rows: int, *, block_k: int, lag: int):
+  """``(n_full, n_total)`` for query rows ``[q_start, q_start + rows)``: key blocks ``[0, n_full)``
+  are visible to every row, ``[n_full, n_total)`` need the causal mask."""
+  first_last_key = q_start - lag  # the last key the first row sees
+  n_total = lax.div(first_last_key + rows - 1 + block_k, jnp.int32(block_k))
+  return jnp.minimum(lax.div(first_last_key + 1, jnp.int32(block_k)), n_total), n_total
 
-  plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_start, block_q), head], q_smem, q_barrier)
 
-  # Key blocks [0, n_full) are visible to every row; [n_full, n_total) need the causal mask.
-  lag = 0 if attend_current else 1
-  first_last_key = q_start - lag  # the last key the block's first row sees
-  n_total = lax.div(first_last_key + block_q - 1 + block_k, jnp.int32(block_k))
-  n_full = jnp.minimum(lax.div(first_last_key + 1, jnp.int32(block_k)), n_total)
+def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready, *, scale_ref,
+          q_start, n_full, n_total, block_k, num_buffers, lag, cumsum_parts, before_tile=None,
+          k_done=None, v_done=None):
+  """One warpgroup's walk over key-block steps ``t = 0 .. n_total - 1`` (key block
+  ``n_total - 1 - t``, in slot ``t % num_buffers``): ``(acc [Q, H], log_stick [Q])`` in fp32.
 
-  def fetch(step):  # walk step t reads key block n_total - 1 - t into slot t % num_buffers
-    slot = lax.rem(step, jnp.int32(num_buffers))
-    keys = (batch, pl.ds((n_total - 1 - step) * block_k, block_k), kv_head)
-    plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_barriers.at[slot])
-    plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_barriers.at[slot])
-
-  for step in range(num_buffers - 1):
-    pl.when(step < n_total)(functools.partial(fetch, jnp.int32(step)))
-
+  ``k_ready``/``v_ready``: the slots' load barriers. ``before_tile(t)`` runs first in a step (the
+  one-warpgroup kernel's prefetch); ``k_done(slot)``/``v_done(slot)`` after the step's last read
+  of K/V (the two-warpgroup kernel's "consumed" arrivals).
+  """
+  block_q, head_dim = q_smem.shape
+  shape = (block_q, block_k)
   # tri[m, i] = 1 for m > i: (x @ tri)[r, i] sums x[r, m] over the nearer keys m of the tile.
   # Mosaic GPU has no cumsum lowering, so the in-block suffix sum is a wgmma.
   m_ids = plgpu.broadcasted_iota(jnp.int32, (block_k, block_k), 0, layout=plgpu.Layout.WGMMA)
   i_ids = plgpu.broadcasted_iota(jnp.int32, (block_k, block_k), 1, layout=plgpu.Layout.WGMMA)
   tri_smem[...] = (m_ids > i_ids).astype(jnp.bfloat16)
-
   # [block_q]: the scale in every row. An optimized (vectorised) load from GMEM does not lower.
   scale2 = plgpu.load(scale_ref, layout=_ROW, optimized=False) * LOG2E
-  plgpu.barrier_wait(q_barrier)
 
-  def matmul(a_smem, b_smem, shape):
+  def matmul(a_smem, b_smem, out_shape):
     def body(acc_ref):
       plgpu.wgmma(acc_ref, a_smem, b_smem)
       return acc_ref[...]
-    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+    return pl.run_scoped(body, plgpu.ACC(out_shape, jnp.float32))
 
   def tile(step, carry, *, masked):
     acc, log_stick = carry  # [block_q, H] fp32, [block_q] fp32
+    if before_tile is not None:
+      before_tile(step)
     slot = lax.rem(step, jnp.int32(num_buffers))
-    kb = n_total - 1 - step
-    nxt = step + num_buffers - 1
-    # The slot this copy overwrites was read by step - 1, whose wgmmas have completed.
-    pl.when(nxt < n_total)(functools.partial(fetch, nxt))
-
-    plgpu.barrier_wait(k_barriers.at[slot])
-    shape = (block_q, block_k)
+    plgpu.barrier_wait(k_ready.at[slot])
     x = matmul(q_smem, k_smem.at[slot].T, shape) * _row_bcast(scale2, shape)  # [block_q, block_k]
+    if k_done is not None:
+      k_done(slot)
     log_beta, log_1m_beta = _stick_terms(x)
     if masked:
       q_pos = q_start + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-      k_pos = kb * block_k + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+      k_pos = (n_total - 1 - step) * block_k + plgpu.broadcasted_iota(
+          jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
       mask = k_pos <= q_pos - lag
       log_1m_beta = jnp.where(mask, log_1m_beta, 0.0)
     # In-block sums of log2(1 - beta) over the nearer keys, in bf16 parts (hi + lo + ...): each
@@ -128,25 +119,130 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *, bl
     if masked:
       a = jnp.where(mask, a, 0.0)
 
-    p_smem[...] = a.astype(dtype)
+    p_smem[...] = a.astype(p_smem.dtype)
     plgpu.commit_smem()
-    plgpu.barrier_wait(v_barriers.at[slot])
+    plgpu.barrier_wait(v_ready.at[slot])
     acc = acc + matmul(p_smem, v_smem.at[slot], acc.shape)  # [block_q, H]
+    if v_done is not None:
+      v_done(slot)
     return acc, log_stick + jnp.sum(log_1m_beta, axis=1)
 
-  head_dim = q_smem.shape[-1]
   acc = plgpu.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
   log_stick = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), _ROW)
-  n_masked = n_total - n_full
+  n_masked = n_total - n_full  # the diagonal blocks come first
   carry = lax.fori_loop(0, n_masked, functools.partial(tile, masked=True), (acc, log_stick))
-  acc, log_stick = lax.fori_loop(n_masked, n_total, functools.partial(tile, masked=False), carry)
+  return lax.fori_loop(n_masked, n_total, functools.partial(tile, masked=False), carry)
 
-  q_smem[...] = acc.astype(dtype)  # q is no longer read: its buffer stages the output
+
+def _store(acc, log_stick, o_smem, rem_smem, out_ref, rem_ref):
+  o_smem[...] = acc.astype(o_smem.dtype)
   rem_smem[...] = jnp.exp2(log_stick)
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, pl.ds(q_start, block_q), head])
-  plgpu.copy_smem_to_gmem(rem_smem, rem_ref.at[batch, head, pl.ds(q_start, block_q)])
+  plgpu.copy_smem_to_gmem(o_smem, out_ref)
+  plgpu.copy_smem_to_gmem(rem_smem, rem_ref)
   plgpu.wait_smem_to_gmem(0)
+
+
+def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *, block_q, block_k,
+                num_buffers, group, attend_current, cumsum_parts):
+  """One warpgroup: it issues the TMA copies of the ring itself, ``num_buffers - 1`` ahead."""
+  q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, rem_smem, barriers = scratch
+  q_barrier, k_barriers, v_barriers = barriers
+  q_block, head, batch = lax.axis_index("q"), lax.axis_index("heads"), lax.axis_index("batch")
+  kv_head = lax.div(head, jnp.array(group, head.dtype))
+  q_start = q_block * block_q
+  rows = (batch, pl.ds(q_start, block_q), head)
+  plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_barrier)
+  lag = 0 if attend_current else 1
+  n_full, n_total = _key_blocks(q_start, block_q, block_k=block_k, lag=lag)
+
+  def fetch(step):  # walk step t reads key block n_total - 1 - t into slot t % num_buffers
+    slot = lax.rem(step, jnp.int32(num_buffers))
+    keys = (batch, pl.ds((n_total - 1 - step) * block_k, block_k), kv_head)
+    plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_barriers.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_barriers.at[slot])
+
+  for step in range(num_buffers - 1):
+    pl.when(step < n_total)(functools.partial(fetch, jnp.int32(step)))
+
+  def prefetch(step):
+    # The slot this copy overwrites was read by step - 1, whose wgmmas have completed.
+    nxt = step + num_buffers - 1
+    pl.when(nxt < n_total)(functools.partial(fetch, nxt))
+
+  plgpu.barrier_wait(q_barrier)
+  acc, log_stick = _walk(
+      q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_barriers, v_barriers,
+      scale_ref=scale_ref, q_start=q_start, n_full=n_full, n_total=n_total, block_k=block_k,
+      num_buffers=num_buffers, lag=lag, cumsum_parts=cumsum_parts, before_tile=prefetch)
+  # q is no longer read: its buffer stages the output.
+  _store(acc, log_stick, q_smem, rem_smem, out_ref.at[rows],
+         rem_ref.at[batch, head, pl.ds(q_start, block_q)])
+
+
+def _fwd_kernel_ws(scale_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *, block_q, block_k,
+                   num_buffers, group, attend_current, cumsum_parts):
+  """Warp-specialised (FA3's structure): warpgroups 0 and 1 each compute ``block_q`` rows of a
+  ``2 * block_q`` query block; warpgroup 2 issues the TMA copies of the K/V ring, which both
+  consumers read, refilling a slot once both have arrived on its "consumed" barrier.
+
+  Both consumers walk the key blocks of the upper rows (``n_total``); the lower rows' extra
+  diagonal step is fully masked (weights 0, stick unchanged), which keeps every barrier's phases
+  the same in both consumers at the cost of one tile per program.
+  """
+  (q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, rem_smem, barriers, consumed) = scratch
+  q_barriers, k_barriers, v_barriers = barriers
+  k_consumed, v_consumed = consumed
+  q_block, head, batch = lax.axis_index("q"), lax.axis_index("heads"), lax.axis_index("batch")
+  wg = lax.axis_index("wg")
+  lag = 0 if attend_current else 1
+  _, n_total = _key_blocks(q_block * 2 * block_q, 2 * block_q, block_k=block_k, lag=lag)
+
+  @pl.when(wg < 2)
+  def _consumer():
+    plgpu.set_max_registers(232, action="increase")
+    q_start = q_block * 2 * block_q + wg * block_q
+    rows = (batch, pl.ds(q_start, block_q), head)
+    q_wg = q_smem.at[wg]
+    plgpu.copy_gmem_to_smem(q_ref.at[rows], q_wg, q_barriers.at[wg])
+    n_full, _ = _key_blocks(q_start, block_q, block_k=block_k, lag=lag)
+    plgpu.barrier_wait(q_barriers.at[wg])
+    acc, log_stick = _walk(
+        q_wg, k_smem, v_smem, tri_smem.at[wg], part_smem.at[wg], p_smem.at[wg], k_barriers,
+        v_barriers, scale_ref=scale_ref, q_start=q_start, n_full=jnp.minimum(n_full, n_total),
+        n_total=n_total, block_k=block_k, num_buffers=num_buffers, lag=lag,
+        cumsum_parts=cumsum_parts, k_done=lambda slot: plgpu.barrier_arrive(k_consumed.at[slot]),
+        v_done=lambda slot: plgpu.barrier_arrive(v_consumed.at[slot]))
+    _store(acc, log_stick, q_wg, rem_smem.at[wg], out_ref.at[rows],
+           rem_ref.at[batch, head, pl.ds(q_start, block_q)])
+
+  @pl.when(wg == 2)
+  def _producer():
+    plgpu.set_max_registers(40, action="decrease")
+    kv_head = lax.div(head, jnp.array(group, head.dtype))
+
+    @pl.loop(0, n_total)
+    def _(step):
+      slot = lax.rem(step, jnp.int32(num_buffers))
+      keys = (batch, pl.ds((n_total - 1 - step) * block_k, block_k), kv_head)
+
+      @pl.when(step >= num_buffers)  # the slot's previous tile must be read by both consumers
+      def _():
+        plgpu.barrier_wait(k_consumed.at[slot])
+      plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_barriers.at[slot])
+
+      @pl.when(step >= num_buffers)
+      def _():
+        plgpu.barrier_wait(v_consumed.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_barriers.at[slot])
+
+    # Observe the last tiles' consumption too, so every barrier ends with no phase unobserved
+    # (interpret mode checks this when the barriers are freed; the producer is idle by now).
+    @pl.loop(jnp.maximum(n_total - num_buffers, 0), n_total)
+    def _(step):
+      slot = lax.rem(step, jnp.int32(num_buffers))
+      plgpu.barrier_wait(k_consumed.at[slot])
+      plgpu.barrier_wait(v_consumed.at[slot])
 
 
 def _cumsum_parts(dtype) -> int:
@@ -169,28 +265,36 @@ def forward(q, k, v, scale, *, attend_current: bool, block_sizes: MosaicBlockSiz
   """
   b, t, n, h = q.shape
   group = n // k.shape[2]
-  bq, bk = block_sizes.block_q, block_sizes.block_k
-  tp = _cdiv(t, math.lcm(bq, bk)) * math.lcm(bq, bk)
+  bq, bk, nb = block_sizes.block_q, block_sizes.block_k, block_sizes.num_buffers
+  wgs = block_sizes.num_compute_warpgroups
+  rows = wgs * bq  # query rows per program
+  tp = _cdiv(t, math.lcm(rows, bk)) * math.lcm(rows, bk)
   if tp != t:  # zeros: finite padding; padded keys follow every real query, so the mask hides them
     pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
   dtype = q.dtype
   # 64 bf16/fp16 elements are one 128-byte row: the widest swizzle, which wgmma reads best.
   transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  per_wg = (lambda shape: shape) if wgs == 1 else (lambda shape: (wgs, *shape))
   smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=transforms)
-  scratch = (
-      smem((bq, h), dtype),  # q, then the output
-      smem((block_sizes.num_buffers, bk, h), dtype),  # k ring
-      smem((block_sizes.num_buffers, bk, h), dtype),  # v ring
-      smem((bk, bk), jnp.bfloat16),  # triangle
-      smem((bq, bk), jnp.bfloat16),  # a bf16 part of log2(1 - beta)
-      smem((bq, bk), dtype),  # weights a
-      plgpu.SMEM((bq,), jnp.float32),  # rem
-      (plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=block_sizes.num_buffers),
-       plgpu.Barrier(num_barriers=block_sizes.num_buffers)),
-  )
+  scratch = [
+      smem(per_wg((bq, h)), dtype),  # q, then the output
+      smem((nb, bk, h), dtype),  # k ring
+      smem((nb, bk, h), dtype),  # v ring
+      smem(per_wg((bk, bk)), jnp.bfloat16),  # triangle (one per warpgroup: no cross-wg sync)
+      smem(per_wg((bq, bk)), jnp.bfloat16),  # a bf16 part of log2(1 - beta)
+      smem(per_wg((bq, bk)), dtype),  # weights a
+      plgpu.SMEM(per_wg((bq,)), jnp.float32),  # rem
+      (plgpu.Barrier(num_barriers=wgs), plgpu.Barrier(num_barriers=nb),
+       plgpu.Barrier(num_barriers=nb)),  # q, k and v loaded
+  ]
+  if wgs == 1:
+    kernel, threads = _fwd_kernel, {}
+  else:  # K/V slots read by both consumers
+    scratch.append((plgpu.Barrier(num_arrivals=wgs, num_barriers=nb),) * 2)
+    kernel, threads = _fwd_kernel_ws, dict(num_threads=wgs + 1, thread_name="wg")
   kernel = functools.partial(
-      _fwd_kernel, block_q=bq, block_k=bk, num_buffers=block_sizes.num_buffers, group=group,
+      kernel, block_q=bq, block_k=bk, num_buffers=nb, group=group,
       attend_current=attend_current, cumsum_parts=_cumsum_parts(dtype))
   body = lambda *refs: kernel(*refs[:6], refs[6:])
   scale_rows = jnp.broadcast_to(jnp.reshape(scale, ()).astype(jnp.float32), (bq,))
@@ -198,11 +302,12 @@ def forward(q, k, v, scale, *, attend_current: bool, block_sizes: MosaicBlockSiz
       body,
       out_type=(jax.ShapeDtypeStruct((b, tp, n, h), dtype),
                 jax.ShapeDtypeStruct((b, n, tp), jnp.float32)),
-      scratch_types=scratch,
-      grid=(tp // bq, n, b),
+      scratch_types=tuple(scratch),
+      grid=(tp // rows, n, b),
       grid_names=("q", "heads", "batch"),
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret,
       kernel_name=NAME,
+      **threads,
   )(scale_rows, q, k, v)
   return out[:, :t], rem[:, :, :t]
