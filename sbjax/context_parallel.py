@@ -30,13 +30,16 @@ are a reduce-scatter and the reverse permutation) and the chunk op's custom VJP,
 cotangent of ``rem``.
 
 All-gather rather than a ring of ``ppermute``s for K/V: the stick is broken nearest piece first,
-and under the zig-zag layout a device's nearest pieces are not its ring neighbours' (a ring
-rotation would hand piece ``d - 1`` to device ``d`` only after several steps); with every piece
-at hand, the walk goes nearest first and stops as soon as the stick is used up, the
-communication volume per device is the same ``(C - 1) / C`` of K/V as a full ring, and XLA's
-asynchronous collectives can overlap the gather with the own-piece causal call. The cost is
+and under the zig-zag layout the two pieces of a device need their earlier pieces from opposite
+ring directions (piece ``d`` from devices ``d - 1, d - 2, ...``, piece ``2C - 1 - d`` from
+``d + 1, ...``), so a one-way ring would hand one of them its nearest pieces last and its walk
+could not stop early. With every piece at hand both walks go nearest
+first and stop as soon as the stick is used up, each device receives the same ``(C - 1) / C`` of
+K/V as over a full ring, the gradient is one reduce-scatter (autodiff of ``all_gather``), and
+XLA's asynchronous collectives may overlap the gather with the own-piece causal call. The cost is
 memory: K/V of the whole sequence per device (``T x K x (H + Hv)`` elements, small next to the
-activations for GQA/MQA). Measured on GPUs: pending (no 2-GPU machine was lent; see README).
+activations for GQA/MQA), and no explicit compute/transfer pipelining. Measured on GPUs: pending
+(no 2-GPU machine was lent; see README).
 
 ``T`` not divisible by ``2C`` is handled by padding the sequence at its end (the padded keys come
 after every real query, so causality hides them; the padded queries' outputs are dropped), at
