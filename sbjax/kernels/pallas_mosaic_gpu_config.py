@@ -18,12 +18,16 @@ class MosaicBlockSizes:
     num_compute_warpgroups: 1 (one warpgroup issues its own TMA copies) or 2 (FlashAttention-3's
       structure: two consumer warpgroups of ``block_q`` rows each share the K/V tiles that a
       third, producer warpgroup loads).
+    operands_in_registers: the weights ``a`` and the stick-sum parts enter their wgmma from
+      registers (True) or through shared memory (False). Interpret mode always takes shared
+      memory (it cannot read a register operand); the arithmetic is the same.
   """
 
   block_q: int = 64
   block_k: int = 64
   num_buffers: int = 2
   num_compute_warpgroups: int = 1
+  operands_in_registers: bool = True
 
   def __post_init__(self):
     cls = type(self).__name__
@@ -33,6 +37,9 @@ class MosaicBlockSizes:
       raise ValueError(f"{cls}.block_k must be a positive multiple of 64, got {self.block_k!r}.")
     if not (isinstance(self.num_buffers, int) and self.num_buffers >= 2):
       raise ValueError(f"{cls}.num_buffers must be an int >= 2, got {self.num_buffers!r}.")
+    if not isinstance(self.operands_in_registers, bool):
+      raise ValueError(f"{cls}.operands_in_registers must be a bool, got "
+                       f"{self.operands_in_registers!r}.")
     if self.num_compute_warpgroups not in (1, 2):
       raise ValueError(f"{cls}.num_compute_warpgroups must be 1 or 2, got "
                        f"{self.num_compute_warpgroups!r}.")

@@ -1,19 +1,25 @@
 """Forward Pallas Mosaic GPU kernel (Hopper): one program per (query block, head, batch).
 
-The first, simplest structure (docs/design.md "Mosaic GPU kernels"): one warpgroup per program,
-64 query rows, K/V tiles TMA-loaded into a ring of ``num_buffers`` shared-memory slots (the next
-tile's copy is issued before the current tile's math), and three wgmma per key block, all with
-both operands in shared memory:
+Two structures (``MosaicBlockSizes.num_compute_warpgroups``; docs/design.md §6), neither measured
+on a GPU yet:
 
-    x   = q @ k^T                      [block_q, block_k]  (fp32 accumulator)
+- 1: one warpgroup, 64 query rows, that issues the TMA copies of its K/V ring itself, the next
+  tile's copy before the current tile's math;
+- 2: FlashAttention-3's structure: two consumer warpgroups of 64 rows share the K/V tiles that a
+  producer warpgroup loads into the ring ("consumed" barriers free a slot).
+
+Per key block a consumer runs three wgmma (fp32 accumulators; the left operands of the last two
+in registers on the GPU, through shared memory in interpret mode):
+
+    x   = q @ k^T                      [block_q, block_k]
     sum = part(log2(1 - beta)) @ tri   [block_q, block_k]  (in-block sums of the nearer keys)
     acc = acc + a @ v                  [block_q, H]
 
 Key blocks are walked from the diagonal leftwards (nearest first), the row's log2-stick carried
-in fp32, exactly as the Triton forward (``pallas_triton_fwd``) does; only the diagonal blocks are
-masked. No skipping yet: every visible key block is walked (the Triton kernels' dense walk).
-T that is not a multiple of the block is padded by the launcher (zeros, so the padding is finite;
-padded keys lie after every real query and the causal mask hides them).
+in fp32, as the Triton forward (``pallas_triton_fwd``) does; only the diagonal blocks are masked.
+No skipping yet: every visible key block is walked (the Triton kernels' dense walk). T that is
+not a multiple of the rows per program is padded by the launcher (zeros, so the padding is
+finite; padded keys lie after every real query and the causal mask hides them).
 """
 
 from __future__ import annotations
@@ -64,14 +70,16 @@ def _key_blocks(q_start, rows: int, *, block_k: int, lag: int):
 
 
 def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready, *, scale_ref,
-          q_start, n_full, n_total, block_k, num_buffers, lag, cumsum_parts, before_tile=None,
-          k_done=None, v_done=None):
+          q_start, n_full, n_total, block_k, num_buffers, lag, cumsum_parts, registers,
+          before_tile=None, k_done=None, v_done=None):
   """One warpgroup's walk over key-block steps ``t = 0 .. n_total - 1`` (key block
   ``n_total - 1 - t``, in slot ``t % num_buffers``): ``(acc [Q, H], log_stick [Q])`` in fp32.
 
   ``k_ready``/``v_ready``: the slots' load barriers. ``before_tile(t)`` runs first in a step (the
   one-warpgroup kernel's prefetch); ``k_done(slot)``/``v_done(slot)`` after the step's last read
-  of K/V (the two-warpgroup kernel's "consumed" arrivals).
+  of K/V (the two-warpgroup kernel's "consumed" arrivals). ``registers``: the left operands of
+  the stick-sum and ``a @ v`` wgmma stay in registers (no SMEM round trip and async-proxy fence);
+  else they go through ``part_smem``/``p_smem`` (what interpret mode can run).
   """
   block_q, head_dim = q_smem.shape
   shape = (block_q, block_k)
@@ -83,11 +91,19 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
   # [block_q]: the scale in every row. An optimized (vectorised) load from GMEM does not lower.
   scale2 = plgpu.load(scale_ref, layout=_ROW, optimized=False) * LOG2E
 
-  def matmul(a_smem, b_smem, out_shape):
+  def matmul(a, b_smem, out_shape):  # a: an SMEM ref, or a WGMMA-layout array in registers
     def body(acc_ref):
-      plgpu.wgmma(acc_ref, a_smem, b_smem)
+      plgpu.wgmma(acc_ref, a, b_smem)
       return acc_ref[...]
     return pl.run_scoped(body, plgpu.ACC(out_shape, jnp.float32))
+
+  def lhs(x, smem):
+    """``x`` as a wgmma left operand: itself in registers, or stored to ``smem``."""
+    if registers:
+      return x
+    smem[...] = x
+    plgpu.commit_smem()  # make the register stores visible to the wgmma (async proxy)
+    return smem
 
   def tile(step, carry, *, masked):
     acc, log_stick = carry  # [block_q, H] fp32, [block_q] fp32
@@ -106,23 +122,20 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
       mask = k_pos <= q_pos - lag
       log_1m_beta = jnp.where(mask, log_1m_beta, 0.0)
     # In-block sums of log2(1 - beta) over the nearer keys, in bf16 parts (hi + lo + ...): each
-    # part is written to shared memory and multiplied by the triangle on the tensor cores.
+    # part is multiplied by the triangle on the tensor cores.
     nearer, rest = None, log_1m_beta
     for _ in range(cumsum_parts):
       part = rest.astype(jnp.bfloat16)
-      part_smem[...] = part
-      plgpu.commit_smem()  # make the register stores visible to the wgmma (async proxy)
-      term = matmul(part_smem, tri_smem, shape)
+      term = matmul(lhs(part, part_smem), tri_smem, shape)
       nearer = term if nearer is None else nearer + term
       rest = rest - part.astype(jnp.float32)
     a = jnp.exp2(log_beta + nearer + _row_bcast(log_stick, shape))  # [block_q, block_k]
     if masked:
       a = jnp.where(mask, a, 0.0)
 
-    p_smem[...] = a.astype(p_smem.dtype)
-    plgpu.commit_smem()
+    p = lhs(a.astype(q_smem.dtype), p_smem)
     plgpu.barrier_wait(v_ready.at[slot])
-    acc = acc + matmul(p_smem, v_smem.at[slot], acc.shape)  # [block_q, H]
+    acc = acc + matmul(p, v_smem.at[slot], acc.shape)  # [block_q, H]
     if v_done is not None:
       v_done(slot)
     return acc, log_stick + jnp.sum(log_1m_beta, axis=1)
@@ -144,7 +157,7 @@ def _store(acc, log_stick, o_smem, rem_smem, out_ref, rem_ref):
 
 
 def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *, block_q, block_k,
-                num_buffers, group, attend_current, cumsum_parts):
+                num_buffers, group, attend_current, cumsum_parts, registers):
   """One warpgroup: it issues the TMA copies of the ring itself, ``num_buffers - 1`` ahead."""
   q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, rem_smem, barriers = scratch
   q_barrier, k_barriers, v_barriers = barriers
@@ -174,14 +187,15 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *, bl
   acc, log_stick = _walk(
       q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_barriers, v_barriers,
       scale_ref=scale_ref, q_start=q_start, n_full=n_full, n_total=n_total, block_k=block_k,
-      num_buffers=num_buffers, lag=lag, cumsum_parts=cumsum_parts, before_tile=prefetch)
+      num_buffers=num_buffers, lag=lag, cumsum_parts=cumsum_parts, registers=registers,
+      before_tile=prefetch)
   # q is no longer read: its buffer stages the output.
   _store(acc, log_stick, q_smem, rem_smem, out_ref.at[rows],
          rem_ref.at[batch, head, pl.ds(q_start, block_q)])
 
 
 def _fwd_kernel_ws(scale_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *, block_q, block_k,
-                   num_buffers, group, attend_current, cumsum_parts):
+                   num_buffers, group, attend_current, cumsum_parts, registers):
   """Warp-specialised (FA3's structure): warpgroups 0 and 1 each compute ``block_q`` rows of a
   ``2 * block_q`` query block; warpgroup 2 issues the TMA copies of the K/V ring, which both
   consumers read, refilling a slot once both have arrived on its "consumed" barrier.
@@ -208,10 +222,12 @@ def _fwd_kernel_ws(scale_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *,
     n_full, _ = _key_blocks(q_start, block_q, block_k=block_k, lag=lag)
     plgpu.barrier_wait(q_barriers.at[wg])
     acc, log_stick = _walk(
-        q_wg, k_smem, v_smem, tri_smem.at[wg], part_smem.at[wg], p_smem.at[wg], k_barriers,
+        q_wg, k_smem, v_smem, tri_smem.at[wg], *(None if r is None else r.at[wg]
+                                                 for r in (part_smem, p_smem)), k_barriers,
         v_barriers, scale_ref=scale_ref, q_start=q_start, n_full=jnp.minimum(n_full, n_total),
         n_total=n_total, block_k=block_k, num_buffers=num_buffers, lag=lag,
-        cumsum_parts=cumsum_parts, k_done=lambda slot: plgpu.barrier_arrive(k_consumed.at[slot]),
+        cumsum_parts=cumsum_parts, registers=registers,
+        k_done=lambda slot: plgpu.barrier_arrive(k_consumed.at[slot]),
         v_done=lambda slot: plgpu.barrier_arrive(v_consumed.at[slot]))
     _store(acc, log_stick, q_wg, rem_smem.at[wg], out_ref.at[rows],
            rem_ref.at[batch, head, pl.ds(q_start, block_q)])
@@ -276,14 +292,16 @@ def forward(q, k, v, scale, *, attend_current: bool, block_sizes: MosaicBlockSiz
   # 64 bf16/fp16 elements are one 128-byte row: the widest swizzle, which wgmma reads best.
   transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   per_wg = (lambda shape: shape) if wgs == 1 else (lambda shape: (wgs, *shape))
+  # Interpret mode reads both wgmma operands from SMEM; the values are the same either way.
+  registers = block_sizes.operands_in_registers and not interpret
   smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=transforms)
   scratch = [
       smem(per_wg((bq, h)), dtype),  # q, then the output
       smem((nb, bk, h), dtype),  # k ring
       smem((nb, bk, h), dtype),  # v ring
       smem(per_wg((bk, bk)), jnp.bfloat16),  # triangle (one per warpgroup: no cross-wg sync)
-      smem(per_wg((bq, bk)), jnp.bfloat16),  # a bf16 part of log2(1 - beta)
-      smem(per_wg((bq, bk)), dtype),  # weights a
+      None if registers else smem(per_wg((bq, bk)), jnp.bfloat16),  # a part of log2(1 - beta)
+      None if registers else smem(per_wg((bq, bk)), dtype),  # weights a
       plgpu.SMEM(per_wg((bq,)), jnp.float32),  # rem
       (plgpu.Barrier(num_barriers=wgs), plgpu.Barrier(num_barriers=nb),
        plgpu.Barrier(num_barriers=nb)),  # q, k and v loaded
@@ -295,7 +313,7 @@ def forward(q, k, v, scale, *, attend_current: bool, block_sizes: MosaicBlockSiz
     kernel, threads = _fwd_kernel_ws, dict(num_threads=wgs + 1, thread_name="wg")
   kernel = functools.partial(
       kernel, block_q=bq, block_k=bk, num_buffers=nb, group=group,
-      attend_current=attend_current, cumsum_parts=_cumsum_parts(dtype))
+      attend_current=attend_current, cumsum_parts=_cumsum_parts(dtype), registers=registers)
   body = lambda *refs: kernel(*refs[:6], refs[6:])
   scale_rows = jnp.broadcast_to(jnp.reshape(scale, ()).astype(jnp.float32), (bq,))
   out, rem = plgpu.kernel(
