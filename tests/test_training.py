@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import portpicker
 import pytest
 import tqdm
 from flax import nnx
@@ -56,8 +57,12 @@ def test_schedule_and_weight_decay_mask():
 def test_bad_train_config_names_the_field():
   with pytest.raises(ValueError, match="num_steps"):
     training.TrainConfig(num_steps=0)
-  with pytest.raises(ValueError, match="mesh_shape"):
-    training.TrainConfig(mesh_shape=(1, 1, 1))
+  for bad in [(1, 1, 1, 1), (1,), (0, 1), (2, 1, 0), (-1, -1), (2.0, 1)]:
+    with pytest.raises(ValueError, match=r"mesh_shape must be \(data, model\) or \(data, model, "):
+      training.TrainConfig(mesh_shape=bad)
+  # (data, model) and (data, model, context); lists (as read back from JSON) become tuples.
+  assert training.TrainConfig(mesh_shape=(-1, 2)).mesh_shape == (-1, 2)
+  assert training.TrainConfig(mesh_shape=[2, 1, 4]).mesh_shape == (2, 1, 4)
 
 
 def test_cross_entropy_loss_mask():
@@ -131,8 +136,9 @@ def test_finished_workdir_returns_the_run_and_refuses_another_config(tmp_path, c
   # The progress bar's clock (its rate and ETA) starts after the first step, which compiles.
   assert events == [("batch", 0), ("bar", 1), ("batch", 1), ("batch", 2)]
   # Rerun on the finished workdir: nothing is trained, the run's metrics are read back and the
-  # final evaluation is redone; the log says so. Display fields may differ.
-  again = _tiny_run(tmp_path, log_every=2, progress_bar=True)
+  # final evaluation is redone; the log says so. Display and mesh fields may differ (a 3-axis
+  # mesh_shape resumes a run saved with a 2-axis one).
+  again = _tiny_run(tmp_path, log_every=2, progress_bar=True, mesh_shape=(-1, 1, 1))
   assert "already complete" in caplog.text
   assert int(again.state.step) == 3
   assert again.metrics == first.metrics
@@ -185,3 +191,78 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     assert np.isfinite(ref[name]).all(), name
     np.testing.assert_array_equal(run[name], ref[name], err_msg=name)
   assert int(run["arr_0"]) == 10  # the step
+
+
+def _start_dist(workdir, out, *kill, num_processes: int = 2, devices: int = 2):
+  """Starts the processes of one ``train_worker.py dist`` run (``jax.distributed`` on localhost,
+  ``devices`` CPU devices each); their stderr goes to ``workdir.<process>.log``."""
+  port = portpicker.pick_unused_port()
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=" ".join(
+      [os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={devices}"]),
+      # One compilation cache for every run of the test: the rerun compiles nothing.
+      JAX_COMPILATION_CACHE_DIR=str(workdir.parent / "jax_cache"),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  procs = []
+  for process in range(num_processes):
+    log = open(f"{workdir}.{process}.log", "w")
+    procs.append(subprocess.Popen(
+        [sys.executable, WORKER, "dist", *map(str, (workdir, out, num_processes, process, port,
+                                                   *kill))],
+        env=env, stdout=subprocess.DEVNULL, stderr=log))
+    log.close()
+  return procs
+
+
+def _wait_dist(procs, workdir, returncode: int = 0) -> list[str]:
+  """Waits for the processes of ``_start_dist`` (killing all if one fails); their logs."""
+  try:
+    for proc in procs:
+      proc.wait(timeout=300)
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  logs = [open(f"{workdir}.{process}.log").read() for process in range(len(procs))]
+  for proc, log in zip(procs, logs):
+    assert proc.returncode == returncode, log[-3000:]
+  return logs
+
+
+def test_two_processes_match_one_process_and_resume(tmp_path):
+  """Two processes of 2 CPU devices each (``jax.distributed``, gloo collectives) train on a
+  (data 2, model 2, context 1) mesh, each supplying its own 4 of the 8 rows of every batch. They
+  are killed together after checkpoint 2 is written, rerun, and end bit-identical (logged loss
+  curve, parameters, optimiser state, step) to one process training on 4 devices with the same
+  mesh, which compiles the same partitioned program. Equality, not a tolerance: each device
+  computes the same partial results in both runs, and every cross-device reduction combines 2
+  partials (a 2-way mesh axis), and a + b == b + a in floating point whatever order gloo or the
+  in-process all-reduce adds them in (more than 2 participants could round differently)."""
+  ref = _start_dist(tmp_path / "ref", tmp_path / "ref.npz", num_processes=1, devices=4)
+  run = tmp_path / "run"
+  _wait_dist(_start_dist(run, tmp_path / "unused.npz", 3, 2), run, returncode=-signal.SIGKILL)
+  assert sorted(os.listdir(run / "checkpoints")) == ["2"]
+  logs = _wait_dist(_start_dist(run, tmp_path / "run.npz"), run)
+  _wait_dist(ref, tmp_path / "ref")
+  # Restored by both processes; logged (stderr, metrics, TensorBoard) by process 0 alone.
+  assert "Resuming from step 2" in logs[0] and "Resuming" not in logs[1]
+  assert sorted(os.listdir(run / "checkpoints")) == ["4", "6"]
+  logged = [json.loads(line)["step"] for line in open(run / "metrics.jsonl")]
+  assert logged == [1, 2, 3, 4, 5, 6]
+  assert len(os.listdir(run / "tensorboard")) == 2  # one events file per run
+
+  ref, out = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "run.npz")
+  other = json.loads(open(f"{tmp_path / 'run.npz'}.1.json").read())
+  assert int(ref["devices"]) == int(out["devices"]) == 4
+  np.testing.assert_array_equal(ref["rows"], np.arange(8))
+  np.testing.assert_array_equal(out["rows"], np.arange(4))  # process 0: the first half
+  np.testing.assert_array_equal(other["rows"], np.arange(4, 8))
+  np.testing.assert_array_equal(out["steps"], [1, 2, 3, 4, 5, 6])
+  assert np.isfinite(ref["losses"]).all() and ref["losses"][-1] != ref["losses"][0]
+  np.testing.assert_array_equal(out["losses"], ref["losses"])
+  np.testing.assert_array_equal(other["losses"], ref["losses"])  # every process returns them
+  leaves = [name for name in ref.files if name.startswith("arr_")]
+  assert len(leaves) > 3 and sorted(out.files) == sorted(ref.files)
+  for name in leaves:
+    assert np.isfinite(ref[name]).all(), name
+    np.testing.assert_array_equal(out[name], ref[name], err_msg=name)
+  assert int(out["arr_0"]) == 6  # the step

@@ -2,9 +2,14 @@
 
     python tests/train_worker.py shard OUT.json     # needs 8 host devices (XLA_FLAGS)
     python tests/train_worker.py train WORKDIR OUT.npz [KILL_AT_STEP [AFTER_CHECKPOINT]]
+    python tests/train_worker.py dist WORKDIR OUT.npz NUM_PROCESSES PROCESS_ID PORT \
+        [KILL_AT_STEP AFTER_CHECKPOINT]
 
 A run with KILL_AT_STEP SIGKILLs itself when it asks for that step's batch, once the checkpoint
-of step AFTER_CHECKPOINT (if given) is fully written.
+of step AFTER_CHECKPOINT (if given) is fully written. ``dist`` is one process of a
+``jax.distributed`` run on localhost:PORT (no ``jax.distributed`` when NUM_PROCESSES is 1) that
+trains on a (2, 2, 1) mesh, each process supplying its rows of the batch; its processes kill
+themselves together, and process 0 writes the final state and the logged losses to OUT.npz.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import time
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -73,14 +79,26 @@ def shard(out_path: str):
                    **{f"{k}_{f}": results[k][f] for k in results for f in ("losses", "spec", "shards")}), f)
 
 
+def _kill_at(workdir: str, after_checkpoint: int | None, num_processes: int = 1):
+  """SIGKILLs this process once checkpoint ``after_checkpoint`` is written and every process of
+  the run has come here (none is left waiting in a collective with a dead one)."""
+  deadline = time.monotonic() + 120
+  def wait(done):
+    while not done() and time.monotonic() < deadline:
+      time.sleep(0.05)
+  if after_checkpoint is not None:
+    wait(lambda: os.path.isdir(os.path.join(workdir, "checkpoints", str(after_checkpoint))))
+  if num_processes > 1:
+    open(os.path.join(workdir, f"killed.{jax.process_index()}"), "w").close()
+    wait(lambda: all(os.path.exists(os.path.join(workdir, f"killed.{p}"))
+                     for p in range(num_processes)))
+  os.kill(os.getpid(), signal.SIGKILL)
+
+
 def train(workdir: str, out_path: str, kill_at: int | None, after_checkpoint: int | None):
   def batches(step):
     if step == kill_at:
-      deadline = time.monotonic() + 120
-      while after_checkpoint is not None and time.monotonic() < deadline and not os.path.isdir(
-          os.path.join(workdir, "checkpoints", str(after_checkpoint))):
-        time.sleep(0.05)
-      os.kill(os.getpid(), signal.SIGKILL)
+      _kill_at(workdir, after_checkpoint)
     return batch(step)
 
   config = training.TrainConfig(num_steps=10, warmup_steps=2, learning_rate=1e-2, log_every=2,
@@ -90,9 +108,39 @@ def train(workdir: str, out_path: str, kill_at: int | None, after_checkpoint: in
   np.savez(out_path, *leaves)
 
 
+def dist(workdir: str, out_path: str, num_processes: int, process_id: int, port: int,
+         kill_at: int | None, after_checkpoint: int | None):
+  if num_processes > 1:
+    jax.distributed.initialize(f"localhost:{port}", num_processes, process_id,
+                               initialization_timeout=60)
+  config = training.TrainConfig(num_steps=6, warmup_steps=2, learning_rate=1e-2, log_every=1,
+                                checkpoint_every=2, keep_checkpoints=2, progress_bar=False,
+                                mesh_shape=(2, jax.device_count() // 2, 1))
+  mesh = parallel.make_mesh(*config.mesh_shape)
+  rows = training.process_batch_rows(8, mesh)
+
+  def batches(step):
+    if step == kill_at:
+      _kill_at(workdir, after_checkpoint, num_processes)
+    return {name: x[rows] for name, x in batch(step).items()}
+
+  model = DecoderLM(CONFIG.replace(num_layers=1), rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+  result = training.train(model, config, batches, workdir, mesh=mesh)
+  state = multihost_utils.process_allgather(result.state, tiled=True)  # every process takes part
+  if jax.process_index() == 0:
+    np.savez(out_path, *jax.tree.leaves(state), rows=rows, devices=jax.device_count(),
+             losses=[m["loss"] for m in result.metrics], steps=[m["step"] for m in result.metrics])
+  else:
+    with open(out_path + f".{jax.process_index()}.json", "w") as f:
+      json.dump(dict(rows=rows.tolist(), losses=[m["loss"] for m in result.metrics]), f)
+
+
 if __name__ == "__main__":
   if sys.argv[1] == "shard":
     shard(sys.argv[2])
+  elif sys.argv[1] == "dist":
+    kill_at, after_checkpoint = ([int(a) for a in sys.argv[7:9]] + [None, None])[:2]
+    dist(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7]), kill_at, after_checkpoint)
   else:
     kill_at, after_checkpoint = ([int(a) for a in sys.argv[4:6]] + [None, None])[:2]
     train(sys.argv[2], sys.argv[3], kill_at, after_checkpoint)

@@ -3,8 +3,9 @@
 Public API (stable):
 
     TrainConfig(num_steps, learning_rate, warmup_steps, final_lr_ratio, weight_decay, b1, b2, eps,
-                grad_clip_norm, mesh_shape=(-1, 1), log_every, eval_every, checkpoint_every,
-                keep_checkpoints, async_checkpoints, progress_bar)       # frozen dataclass
+                grad_clip_norm, mesh_shape=(-1, 1) (data, model[, context]), log_every,
+                eval_every, checkpoint_every, keep_checkpoints, async_checkpoints,
+                progress_bar)                                        # frozen dataclass
         .to_json() / .resume_conflicts(saved) -> ["name: saved -> current", ...]
     RESUMABLE_FIELDS   # fields a resumed run may change (mesh, intervals, progress bar)
     train(model, config, batches, workdir=None, *, eval_batches=None, mesh=None) -> TrainResult
@@ -18,8 +19,11 @@ Public API (stable):
         -> train_step(state, batch) -> (state, metrics)
     make_eval_step(graphdef, rest, mesh, param_shardings) -> eval_step(params, batch) -> sums
     evaluate(eval_step, params, batches, sharding) -> {"loss", "accuracy", "tokens"}
-    read_metrics_log(path, upto) -> [entries at steps <= upto]   # and drops later ones from the file
+    read_metrics_log(path, upto, *, rewrite=True) -> [entries at steps <= upto]  # drops later ones
     TrainState(step, params, opt_state)                     # NamedTuple; what checkpoints hold
+    process_batch_rows(batch_size, mesh) -> [B_local] rows of a global batch this process supplies
+    global_batch(batch, sharding) -> {name: jax.Array [B, ...]}  # from this process's rows
+    is_primary() -> bool                                    # process 0: writes logs
     checkpoint.Checkpointer(directory, *, every, keep, async_save=True)
         .save(state, *, force=False) / .restore_latest(shardings, like) / .latest_step()
         / .close()
@@ -32,10 +36,15 @@ differs outside ``RESUMABLE_FIELDS`` (a ``ValueError`` naming the fields), and o
 workdir trains nothing and returns the logged metrics and a fresh final evaluation. Modules may sow
 ``nnx.Intermediate`` values named ``"aux_loss"`` (the forget gate's sparsity loss): the train step
 adds them to the loss and reports ``cross_entropy`` and ``aux_loss`` beside it.
+
+Under ``jax.distributed`` (one process per host or GPU) every process calls ``train`` alike; each
+one's ``batches`` returns its own rows of the global batch (``process_batch_rows``), all of them
+save and restore checkpoints, and process 0 alone writes logs (``train``'s docstring).
 """
 
 from sbjax.training import checkpoint
 from sbjax.training.config import RESUMABLE_FIELDS, TrainConfig
+from sbjax.training.distributed import global_batch, is_primary, process_batch_rows
 from sbjax.training.loop import TrainResult, evaluate, read_metrics_log, train
 from sbjax.training.optim import learning_rate_schedule, make_optimizer, weight_decay_mask
 from sbjax.training.steps import (TrainState, cross_entropy, init_train_state, make_eval_step,
@@ -43,6 +52,7 @@ from sbjax.training.steps import (TrainState, cross_entropy, init_train_state, m
 
 __all__ = [
     "RESUMABLE_FIELDS", "TrainConfig", "TrainResult", "TrainState", "checkpoint", "cross_entropy",
-    "evaluate", "init_train_state", "learning_rate_schedule", "make_eval_step", "make_optimizer",
-    "make_train_step", "read_metrics_log", "state_shardings", "train", "weight_decay_mask",
+    "evaluate", "global_batch", "init_train_state", "is_primary", "learning_rate_schedule",
+    "make_eval_step", "make_optimizer", "make_train_step", "process_batch_rows", "read_metrics_log",
+    "state_shardings", "train", "weight_decay_mask",
 ]

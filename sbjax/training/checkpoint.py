@@ -16,6 +16,8 @@ class Checkpointer:
   Saves are asynchronous: ``save`` returns once the arrays are copied off the devices, and
   ``close`` waits for the last write. Unfinished saves (the temporary directories a killed process
   leaves) are never restored and are deleted when a ``Checkpointer`` opens the directory.
+  Under ``jax.distributed`` every process makes the same calls, on a directory they all see: each
+  writes its own shards, and orbax (process 0) finalises a save once all have written.
   """
 
   def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):

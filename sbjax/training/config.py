@@ -24,7 +24,9 @@ class TrainConfig:
   b2: float = 0.95
   eps: float = 1e-8
   grad_clip_norm: float = 1.0  # global-norm clipping; 0 disables
-  mesh_shape: tuple[int, int] = (-1, 1)  # (data, model); -1 = all remaining devices
+  # (data, model) or (data, model, context), as sbjax.parallel.make_mesh takes them; data=-1 takes
+  # every device left. Across processes (jax.distributed) the mesh spans all processes' devices.
+  mesh_shape: tuple[int, ...] = (-1, 1)
   log_every: int = 10  # steps between metric writes (TensorBoard and progress bar)
   eval_every: int = 0  # steps between evaluations; 0 = only at the end (if eval data is given)
   checkpoint_every: int = 0  # steps between saves; 0 = no checkpoints
@@ -41,8 +43,14 @@ class TrainConfig:
         raise ValueError(f"{name} must be >= 0, got {name}={getattr(self, name)}.")
     if self.keep_checkpoints < 1:
       raise ValueError(f"keep_checkpoints must be >= 1, got keep_checkpoints={self.keep_checkpoints}.")
-    if len(self.mesh_shape) != 2:
-      raise ValueError(f"mesh_shape must be (data, model), got mesh_shape={self.mesh_shape}.")
+    if isinstance(self.mesh_shape, list):  # as read back from JSON
+      object.__setattr__(self, "mesh_shape", tuple(self.mesh_shape))
+    shape = self.mesh_shape
+    ints = isinstance(shape, tuple) and all(type(s) is int for s in shape)
+    if not (ints and len(shape) in (2, 3) and (shape[0] >= 1 or shape[0] == -1)
+            and min(shape[1:]) >= 1):
+      raise ValueError("mesh_shape must be (data, model) or (data, model, context), positive ints "
+                       f"(data may be -1), got mesh_shape={shape!r}.")
 
   def replace(self, **changes) -> TrainConfig:
     return dataclasses.replace(self, **changes)

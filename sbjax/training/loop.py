@@ -1,5 +1,5 @@
 """``train``: the training loop with evaluation, TensorBoard metrics, a progress bar and resumable
-checkpoints."""
+checkpoints, in one process or several (``jax.distributed``)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from sbjax.parallel import batch_sharding, make_mesh
 from sbjax.training import checkpoint
 from sbjax.training.config import TrainConfig
+from sbjax.training.distributed import global_batch, is_primary
 from sbjax.training.optim import learning_rate_schedule, make_optimizer
 from sbjax.training.steps import TrainState, init_train_state, make_eval_step, make_train_step
 
@@ -41,10 +42,11 @@ def _batches_from(batches: Callable[[int], Batch] | Iterable[Batch], start: int)
 
 
 def evaluate(eval_step, params, batches: Iterable[Batch], sharding) -> dict:
-  """Token-weighted mean ``loss`` and ``accuracy`` over ``batches``, and the ``tokens`` scored."""
+  """Token-weighted mean ``loss`` and ``accuracy`` over ``batches`` (this process's rows of each
+  global batch), and the ``tokens`` scored."""
   totals = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0}
   for batch in batches:
-    sums = jax.device_get(eval_step(params, jax.device_put(dict(batch), sharding)))
+    sums = jax.device_get(eval_step(params, global_batch(batch, sharding)))
     totals = {k: totals[k] + float(sums[k]) for k in totals}
   tokens = max(totals["tokens"], 1.0)
   return {"loss": totals["loss_sum"] / tokens, "accuracy": totals["correct"] / tokens,
@@ -77,10 +79,10 @@ def _check_resumable(workdir: str, config: TrainConfig) -> None:
         f"delete {os.path.join(workdir, 'checkpoints')} to start over.")
 
 
-def read_metrics_log(path: str, upto: int) -> list[dict]:
-  """The JSON lines of the metrics log ``path`` at steps ``<= upto``, rewriting the file without
-  the later ones (logged after the checkpoint a run resumes from, they are redone) and without a
-  last line cut off by a killed process. A missing file reads as empty."""
+def read_metrics_log(path: str, upto: int, *, rewrite: bool = True) -> list[dict]:
+  """The JSON lines of the metrics log ``path`` at steps ``<= upto``, rewriting the file (unless
+  not ``rewrite``) without the later ones (logged after the checkpoint a run resumes from, they are
+  redone) and without a last line cut off by a killed process. A missing file reads as empty."""
   entries = []
   if os.path.exists(path):
     with open(path) as f:
@@ -90,6 +92,8 @@ def read_metrics_log(path: str, upto: int) -> list[dict]:
         except json.JSONDecodeError:
           break  # the last line of a killed process may be cut off
   entries = [e for e in entries if e["step"] <= upto]
+  if not rewrite:
+    return entries
   with open(path + ".tmp", "w") as f:
     f.writelines(json.dumps(e) + "\n" for e in entries)
   os.replace(path + ".tmp", path)
@@ -97,8 +101,9 @@ def read_metrics_log(path: str, upto: int) -> list[dict]:
 
 
 def _read_metrics(workdir: str, upto: int) -> tuple[list[dict], list[dict]]:
-  """The train and eval entries logged in ``workdir`` at steps ``<= upto``."""
-  entries = read_metrics_log(os.path.join(workdir, METRICS_FILE), upto)
+  """The train and eval entries logged in ``workdir`` at steps ``<= upto`` (only the primary
+  process rewrites the log)."""
+  entries = read_metrics_log(os.path.join(workdir, METRICS_FILE), upto, rewrite=is_primary())
   history = [{k: v for k, v in e.items() if k != "split"} for e in entries if e["split"] == "train"]
   eval_history = [{k: v for k, v in e.items() if k != "split"} for e in entries
                   if e["split"] == "eval"]
@@ -121,6 +126,15 @@ def train(
   Checkpoints made with a config that differs outside ``RESUMABLE_FIELDS`` are never resumed:
   ``ValueError`` names the differences.
 
+  Multi-process runs: every process calls ``jax.distributed.initialize()``, builds the same model
+  (same seed) and calls ``train`` with the same arguments; the mesh spans every process's devices.
+  ``batches`` and ``eval_batches`` return this process's rows of each global batch
+  (``process_batch_rows(B, mesh)``: process ``p`` of ``P`` holds rows ``p * B / P`` up to
+  ``(p + 1) * B / P`` when ``"data"`` spans the processes). All processes save and restore the
+  checkpoints (``workdir`` must be a filesystem they all see); process 0 alone writes
+  TensorBoard, ``metrics.jsonl``, ``train_config.json``, the progress bar and log messages. Every
+  process returns the same ``TrainResult``.
+
   Args:
     model: an nnx model mapping ``inputs [B, T]`` (and optional ``segment_ids``, ``positions``)
       to logits ``[B, T, V]``; its parameters are updated in place at the end.
@@ -128,16 +142,19 @@ def train(
     batches: ``batches(step) -> batch`` (preferred: resumes exactly) or an iterable of batches.
       A batch is a dict of ``[B, T]`` NumPy arrays: ``inputs``, ``targets``, optional
       ``loss_mask``, ``segment_ids``, ``positions``; ``B`` divisible by the mesh's data size.
+      With several processes, ``[B_local, T]``: this process's rows.
     workdir: where TensorBoard events (``workdir/tensorboard``), checkpoints
       (``workdir/checkpoints``), the config they belong to (``train_config.json``) and every logged
       metric (``metrics.jsonl``) go; ``None`` writes nothing.
     eval_batches: returns a fresh iterable of eval batches each time it is called.
-    mesh: a ``("data", "model")`` mesh; default ``make_mesh(*config.mesh_shape)``.
+    mesh: a ``("data", "model", "context")`` mesh (``sbjax.parallel.make_mesh``); default
+      ``make_mesh(*config.mesh_shape)``.
 
   Returns:
     The final state and the whole run's metrics (resumed runs included) as ``TrainResult``.
   """
   mesh = mesh or make_mesh(*config.mesh_shape)
+  primary = is_primary()  # process 0 writes the logs
   tx, schedule = make_optimizer(config), learning_rate_schedule(config)
   graphdef, rest, state, shardings = init_train_state(model, tx, mesh)
   checkpointer = writer = metrics_file = None
@@ -148,7 +165,8 @@ def train(
     if checkpointer.latest_step() is not None:
       _check_resumable(workdir, config)
       state = checkpointer.restore_latest(shardings, state)
-      logging.warning("Resuming from step %d (%s).", int(state.step), workdir)
+      if primary:
+        logging.warning("Resuming from step %d (%s).", int(state.step), workdir)
   start = int(state.step)
   if start > config.num_steps:
     raise ValueError(f"workdir={workdir!r} holds a checkpoint at step {start}, beyond "
@@ -156,11 +174,12 @@ def train(
   history, eval_history = [], []
   if workdir is not None:
     os.makedirs(workdir, exist_ok=True)
-    if checkpointer is not None:
+    if checkpointer is not None and primary:
       _write_json(os.path.join(workdir, CONFIG_FILE), config.to_json())
     history, eval_history = _read_metrics(workdir, start)
-    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    metrics_file = open(os.path.join(workdir, METRICS_FILE), "a")
+    if primary:
+      writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      metrics_file = open(os.path.join(workdir, METRICS_FILE), "a")
   train_step = make_train_step(graphdef, rest, tx, mesh, shardings, schedule)
   eval_step = make_eval_step(graphdef, rest, mesh, shardings.params) if eval_batches else None
   data_sharding = batch_sharding(mesh)
@@ -177,8 +196,9 @@ def train(
   bar, pending = None, []
   try:
     if start == config.num_steps:
-      logging.warning("The run in %s is already complete (step %d of %d): nothing to train.",
-                      workdir, start, config.num_steps)
+      if primary:
+        logging.warning("The run in %s is already complete (step %d of %d): nothing to train.",
+                        workdir, start, config.num_steps)
       if eval_step is not None:
         values = evaluate(eval_step, state.params, eval_batches(), data_sharding)
         if eval_history and eval_history[-1]["step"] == start:
@@ -187,7 +207,7 @@ def train(
           log("eval", start, values)
     tick = time.perf_counter()
     for step, batch in zip(range(start, config.num_steps), _batches_from(batches, start)):
-      state, metrics = train_step(state, jax.device_put(dict(batch), data_sharding))
+      state, metrics = train_step(state, global_batch(batch, data_sharding))
       pending.append(metrics)
       done = step + 1
       last = done == config.num_steps
@@ -196,7 +216,8 @@ def train(
         jax.block_until_ready(metrics)
         compile_seconds = time.perf_counter() - tick
         tick, timed = time.perf_counter(), 0
-        bar = tqdm(total=config.num_steps, initial=done, disable=not config.progress_bar,
+        bar = tqdm(total=config.num_steps, initial=done,
+                   disable=not (config.progress_bar and primary),
                    desc=f"train (compiled in {compile_seconds:.1f}s)", dynamic_ncols=True)
       else:
         timed += 1

@@ -12,11 +12,13 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sbjax.parallel import batch_sharding, jit_under_mesh
+from sbjax.training.distributed import place
 
 
 class TrainState(NamedTuple):
@@ -85,10 +87,10 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: 
   """
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   shardings = state_shardings(params, tx, mesh)
-  params = jax.device_put(params, shardings.params)
+  params = place(params, shardings.params)  # across processes: every process built the same model
   with jax.set_mesh(mesh):
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-  step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+  step = place(np.zeros((), np.int32), shardings.step)
   return graphdef, rest, TrainState(step, params, opt_state), shardings
 
 
