@@ -1,5 +1,7 @@
 """The Pallas Mosaic GPU forward kernel: Mosaic GPU interpret mode on the CPU against float64, the
 race detector on the TMA ring, the lowering for Hopper without a GPU, and what the op rejects.
+On an NVIDIA GPU the same accuracy tests run the compiled kernel (``INTERPRET`` is False there),
+plus a longer sequence (GPU only).
 
 Forward only: the kernel has no backward yet, so it is not in the shared gradient suite
 (tests/test_op_accuracy.py). Interpret mode costs ~0.3 s per (head, key tile): shapes stay small.
@@ -21,12 +23,14 @@ import sbjax
 from sbjax import reference
 from sbjax.kernels import pallas_mosaic_gpu_fwd
 from sbjax.kernels.pallas_mosaic_gpu_config import MosaicBlockSizes
+from sbjax.platform import on_nvidia_gpu
 from sbjax.testing import Shape, assert_gradients_within_tolerance, float64_result, random_inputs
 
 _H200 = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,),
                      abstract_device=AbstractDevice("NVIDIA H200", None, "cuda"))
 
 
+INTERPRET = not on_nvidia_gpu()
 # The two kernel structures: one warpgroup issuing its own copies, and FA3's two consumers with a
 # producer warpgroup (three K/V slots).
 ONE_WG, TWO_WGS = MosaicBlockSizes(), MosaicBlockSizes(num_compute_warpgroups=2, num_buffers=3)
@@ -36,7 +40,7 @@ ONE_WG, TWO_WGS = MosaicBlockSizes(), MosaicBlockSizes(num_compute_warpgroups=2,
 def _mosaic(q, k, v, scale, attend_current, block_sizes=ONE_WG):
   return sbjax.stick_breaking_attention(
       q, k, v, scale=scale, attend_current=attend_current, implementation="pallas_mosaic_gpu",
-      interpret=True, return_remainder=True, block_sizes=block_sizes)
+      interpret=INTERPRET, return_remainder=True, block_sizes=block_sizes)
 
 
 @functools.partial(jax.jit, static_argnames=("attend_current",))
@@ -46,12 +50,13 @@ def _same_precision(q, k, v, scale, attend_current):
                                             attend_current=attend_current, dtype=q.dtype)
 
 
-def _assert_close_to_float64(q, k, v, scale, attend_current, block_sizes=ONE_WG):
+def _assert_close_to_float64(q, k, v, scale, attend_current, block_sizes=ONE_WG, *,
+                             oracle="xla"):
   got = _mosaic(q, k, v, jnp.float32(scale), attend_current, block_sizes)
   for name, x in zip(("out", "rem"), got):
     assert np.isfinite(np.asarray(x, np.float32)).all(), name
   assert got[0].dtype == q.dtype and got[1].dtype == jnp.float32
-  want = float64_result(q, k, v, None, scale, attend_current)
+  want = float64_result(q, k, v, None, scale, attend_current, implementation=oracle)
   same = _same_precision(q, k, v, jnp.float32(scale), attend_current)
   assert_gradients_within_tolerance(got, want, same, q.dtype, names=("out", "rem"))
   return got
@@ -73,6 +78,16 @@ CASES = [
 def test_forward_matches_float64(dtype, shape, attend_current, block_sizes):
   q, k, v, _ = random_inputs(1, shape, dtype, logit_scale=2.0)
   _assert_close_to_float64(q, k, v, 0.3, attend_current, block_sizes)
+
+
+@pytest.mark.skipif(INTERPRET, reason="compiled kernel only (interpret mode is too slow)")
+@pytest.mark.parametrize("block_sizes", [ONE_WG, TWO_WGS, MosaicBlockSizes(operands_in_registers=False)],
+                         ids=["wgs1", "wgs2", "smem"])
+def test_long_sequence_on_gpu(block_sizes):
+  """T = 2048 (not a multiple of 128), GQA, H = 128: the compiled kernel against float64 (the scan
+  path as the oracle) under the tolerance rule."""
+  q, k, v, _ = random_inputs(5, Shape(1, 2000, 4, 2, 128), jnp.bfloat16, logit_scale=2.0)
+  _assert_close_to_float64(q, k, v, 0.3, False, block_sizes, oracle="scan")
 
 
 def test_large_logits():
@@ -160,6 +175,7 @@ def test_gradients_raise():
     jax.eval_shape(jax.grad(loss), q)
 
 
+@pytest.mark.skipif(not INTERPRET, reason="on a GPU the kernel runs compiled")
 def test_needs_a_gpu_or_interpret():
   q, k, v, _ = random_inputs(0, Shape(1, 64, 1, 1, 64), jnp.bfloat16)
   with pytest.raises(ValueError, match="needs an NVIDIA Hopper GPU or interpret=True"):
