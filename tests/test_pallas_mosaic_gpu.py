@@ -81,8 +81,9 @@ def test_forward_matches_float64(dtype, shape, attend_current, block_sizes):
 
 
 @pytest.mark.skipif(INTERPRET, reason="compiled kernel only (interpret mode is too slow)")
-@pytest.mark.parametrize("block_sizes", [ONE_WG, TWO_WGS, MosaicBlockSizes(operands_in_registers=False)],
-                         ids=["wgs1", "wgs2", "smem"])
+@pytest.mark.parametrize(
+    "block_sizes", [ONE_WG, TWO_WGS, MosaicBlockSizes(operands_in_registers=False)],
+    ids=["wgs1", "wgs2", "smem"])
 def test_long_sequence_on_gpu(block_sizes):
   """T = 2048 (not a multiple of 128), GQA, H = 128: the compiled kernel against float64 (the scan
   path as the oracle) under the tolerance rule."""
@@ -117,9 +118,10 @@ def test_large_logits():
 @pytest.mark.parametrize("block_sizes", [ONE_WG, TWO_WGS],
                          ids=lambda b: f"wgs{b.num_compute_warpgroups}")
 def test_tma_ring_has_no_races(block_sizes):
-  """The interpreter's happens-before race detector over the K/V ring: a copy must not overwrite
-  a slot before every tile that reads it is done. Four key blocks, two or three slots. (The
-  interpreter also fails a kernel whose barrier phases go unobserved.)"""
+  """The K/V ring's synchronisation in the interpreter: its race detector (TMA copies, register
+  loads and stores; it does not see wgmma's SMEM operand reads) and its barrier checks, which fail
+  a kernel whose barrier phases complete unobserved (a producer that refills a slot without
+  waiting for its consumers fails that way). Four key blocks, two or three slots."""
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as mgpu_interpret
   q, k, v, _ = random_inputs(3, Shape(1, 256, 1, 1, 64), jnp.bfloat16)
   mgpu_interpret.reset_gpu_interpret_mode_state()
@@ -132,13 +134,16 @@ def test_tma_ring_has_no_races(block_sizes):
 
 @pytest.mark.parametrize("dtype,head_dim,block_sizes", [
     (jnp.bfloat16, 64, ONE_WG), (jnp.float16, 128, ONE_WG), (jnp.bfloat16, 128, TWO_WGS),
-    (jnp.float16, 64, TWO_WGS), (jnp.bfloat16, 128, MosaicBlockSizes(operands_in_registers=False))],
-    ids=["bf16-64-wgs1", "fp16-128-wgs1", "bf16-128-wgs2", "fp16-64-wgs2", "bf16-128-smem"])
+    (jnp.float16, 64, TWO_WGS), (jnp.bfloat16, 128, MosaicBlockSizes(operands_in_registers=False)),
+    (jnp.float16, 128, MosaicBlockSizes(block_k=128, num_compute_warpgroups=2))],
+    ids=["bf16-64-wgs1", "fp16-128-wgs1", "bf16-128-wgs2", "fp16-64-wgs2", "bf16-128-smem",
+         "fp16-128-wgs2-bk128"])
 def test_lowers_for_hopper(dtype, head_dim, block_sizes):
   """Lowering for an H200 on the CPU runs Pallas's Mosaic GPU lowering and the Mosaic GPU dialect
   lowering (layouts, wgmma operand and swizzle checks) and emits one ``mosaic_gpu_v2`` custom call
-  with the kernel's name. It does not compile to PTX (that needs a GPU). This is the only CPU
-  check of the register-operand wgmma, which interpret mode cannot run (it takes SMEM there)."""
+  with the kernel's name; it also checks the SMEM budget (the bk128 case fits only with one
+  shared triangle). It does not compile to PTX (that needs a GPU). This is the only CPU check of
+  the register-operand wgmma, which interpret mode cannot run (it takes SMEM there)."""
   sd = jax.ShapeDtypeStruct
   args = (sd((2, 200, 4, head_dim), dtype), sd((2, 200, 2, head_dim), dtype),
           sd((2, 200, 2, head_dim), dtype), sd((), jnp.float32))

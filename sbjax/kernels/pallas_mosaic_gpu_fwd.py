@@ -61,6 +61,17 @@ def _stick_terms(x):
   return jnp.minimum(x - sp, 0.0), -sp
 
 
+def _build_triangle(tri_smem):
+  """``tri [S, S]`` bf16 in SMEM with ``tri[m, i] = 1`` for ``m > i``: ``(x @ tri)[r, i]`` sums
+  ``x[r, m]`` over the nearer keys ``m`` of a tile. Mosaic GPU has no cumsum lowering, so the
+  in-block suffix sum is a wgmma against this matrix."""
+  block_k = tri_smem.shape[0]
+  m_ids = plgpu.broadcasted_iota(jnp.int32, (block_k, block_k), 0, layout=plgpu.Layout.WGMMA)
+  i_ids = plgpu.broadcasted_iota(jnp.int32, (block_k, block_k), 1, layout=plgpu.Layout.WGMMA)
+  tri_smem[...] = (m_ids > i_ids).astype(jnp.bfloat16)
+  plgpu.commit_smem()  # register stores, then a wgmma (async proxy) reads them
+
+
 def _key_blocks(q_start, rows: int, *, block_k: int, lag: int):
   """``(n_full, n_total)`` for query rows ``[q_start, q_start + rows)``: key blocks ``[0, n_full)``
   are visible to every row, ``[n_full, n_total)`` need the causal mask."""
@@ -83,11 +94,6 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
   """
   block_q, head_dim = q_smem.shape
   shape = (block_q, block_k)
-  # tri[m, i] = 1 for m > i: (x @ tri)[r, i] sums x[r, m] over the nearer keys m of the tile.
-  # Mosaic GPU has no cumsum lowering, so the in-block suffix sum is a wgmma.
-  m_ids = plgpu.broadcasted_iota(jnp.int32, (block_k, block_k), 0, layout=plgpu.Layout.WGMMA)
-  i_ids = plgpu.broadcasted_iota(jnp.int32, (block_k, block_k), 1, layout=plgpu.Layout.WGMMA)
-  tri_smem[...] = (m_ids > i_ids).astype(jnp.bfloat16)
   # [block_q]: the scale in every row. An optimized (vectorised) load from GMEM does not lower.
   scale2 = plgpu.load(scale_ref, layout=_ROW, optimized=False) * LOG2E
 
@@ -183,6 +189,7 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *, bl
     nxt = step + num_buffers - 1
     pl.when(nxt < n_total)(functools.partial(fetch, nxt))
 
+  _build_triangle(tri_smem)
   plgpu.barrier_wait(q_barrier)
   acc, log_stick = _walk(
       q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_barriers, v_barriers,
@@ -204,7 +211,8 @@ def _fwd_kernel_ws(scale_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *,
   diagonal step is fully masked (weights 0, stick unchanged), which keeps every barrier's phases
   the same in both consumers at the cost of one tile per program.
   """
-  (q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, rem_smem, barriers, consumed) = scratch
+  (q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, rem_smem, barriers, consumed,
+   tri_barrier) = scratch
   q_barriers, k_barriers, v_barriers = barriers
   k_consumed, v_consumed = consumed
   q_block, head, batch = lax.axis_index("q"), lax.axis_index("heads"), lax.axis_index("batch")
@@ -220,9 +228,16 @@ def _fwd_kernel_ws(scale_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *,
     q_wg = q_smem.at[wg]
     plgpu.copy_gmem_to_smem(q_ref.at[rows], q_wg, q_barriers.at[wg])
     n_full, _ = _key_blocks(q_start, block_q, block_k=block_k, lag=lag)
+
+    @pl.when(wg == 0)  # one triangle for both consumers (SMEM is short at block_k = 128)
+    def _():
+      _build_triangle(tri_smem)
+      plgpu.barrier_arrive(tri_barrier)
+
+    plgpu.barrier_wait(tri_barrier)
     plgpu.barrier_wait(q_barriers.at[wg])
     acc, log_stick = _walk(
-        q_wg, k_smem, v_smem, tri_smem.at[wg], *(None if r is None else r.at[wg]
+        q_wg, k_smem, v_smem, tri_smem, *(None if r is None else r.at[wg]
                                                  for r in (part_smem, p_smem)), k_barriers,
         v_barriers, scale_ref=scale_ref, q_start=q_start, n_full=jnp.minimum(n_full, n_total),
         n_total=n_total, block_k=block_k, num_buffers=num_buffers, lag=lag,
@@ -299,7 +314,7 @@ def forward(q, k, v, scale, *, attend_current: bool, block_sizes: MosaicBlockSiz
       smem(per_wg((bq, h)), dtype),  # q, then the output
       smem((nb, bk, h), dtype),  # k ring
       smem((nb, bk, h), dtype),  # v ring
-      smem(per_wg((bk, bk)), jnp.bfloat16),  # triangle (one per warpgroup: no cross-wg sync)
+      smem((bk, bk), jnp.bfloat16),  # triangle
       None if registers else smem(per_wg((bq, bk)), jnp.bfloat16),  # a part of log2(1 - beta)
       None if registers else smem(per_wg((bq, bk)), dtype),  # weights a
       plgpu.SMEM(per_wg((bq,)), jnp.float32),  # rem
@@ -310,6 +325,7 @@ def forward(q, k, v, scale, *, attend_current: bool, block_sizes: MosaicBlockSiz
     kernel, threads = _fwd_kernel, {}
   else:  # K/V slots read by both consumers
     scratch.append((plgpu.Barrier(num_arrivals=wgs, num_barriers=nb),) * 2)
+    scratch.append(plgpu.Barrier(num_barriers=1))  # the triangle is built
     kernel, threads = _fwd_kernel_ws, dict(num_threads=wgs + 1, thread_name="wg")
   kernel = functools.partial(
       kernel, block_q=bq, block_k=bk, num_buffers=nb, group=group,
