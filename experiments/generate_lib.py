@@ -67,21 +67,29 @@ def _sample(model, encoded, decode, max_new_tokens, temperature, top_k, seed, eo
   return samples
 
 
-def sample_run(run_dir: str, prompts: list[str], *, tokenizer=None, max_new_tokens=32,
-               temperature=0.7, top_k=None, seed=0):
-  """``[(prompt, continuation, mean log-prob per token)]`` from the finished length-extrapolation
-  run in ``run_dir`` (its model, last checkpoint and BPE tokenizer; generation stops at the
-  end-of-text token)."""
-  if not prompts or not all(prompts):
-    raise ValueError(f"prompts must be non-empty strings, got {prompts=}.")
+def run_spec(run_dir: str) -> dict:
+  """The ``run.json`` of the length-extrapolation run in ``run_dir`` (attention, seed, model and
+  train configs)."""
   spec_path = os.path.join(run_dir, "run.json")
   if not os.path.exists(spec_path):
     raise ValueError(f"run_dir must hold a length-extrapolation run (run.json), got {run_dir!r}.")
   with open(spec_path) as f:
-    spec = json.load(f)
-  tokenizer = sbjax.data.Tokenizer(
+    return json.load(f)
+
+
+def run_tokenizer(run_dir: str, tokenizer=None) -> sbjax.data.Tokenizer:
+  """The BPE tokenizer of the run in ``run_dir`` (``tokenizer``: another tokenizer file)."""
+  return sbjax.data.Tokenizer(
       tokenizer or os.path.join(run_dir, os.pardir, os.pardir, "tokenizer.json"))
-  model_config = sbjax.models.LMConfig(**spec["model"])
+
+
+def load_run(run_dir: str, *, tokenizer=None, **model_overrides):
+  """``(model, tokenizer)`` of the finished length-extrapolation run in ``run_dir``: its model
+  (``LMConfig`` fields in ``model_overrides`` replaced, e.g. ``implementation``) with the last
+  checkpoint's weights, and its BPE tokenizer."""
+  spec = run_spec(run_dir)
+  tokenizer = run_tokenizer(run_dir, tokenizer)
+  model_config = sbjax.models.LMConfig(**dict(spec["model"], **model_overrides))
   train_config = sbjax.training.TrainConfig(
       **dict(spec["train"], mesh_shape=tuple(spec["train"]["mesh_shape"]), progress_bar=False))
   model = sbjax.models.DecoderLM(model_config, rngs=nnx.Rngs(spec["seed"]))
@@ -92,5 +100,16 @@ def sample_run(run_dir: str, prompts: list[str], *, tokenizer=None, max_new_toke
 
   # A finished workdir restores its last checkpoint into the model and trains nothing.
   sbjax.training.train(model, train_config, no_batches, run_dir)
+  return model, tokenizer
+
+
+def sample_run(run_dir: str, prompts: list[str], *, tokenizer=None, max_new_tokens=32,
+               temperature=0.7, top_k=None, seed=0):
+  """``[(prompt, continuation, mean log-prob per token)]`` from the finished length-extrapolation
+  run in ``run_dir`` (its model, last checkpoint and BPE tokenizer; generation stops at the
+  end-of-text token)."""
+  if not prompts or not all(prompts):
+    raise ValueError(f"prompts must be non-empty strings, got {prompts=}.")
+  model, tokenizer = load_run(run_dir, tokenizer=tokenizer)
   return _sample(model, [tokenizer.encode(p) for p in prompts], tokenizer.decode, max_new_tokens,
                  temperature, top_k, seed, eos_id=tokenizer.eot_id, prompts=prompts)

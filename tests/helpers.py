@@ -57,3 +57,30 @@ def attention_fn(implementation: str, **fixed):
     fixed.setdefault("block_sizes", SMALL_BLOCKS)
   return functools.partial(
       sbjax.stick_breaking_attention, implementation=implementation, return_remainder=True, **fixed)
+
+
+def tiny_length_extrapolation_run(tmp_path):
+  """A 2-step stick-breaking run laid out as experiments/length_extrapolation.py writes it
+  (``runs/<name>/run.json`` + checkpoints, ``tokenizer.json`` two levels up; its text in
+  ``book.txt``) -> ``(run_dir, the trained model)``."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sbjax import data, models, training  # pylint: disable=g-import-not-at-top
+  text = "It was the best of times, it was the worst of times. " * 20
+  tokenizer = data.train_tokenizer([text], 300, str(tmp_path / "tokenizer.json"))
+  ids = tokenizer.encode(text).astype(np.int32)
+  config = models.lm_config("tiny", vocab_size=tokenizer.vocab_size, num_layers=1, d_model=16,
+                            mlp_dim=16)
+  train_config = training.TrainConfig(num_steps=2, warmup_steps=1, checkpoint_every=2,
+                                      eval_every=0, progress_bar=False)
+  run_dir = tmp_path / "runs" / "stickbreaking-seed0-test"
+  batches = lambda step: {"inputs": ids[None, step:step + 16],
+                          "targets": ids[None, step + 1:step + 17]}
+  model = models.DecoderLM(config, rngs=nnx.Rngs(0))
+  training.train(model, train_config, batches, str(run_dir))  # leaves the trained weights in model
+  (run_dir / "run.json").write_text(json.dumps(
+      {"attention": "stickbreaking", "seed": 0, "model": dataclasses.asdict(config),
+       "train": dataclasses.asdict(train_config)}))
+  (tmp_path / "book.txt").write_text(text)
+  return run_dir, model

@@ -14,7 +14,7 @@ import pytest
 import sbjax
 from sbjax import reference
 from sbjax.kernels import pallas_triton_decode
-from helpers import assert_within_tolerance, rel_rms, stick_loop
+from helpers import assert_within_tolerance, rel_rms, stick_loop, tiny_length_extrapolation_run
 
 
 def _decode_inputs(seed, b, s, q_len, n, k, h, hv, dtype, *, gate=False, logit_scale=1.0):
@@ -487,28 +487,11 @@ def test_generate_experiment_samples_a_length_extrapolation_run(tmp_path):
   """``--run_dir``: a finished run laid out as experiments/length_extrapolation.py writes it
   (``runs/<name>/run.json`` + checkpoints, ``tokenizer.json`` two levels up) is restored and
   continued with its BPE tokenizer; greedy sampling is reproducible."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
   import pathlib  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "experiments"))
   import generate_lib as experiment  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from sbjax import data, models, training  # pylint: disable=g-import-not-at-top
-  text = "It was the best of times, it was the worst of times. " * 20
-  tokenizer = data.train_tokenizer([text], 300, str(tmp_path / "tokenizer.json"))
-  ids = tokenizer.encode(text).astype(np.int32)
-  config = models.lm_config("tiny", vocab_size=tokenizer.vocab_size, num_layers=1, d_model=16,
-                            mlp_dim=16)
-  train_config = training.TrainConfig(num_steps=2, warmup_steps=1, checkpoint_every=2,
-                                      eval_every=0, progress_bar=False)
-  run_dir = tmp_path / "runs" / "stickbreaking-seed0-test"
-  batches = lambda step: {"inputs": ids[None, step:step + 16],
-                          "targets": ids[None, step + 1:step + 17]}
-  training.train(models.DecoderLM(config, rngs=nnx.Rngs(0)), train_config, batches, str(run_dir))
-  (run_dir / "run.json").write_text(json.dumps(
-      {"attention": "stickbreaking", "seed": 0, "model": dataclasses.asdict(config),
-       "train": dataclasses.asdict(train_config)}))
+  run_dir, _ = tiny_length_extrapolation_run(tmp_path)
   sample = lambda: experiment.sample_run(str(run_dir), ["It was", "the worst"], max_new_tokens=5,
                                          temperature=0.0)
   samples = sample()
