@@ -8,8 +8,9 @@
 A run with KILL_AT_STEP SIGKILLs itself when it asks for that step's batch, once the checkpoint
 of step AFTER_CHECKPOINT (if given) is fully written. ``dist`` is one process of a
 ``jax.distributed`` run on localhost:PORT (no ``jax.distributed`` when NUM_PROCESSES is 1) that
-trains on a (2, 2, 1) mesh, each process supplying its rows of the batch; its processes kill
-themselves together, and process 0 writes the final state and the logged losses to OUT.npz.
+trains a one-layer model on a (2, D/2, 1) mesh of all D devices, each process supplying its rows
+of the batch; its processes kill themselves together, and process 0 writes the final state, its
+rows and the logged losses to OUT.npz (the others their rows and losses to OUT.npz.<process>.json).
 """
 
 from __future__ import annotations

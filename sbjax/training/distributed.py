@@ -64,7 +64,7 @@ def global_batch(batch, sharding: NamedSharding) -> dict[str, jax.Array]:
   blocks, held = _row_blocks(sharding)
   out = {}
   for name, rows in batch.items():
-    rows = np.asarray(rows)
+    rows = rows if hasattr(rows, "shape") else np.asarray(rows)  # jax arrays stay on device
     if rows.ndim < 1 or rows.shape[0] % held:
       raise ValueError(f"batch[{name!r}] has shape {rows.shape}: this process holds {held} of the "
                        f"{blocks} batch shards, so its rows must be a multiple of {held}.")
