@@ -162,6 +162,10 @@ def test_shard_step_on_8_devices_matches_one_device(tmp_path):
   # step of up to +-lr either way, so parameters after two steps are held to 1e-4 relative RMS.
   assert r["grads_rel_rms"] < 1e-5
   assert r["params_rel_rms"] < 1e-4
+  # One process supplies every row; 6 rows over 4 "data" shards are refused.
+  assert r["rows"] == list(range(8))
+  assert "batch_size=6 is not divisible by the 4 batch shards" in r["rejected"][0]
+  assert "batch['inputs'] has shape (6, 16)" in r["rejected"][1]
 
 
 def test_resume_after_sigkill_is_bit_exact(tmp_path):

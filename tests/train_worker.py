@@ -75,8 +75,18 @@ def shard(out_path: str):
   finite = all(np.isfinite(x).all() for r in results.values() for x in r["params"] + r["grads"])
   errors = {f"{what}_rel_rms": rel_rms(results["mesh"][what], results["one"][what]) if finite
             else None for what in ("grads", "params")}  # over all leaves together
+  # A batch the 4 "data" shards cannot split evenly is refused, naming what is wrong.
+  mesh, rejected = parallel.make_mesh(4, 2), []
+  for call in (lambda: training.process_batch_rows(6, mesh),
+               lambda: training.global_batch(batch(0, b=6), parallel.batch_sharding(mesh))):
+    try:
+      call()
+      rejected.append(None)
+    except ValueError as e:
+      rejected.append(str(e))
   with open(out_path, "w") as f:
-    json.dump(dict(devices=jax.device_count(), finite=finite, **errors,
+    json.dump(dict(devices=jax.device_count(), finite=finite, **errors, rejected=rejected,
+                   rows=training.process_batch_rows(8, mesh).tolist(),
                    **{f"{k}_{f}": results[k][f] for k in results for f in ("losses", "spec", "shards")}), f)
 
 
