@@ -395,9 +395,14 @@ def train_group(group_cfg: dict, group_dir: str, compiled: _Compiled) -> dict:
       f.write(json.dumps(entry) + "\n")
 
   try:
+    last_log, last_step = time.perf_counter(), int(state.step)
     while int(state.step) < g["num_steps"]:
       state, metrics = chunk(state, member_arrays)
       step = int(state.step)
+      if time.perf_counter() - last_log > 60:  # the pace, for planning device time
+        logging.info("%s: step %d, %.3f s per step.", group_name(g), step,
+                     (time.perf_counter() - last_log) / (step - last_step))
+        last_log, last_step = time.perf_counter(), step
       if pending is not None:
         write(*pending)
       pending = (step, metrics)
