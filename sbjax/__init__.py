@@ -5,12 +5,14 @@
 alone) does not pull in Flax.
 """
 
+from sbjax.kernels.pallas_mosaic_gpu_config import MosaicBlockSizes
 from sbjax.kernels.pallas_triton_config import BlockSizes
 from sbjax.kernels.pallas_triton_decode import DecodeBlockSizes
 from sbjax.ops import (default_implementation, stick_breaking_attention, stick_breaking_decode,
                        stick_breaking_weights)
 
-__all__ = ["BlockSizes", "DecodeBlockSizes", "StickBreakingAttention", "default_implementation",
+__all__ = ["BlockSizes", "DecodeBlockSizes", "MosaicBlockSizes", "StickBreakingAttention",
+           "default_implementation",
            "stick_breaking_attention", "stick_breaking_decode", "stick_breaking_weights"]
 __version__ = "0.1.0"
 

@@ -18,7 +18,7 @@ from sbjax.kernels.pallas_mosaic_gpu_config import MosaicBlockSizes
 from sbjax.kernels.pallas_triton_config import BlockSizes
 from sbjax.platform import on_nvidia_gpu
 
-Implementation = Literal["pallas", "pallas_mosaic_gpu", "scan", "xla"]
+Implementation = Literal["pallas", "pallas_triton", "pallas_mosaic_gpu", "scan", "xla"]
 IMPLEMENTATIONS = typing.get_args(Implementation)
 
 
@@ -100,17 +100,18 @@ def check_inputs(query, key, value, scale, segment_ids, implementation, interpre
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise TypeError(f"block_sizes must be a sbjax.BlockSizes, got {type(block_sizes).__name__}.")
   for name, given in (("block_sizes", block_sizes is not None), ("interpret", interpret)):
-    if given and implementation not in (None, "pallas"):
-      raise ValueError(f"{name} applies to implementation='pallas' only, got {implementation=}.")
-  if implementation == "pallas":
+    if given and implementation not in (None, "pallas", "pallas_triton"):
+      raise ValueError(f"{name} applies to the Pallas kernels only, got {implementation=}.")
+  if implementation in ("pallas", "pallas_triton"):
     reason = pallas_triton.unsupported(query, value)
     if reason:
-      raise ValueError(f"implementation='pallas' {reason}; use implementation='scan' or 'xla'.")
+      raise ValueError(f"implementation={implementation!r} {reason}; use implementation='scan' "
+                       "or 'xla'.")
     if not interpret and not _lowering_for_nvidia_gpu():
       device = jax.devices()[0]
       raise ValueError(
-          "implementation='pallas' needs an NVIDIA GPU or interpret=True, got interpret=False "
-          f"with JAX's default device {device.device_kind!r} (platform {device.platform!r}); use "
+          f"implementation={implementation!r} needs an NVIDIA GPU or interpret=True, got "
+          f"interpret=False with JAX's default device {device.device_kind!r} (platform {device.platform!r}); use "
           "implementation='scan' (runs anywhere) or interpret=True (slow; for tests).")
 
 
@@ -182,7 +183,9 @@ def stick_breaking_attention(
       (float64 for float64 inputs).
     return_remainder: also return ``rem``.
     implementation: ``None`` (auto: ``"pallas"`` on an NVIDIA GPU for inputs it supports, else
-      ``"scan"``), ``"pallas"`` (Pallas Triton kernels), ``"pallas_mosaic_gpu"`` (the Mosaic GPU
+      ``"scan"``), ``"pallas"`` (the fastest Pallas kernels for this GPU and these inputs: today
+      always the Triton ones), ``"pallas_triton"`` (the Pallas Triton kernels, forced),
+      ``"pallas_mosaic_gpu"`` (the Mosaic GPU
       forward kernel for Hopper: bf16/fp16, head dims 64/128, no segment_ids, forget_gate or
       skip_tolerance yet, not differentiable yet), ``"scan"`` (pure JAX, query blocks and
       an associative scan) or ``"xla"`` (the dense reference, O(T^2) memory).

@@ -43,9 +43,9 @@ BAD_INPUTS = [  # (kwargs overriding a valid call, error type, message fragment)
     (dict(scale=True), TypeError, r"scale must be a Python float or a scalar array, got True"),
     (dict(implementation="triton"), ValueError, r"implementation must be None or one of .*'triton'"),
     (dict(implementation="scan", block_sizes=sbjax.BlockSizes()), ValueError,
-     r"block_sizes applies to implementation='pallas' only"),
+     r"block_sizes applies to the Pallas kernels only"),
     (dict(implementation="xla", interpret=True), ValueError,
-     r"interpret applies to implementation='pallas' only"),
+     r"interpret applies to the Pallas kernels only"),
     (dict(block_sizes={"block_q": 16}), TypeError, r"block_sizes must be a sbjax.BlockSizes, got dict"),
     (dict(implementation="pallas", query=Q[..., None].repeat(32, -1).reshape(2, 8, 4, 512),
           key=K[..., None].repeat(32, -1).reshape(2, 8, 2, 512),
@@ -81,6 +81,23 @@ def test_pallas_off_gpu_needs_interpret():
                                        r"interpret=True, got interpret=False with JAX's default "
                                        r"device 'cpu'.*use implementation='scan'"):
     sbjax.stick_breaking_attention(Q, K, V, implementation="pallas")
+
+
+def test_pallas_triton_forces_the_triton_kernels():
+  """``"pallas"`` picks the fastest Pallas kernels for the GPU (today the Triton ones);
+  ``"pallas_triton"`` forces them: the same values and gradients, and the same input checks."""
+  q, k, v, _ = random_inputs(4, Shape(1, 40, 4, 2, 16), jnp.bfloat16)
+  block = sbjax.BlockSizes(block_q=16, block_k=16, block_q_dq=16, block_k_bwd=16, block_q_dkv=16)
+  loss = lambda impl: lambda q, k, v: jnp.sum(sbjax.stick_breaking_attention(
+      q, k, v, implementation=impl, interpret=True, block_sizes=block).astype(jnp.float32) ** 2)
+  grads = {impl: jax.jit(jax.value_and_grad(loss(impl), argnums=(0, 1, 2)))(q, k, v)
+           for impl in ("pallas", "pallas_triton")}
+  assert np.isfinite(float(grads["pallas"][0]))
+  for a, b in zip(jax.tree.leaves(grads["pallas"]), jax.tree.leaves(grads["pallas_triton"])):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  with pytest.raises(ValueError, match="implementation='pallas_triton' supports head dims up to 256"):
+    sbjax.stick_breaking_attention(*[jnp.zeros((1, 8, 2, 512), jnp.bfloat16)] * 3,
+                                   implementation="pallas_triton", interpret=True)
 
 
 def test_default_implementation_off_gpu_is_scan():
