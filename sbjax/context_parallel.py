@@ -104,7 +104,9 @@ def chunk_attention(query, key, value, *, causal: bool, scale=None, attend_curre
   if forget_gate is not None:
     forget_gate = forget_gate.astype(dtype)
   cross = {} if causal else dict(causal=False, key_segment_ids=key_segment_ids)
-  implementation = implementation or ops.default_implementation(query, value)
+  if implementation is None:  # the op's default, the Triton kernels for any Pallas one
+    implementation = ops.default_implementation(query, value)
+    implementation = implementation if implementation in ("scan", "xla") else "pallas"
   if implementation == "xla":
     return reference.stick_breaking_attention(
         query, key, value, scale, segment_ids, forget_gate, attend_current=attend_current, **cross)
@@ -116,8 +118,9 @@ def chunk_attention(query, key, value, *, causal: bool, scale=None, attend_curre
       block_sizes=block_sizes, skip_tolerance=skip_tolerance, interpret=interpret, **cross)
 
 
-def zigzag_pieces(context_size: int, device: int) -> tuple[int, int]:
-  """The two sequence pieces (of ``2 * context_size``) whose queries ``device`` answers."""
+def zigzag_pieces(context_size: int, device):
+  """The two sequence pieces (of ``2 * context_size``) whose queries ``device`` (an int or a traced
+  axis index) answers: ``(device, 2 * context_size - 1 - device)``."""
   return device, 2 * context_size - 1 - device
 
 
@@ -156,7 +159,6 @@ def _local_attention(query, key, value, segment_ids, forget_gate, scale, *, axis
   k_all, v_all, seg_all, gate_all = map(gather, (key, value, segment_ids, forget_gate))  # [B, T, .]
   q_lo, q_hi = _to_zigzag(query, axis_name, c)
   seg_lo, seg_hi = (None, None) if segment_ids is None else _to_zigzag(segment_ids, axis_name, c)
-  d = jax.lax.axis_index(axis_name)
   take = lambda x, p: None if x is None else jax.lax.dynamic_slice_in_dim(x, p * piece, piece, 1)
   chunk = functools.partial(chunk_attention, scale=scale, **options)
 
@@ -181,8 +183,9 @@ def _local_attention(query, key, value, segment_ids, forget_gate, scale, *, axis
     (out, rem), _ = jax.lax.scan(far, (out, rem), p - 1 - jnp.arange(max_far))
     return out.astype(query.dtype), rem
 
-  out_lo, rem_lo = answer(q_lo, seg_lo, d, c - 1)  # piece d sees at most C - 1 earlier pieces
-  out_hi, rem_hi = answer(q_hi, seg_hi, 2 * c - 1 - d, 2 * c - 1)
+  lo, hi = zigzag_pieces(c, jax.lax.axis_index(axis_name))
+  out_lo, rem_lo = answer(q_lo, seg_lo, lo, c - 1)  # piece d has at most C - 1 earlier pieces
+  out_hi, rem_hi = answer(q_hi, seg_hi, hi, 2 * c - 1)
   return (_from_zigzag(out_lo, out_hi, axis_name, c), _from_zigzag(rem_lo, rem_hi, axis_name, c))
 
 
