@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 from helpers import Shape, random_inputs
-from sbjax import context_parallel, reference, scan
+from sbjax import context_parallel, parallel, reference, scan
 from test_pallas_triton import lower_for_cuda
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "context_parallel_worker.py")
@@ -107,3 +108,28 @@ def test_chunk_attention_errors_name_the_argument():
     context_parallel.chunk_attention(q, k, v, causal=False, implementation="pallas_mosaic_gpu")
   with pytest.raises(ValueError, match="implementation"):
     context_parallel.stick_breaking_attention(q, k, v, implementation="cudnn")
+
+
+def test_ring_lowers_to_triton_for_two_gpus():
+  """The whole context-parallel gradient on an abstract mesh of 2 H200s (context=2) lowers for
+  CUDA: the kernels in both modes (forward, dq, dk/dv for the own and the earlier pieces of both
+  zig-zag pieces: 12 Triton calls) and the collectives (query pieces by collective permutes, K/V
+  all-gathered, their gradients reduce-scattered)."""
+  mesh = AbstractMesh((1, 1, 2), (parallel.DATA, parallel.MODEL, parallel.CONTEXT),
+                      axis_types=(AxisType.Auto,) * 3,
+                      abstract_device=AbstractDevice("NVIDIA H200", None, "cuda"))
+  sd = jax.ShapeDtypeStruct
+
+  def loss(q, k, v, seg):
+    out, rem = context_parallel.stick_breaking_attention(
+        q, k, v, segment_ids=seg, return_remainder=True, implementation="pallas")
+    return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(rem)
+
+  args = (sd((1, 256, 4, 64), jnp.bfloat16), sd((1, 256, 2, 64), jnp.bfloat16),
+          sd((1, 256, 2, 64), jnp.bfloat16), sd((1, 256), jnp.int32))
+  with jax.sharding.use_abstract_mesh(mesh):
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+  assert len(re.findall(r"__gpu\$xla\.gpu\.triton", text)) == 12
+  for op in ("all_gather", "collective_permute", "reduce_scatter"):
+    assert op in text, op
