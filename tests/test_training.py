@@ -166,6 +166,8 @@ def test_shard_step_on_8_devices_matches_one_device(tmp_path):
   assert r["rows"] == list(range(8))
   assert "batch_size=6 is not divisible by the 4 batch shards" in r["rejected"][0]
   assert "batch['inputs'] has shape (6, 16)" in r["rejected"][1]
+  assert r["context"] == dict(rows=list(range(8)), spec="P('data', 'context')",
+                              shard=[4, 4], equal=True)
 
 
 def test_resume_after_sigkill_is_bit_exact(tmp_path):

@@ -84,10 +84,19 @@ def shard(out_path: str):
       rejected.append(None)
     except ValueError as e:
       rejected.append(str(e))
+  # With a context axis batches are [B, T] over ("data", "context"); each process still gives
+  # whole rows.
+  mesh_c = parallel.make_mesh(2, 1, 4)
+  sharded = training.global_batch(batch(0), parallel.batch_sharding(mesh_c))["inputs"]
+  context = dict(rows=training.process_batch_rows(8, mesh_c).tolist(),
+                 spec=str(sharded.sharding.spec),
+                 shard=list(sharded.addressable_shards[0].data.shape),
+                 equal=bool(np.array_equal(np.asarray(sharded), batch(0)["inputs"])))
   with open(out_path, "w") as f:
     json.dump(dict(devices=jax.device_count(), finite=finite, **errors, rejected=rejected,
-                   rows=training.process_batch_rows(8, mesh).tolist(),
-                   **{f"{k}_{f}": results[k][f] for k in results for f in ("losses", "spec", "shards")}), f)
+                   rows=training.process_batch_rows(8, mesh).tolist(), context=context,
+                   **{f"{k}_{f}": results[k][f] for k in results
+                      for f in ("losses", "spec", "shards")}), f)
 
 
 def _kill_at(workdir: str, after_checkpoint: int | None, num_processes: int = 1):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sbjax.parallel import batch_sharding
 
@@ -23,12 +23,18 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
+def _rows_sharding(sharding: NamedSharding) -> NamedSharding:
+  """``sharding``'s placement of the leading (batch) axis alone, for 1-D row indices."""
+  return NamedSharding(sharding.mesh, P(sharding.spec[0] if len(sharding.spec) else None))
+
+
 def _row_blocks(sharding: NamedSharding) -> tuple[int, int]:
   """``(S, L)``: the batch axis is cut into ``S`` blocks over the mesh, ``L`` of them held here."""
-  spec = sharding.spec[0] if len(sharding.spec) else None
+  rows = _rows_sharding(sharding)
+  spec = rows.spec[0]
   axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
   blocks = int(np.prod([sharding.mesh.shape[a] for a in axes], dtype=int))
-  held = {index[0].start for index in sharding.addressable_devices_indices_map((blocks,)).values()}
+  held = {index[0].start for index in rows.addressable_devices_indices_map((blocks,)).values()}
   return blocks, len(held)
 
 
@@ -48,7 +54,7 @@ def process_batch_rows(batch_size: int, mesh: Mesh) -> np.ndarray:
   if batch_size % blocks:
     raise ValueError(f"batch_size={batch_size} is not divisible by the {blocks} batch shards of "
                      f"the mesh {dict(mesh.shape)}.")
-  indices = sharding.addressable_devices_indices_map((batch_size,)).values()
+  indices = _rows_sharding(sharding).addressable_devices_indices_map((batch_size,)).values()
   starts = sorted({index[0].start or 0 for index in indices})
   size = batch_size // blocks
   return np.concatenate([np.arange(start, start + size) for start in starts])
