@@ -60,7 +60,8 @@ from sbjax.common import compute_dtype
 from sbjax.kernels import pallas_triton
 
 DATA, MODEL, CONTEXT = "data", "model", "context"  # as sbjax.parallel (which sits above this)
-CHUNK_IMPLEMENTATIONS = (None, "pallas", "scan", "xla")
+# The paths with a cross-chunk mode; "pallas" and "pallas_triton" are the Triton kernels.
+CHUNK_IMPLEMENTATIONS = (None, "pallas", "pallas_triton", "scan", "xla")
 
 
 def chunk_attention(query, key, value, *, causal: bool, scale=None, attend_current: bool = False,

@@ -122,7 +122,7 @@ def test_ring_lowers_to_triton_for_two_gpus():
 
   def loss(q, k, v, seg):
     out, rem = context_parallel.stick_breaking_attention(
-        q, k, v, segment_ids=seg, return_remainder=True, implementation="pallas")
+        q, k, v, segment_ids=seg, return_remainder=True, implementation="pallas_triton")
     return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(rem)
 
   args = (sd((1, 256, 4, 64), jnp.bfloat16), sd((1, 256, 2, 64), jnp.bfloat16),
