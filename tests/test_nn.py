@@ -261,6 +261,7 @@ BAD_ARGS = [
     (dict(num_heads=0), "num_heads"), (dict(num_kv_heads=3), "num_kv_heads"),
     (dict(in_features=15), "in_features"), (dict(head_dim=-1), "head_dim"),
     (dict(remainder="rest"), "remainder"), (dict(implementation="cuda"), "implementation"),
+    (dict(implementation="scan", interpret=True), "interpret applies to the Pallas"),
 ]
 
 

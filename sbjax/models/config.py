@@ -27,7 +27,7 @@ class LMConfig:
   forget_gate: bool = False  # stick-breaking only: beta_ji = sigmoid(g_i) sigmoid(z_ji), g from x
   forget_gate_loss_weight: float = 0.0  # auxiliary sparsity loss weight * mean(sigmoid(g))
   rope_base: float = 10000.0  # softmax_rope only
-  implementation: str | None = None  # stick-breaking op: None (per backend) | "pallas" | "scan" | "xla"
+  implementation: str | None = None  # stick-breaking op: None (per backend) or sbjax.ops.IMPLEMENTATIONS
   block_sizes: BlockSizes | None = None  # stick-breaking Pallas kernels' tiling; None = defaults
   softmax_implementation: str | None = None  # softmax: None (cuDNN on GPU, else XLA) | "xla" | "cudnn"
   norm_eps: float = 1e-6

@@ -13,6 +13,8 @@ from sbjax.nn.projections import AttentionProjections, rms_norm_heads
 from sbjax.ops import IMPLEMENTATIONS, stick_breaking_attention, stick_breaking_decode
 from sbjax.parallel import MODEL, context_size, shard_attention
 
+_PALLAS = ("pallas", "pallas_triton", "pallas_mosaic_gpu")
+
 REMAINDERS = ("none", "current", "bias")
 
 
@@ -57,12 +59,13 @@ class StickBreakingAttention(AttentionProjections):
       ``weight * mean(f)`` is sown as ``nnx.Intermediate`` named ``"aux_loss"`` (0: not sown);
       ``sbjax.training`` adds every sown ``aux_loss`` to the training loss.
     implementation: passed to the op: ``None`` (Pallas on an NVIDIA GPU, else ``"scan"``),
-      ``"pallas"``, ``"scan"`` or ``"xla"``.
+      ``"pallas"``, ``"pallas_triton"``, ``"pallas_mosaic_gpu"`` (forward only), ``"scan"`` or
+      ``"xla"``.
     block_sizes: a ``sbjax.BlockSizes`` for the Pallas kernels (``None``: per head dim and dtype).
     decode_chunk_size: ``chunk_size`` of ``sbjax.stick_breaking_decode`` in decode steps
       (its ``"xla"`` path).
     decode_skip_tolerance: its ``skip_tolerance`` (0: exact skipping; None: read every chunk).
-      Decode steps use the decode kernel when ``implementation="pallas"``, the portable path
+      Decode steps use the decode kernel for the Pallas implementations, the portable path
       for ``"scan"``/``"xla"``, and the op's default for ``None``.
     interpret: run the Pallas kernels (training and decode) in interpret mode (tests; slow).
     dtype: computation dtype (e.g. ``jnp.bfloat16``); default: promote ``x`` and the parameters.
@@ -114,8 +117,9 @@ class StickBreakingAttention(AttentionProjections):
         isinstance(decode_skip_tolerance, (int, float)) and 0 <= decode_skip_tolerance < 1):
       raise ValueError(
           f"decode_skip_tolerance must be None or a float in [0, 1), got {decode_skip_tolerance=}.")
-    if interpret and implementation != "pallas":
-      raise ValueError(f"interpret applies to implementation='pallas' only, got {implementation=}.")
+    if interpret and implementation not in _PALLAS:
+      raise ValueError(f"interpret applies to the Pallas implementations {_PALLAS} only, got "
+                       f"{implementation=}.")
     if not forget_gate_loss_weight >= 0:
       raise ValueError(f"forget_gate_loss_weight must be >= 0, got {forget_gate_loss_weight=}.")
     if forget_gate_loss_weight and not forget_gate:
@@ -197,7 +201,7 @@ class StickBreakingAttention(AttentionProjections):
           interpret=self.interpret)
     else:
       implementation = None if self.implementation is None else (
-          "pallas" if self.implementation == "pallas" else "xla")
+          "pallas" if self.implementation in _PALLAS else "xla")
       out, rem = stick_breaking_decode(
           query, self.cached_key[...], self.cached_value[...], cache_len,
           forget_gate_cache=None if gate is None else self.cached_gate[...],
