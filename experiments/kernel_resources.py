@@ -22,7 +22,8 @@ _TRITON = flags.DEFINE_string("triton_path", None, "Directory holding the triton
                               required=True)
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "Input dtype.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dim H.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "T of the lowered op (the kernels do not depend on it).")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 512,
+                                "T of the lowered op (the kernels do not depend on it).")
 _VARIANTS = flags.DEFINE_multi_string("variants", ["{}"], "JSON dicts of BlockSizes fields.")
 _OUT = flags.DEFINE_string("out", None, "Write the records as JSON here.")
 

@@ -50,7 +50,8 @@ class Resources(NamedTuple):
 def _capturing_triton_ir(kernels: list[KernelIR]):
   """Appends each Pallas Triton kernel lowered inside the block to ``kernels``."""
   from jax._src.pallas.triton import pallas_call_registration as registration  # private: JAX 0.11.2
-  lower, custom_call = registration.lowering.lower_jaxpr_to_triton_module, registration.mlir.custom_call
+  lower = registration.lowering.lower_jaxpr_to_triton_module
+  custom_call = registration.mlir.custom_call
   texts = []
 
   def lower_and_keep(*args, **kwargs):
@@ -118,18 +119,19 @@ def compile_for_hopper(kernel: KernelIR, triton_path: str) -> Resources:
     src = os.path.join(tmp, f"{kernel.name}.ttir")
     with open(src, "w") as f:
       f.write(kernel.ttir)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=kernel.num_warps, num_stages=kernel.num_stages))
+    options = dict(num_warps=kernel.num_warps, num_stages=kernel.num_stages)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     ptx = os.path.join(tmp, "kernel.ptx")
     with open(ptx, "w") as f:
       f.write(compiled.asm["ptx"])
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    proc = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", ptx, "-o", os.path.join(tmp, "k.cubin")],
-                          capture_output=True, text=True, check=True)
+    command = [ptxas, "-v", "--gpu-name=sm_90a", ptx, "-o", os.path.join(tmp, "k.cubin")]
+    proc = subprocess.run(command, capture_output=True, text=True, check=True)
   return parse_ptxas(proc.stderr + proc.stdout)
 
 
-def report(*, head_dim: int, dtype, overrides: dict, triton_path: str, seq_len: int = 512) -> list[dict]:
+def report(*, head_dim: int, dtype, overrides: dict, triton_path: str,
+           seq_len: int = 512) -> list[dict]:
   """One record per kernel of the ``BlockSizes`` defaults with ``overrides``."""
   block_sizes = dataclasses.replace(sbjax.BlockSizes.get_default(head_dim, dtype), **overrides)
   return [dict(kernel=k.name, head_dim=head_dim, dtype=jnp.dtype(dtype).name, variant=overrides,

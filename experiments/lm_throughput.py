@@ -43,7 +43,8 @@ _IMPLEMENTATION = flags.DEFINE_string(
 _SOFTMAX_IMPLEMENTATION = flags.DEFINE_string(
     "softmax_implementation", None, "Softmax implementation (None: cuDNN on GPU, else XLA).")
 _FALLBACK = flags.DEFINE_string(
-    "fallback", "scan", "Stick-breaking implementation to time if the default one fails ('' = none).")
+    "fallback", "scan",
+    "Stick-breaking implementation to time if the default one fails ('' = none).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per step.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Tokens per sequence.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps (the first compiles).")
@@ -64,8 +65,8 @@ def measure(build_model, tokens: np.ndarray, warmup: int, steps: int) -> dict:
   start = time.perf_counter()
   with jax.set_mesh(mesh):
     model = build_model()
-  log = lambda what: print(f"  {model.config.attention}: {what} at {time.perf_counter() - start:.1f} s",
-                           flush=True)
+  log = lambda what: print(
+      f"  {model.config.attention}: {what} at {time.perf_counter() - start:.1f} s", flush=True)
   log("built")
   tx = training.make_optimizer(training.TrainConfig(num_steps=1000, warmup_steps=10))
   graphdef, rest, state, shardings = training.init_train_state(model, tx, mesh)
