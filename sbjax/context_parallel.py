@@ -55,11 +55,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from sbjax import ops, reference, scan
+from sbjax import ops
 from sbjax.common import compute_dtype
-from sbjax.kernels import pallas_triton
+from sbjax.parallel import CONTEXT, batch_and_head_axes
 
-DATA, MODEL, CONTEXT = "data", "model", "context"  # as sbjax.parallel (which sits above this)
 # The paths with a cross-chunk mode; "pallas" and "pallas_triton" are the Triton kernels.
 CHUNK_IMPLEMENTATIONS = (None, "pallas", "pallas_triton", "scan", "xla")
 
@@ -98,25 +97,11 @@ def chunk_attention(query, key, value, *, causal: bool, scale=None, attend_curre
       raise ValueError(f"key_segment_ids must be integers of shape [B, T]={key.shape[:2]}, got "
                        f"{getattr(key_segment_ids, 'shape', type(key_segment_ids).__name__)}.")
     key_segment_ids = key_segment_ids.astype(jnp.int32)
-  dtype = compute_dtype(query.dtype)
-  scale = jnp.asarray(1.0 / math.sqrt(query.shape[-1]) if scale is None else scale, dtype)
-  if segment_ids is not None:
-    segment_ids = segment_ids.astype(jnp.int32)
-  if forget_gate is not None:
-    forget_gate = forget_gate.astype(dtype)
   cross = {} if causal else dict(causal=False, key_segment_ids=key_segment_ids)
-  if implementation is None:  # the op's default, the Triton kernels for any Pallas one
-    implementation = ops.default_implementation(query, value)
-    implementation = implementation if implementation in ("scan", "xla") else "pallas"
-  if implementation == "xla":
-    return reference.stick_breaking_attention(
-        query, key, value, scale, segment_ids, forget_gate, attend_current=attend_current, **cross)
-  if implementation == "scan":
-    return scan.stick_breaking_attention(
-        query, key, value, scale, segment_ids, forget_gate, attend_current=attend_current, **cross)
-  return pallas_triton.stick_breaking_attention(
-      query, key, value, scale, segment_ids, forget_gate, attend_current=attend_current,
-      block_sizes=block_sizes, skip_tolerance=skip_tolerance, interpret=interpret, **cross)
+  return ops.dispatch(query, key, value, scale, segment_ids, forget_gate,
+                      attend_current=attend_current, implementation=implementation,
+                      interpret=interpret, block_sizes=block_sizes,
+                      skip_tolerance=skip_tolerance, **cross)
 
 
 def zigzag_pieces(context_size: int, device):
@@ -221,21 +206,8 @@ def stick_breaking_attention(query, key, value, *, mesh=None, axis_name: str = C
     out, rem = chunk_attention(query, key, value, causal=True, scale=scale,
                                segment_ids=segment_ids, forget_gate=forget_gate, **options)
     return (out, rem) if return_remainder else out
-  b, t, n, _ = query.shape
-  num_kv_heads = key.shape[2]
-  data = DATA if sizes.get(DATA, 1) > 1 else None
-  model = MODEL if sizes.get(MODEL, 1) > 1 else None
-  if data and b % sizes[DATA]:
-    raise ValueError(f"batch size B={b} is not divisible by the mesh axis 'data' of size "
-                     f"{sizes[DATA]}.")
-  if model and n % sizes[MODEL]:
-    raise ValueError(f"query heads N={n} are not divisible by the mesh axis 'model' of size "
-                     f"{sizes[MODEL]}.")
-  if model and num_kv_heads % sizes[MODEL]:  # as sbjax.parallel.shard_attention: a kv head each
-    group = n // num_kv_heads
-    key, value = (x.repeat(group, axis=2) for x in (key, value))
-    if forget_gate is not None:
-      forget_gate = forget_gate.repeat(group, axis=2)
+  t = query.shape[1]
+  data, model, key, value, forget_gate = batch_and_head_axes(mesh, query, key, value, forget_gate)
   pad = -t % (2 * c)  # pieces of equal length; padding at the end is hidden by causality
   if pad:
     widths = lambda x: [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)

@@ -206,6 +206,18 @@ def stick_breaking_attention(
   """
   check_inputs(query, key, value, scale, segment_ids, implementation, interpret, block_sizes,
                forget_gate, skip_tolerance)
+  out, rem = dispatch(query, key, value, scale, segment_ids, forget_gate,
+                      attend_current=attend_current, implementation=implementation,
+                      interpret=interpret, block_sizes=block_sizes, skip_tolerance=skip_tolerance)
+  return (out, rem) if return_remainder else out
+
+
+def dispatch(query, key, value, scale, segment_ids, forget_gate, *, attend_current,
+             implementation, interpret, block_sizes, skip_tolerance, **cross):
+  """``(out, rem)`` of checked arguments (``check_inputs``): the default scale, the dtypes the
+  paths take, the implementation chosen and called. ``cross`` (``causal=False,
+  key_segment_ids=...``: ``sbjax.context_parallel.chunk_attention``) goes to the paths that
+  have a cross-chunk mode."""
   dtype = compute_dtype(query.dtype)
   if scale is None:
     scale = 1.0 / math.sqrt(query.shape[-1])
@@ -216,20 +228,20 @@ def stick_breaking_attention(
     forget_gate = forget_gate.astype(dtype)
   implementation = implementation or default_implementation(query, value)
   if implementation == "xla":
-    out, rem = reference.stick_breaking_attention(
-        query, key, value, scale, segment_ids, forget_gate, attend_current=attend_current)
-  elif implementation == "scan":
-    out, rem = scan.stick_breaking_attention(
-        query, key, value, scale, segment_ids, forget_gate, attend_current=attend_current)
-  elif implementation == "pallas_mosaic_gpu":  # forward only: gradients raise
-    out, rem = pallas_mosaic_gpu.stick_breaking_attention(
+    return reference.stick_breaking_attention(
+        query, key, value, scale, segment_ids, forget_gate, attend_current=attend_current, **cross)
+  if implementation == "scan":
+    return scan.stick_breaking_attention(
+        query, key, value, scale, segment_ids, forget_gate, attend_current=attend_current, **cross)
+  if implementation == "pallas_mosaic_gpu":  # forward only: gradients raise
+    if cross:
+      raise ValueError("implementation='pallas_mosaic_gpu' has no cross-chunk mode yet.")
+    return pallas_mosaic_gpu.stick_breaking_attention(
         query, key, value, scale, attend_current=attend_current, block_sizes=block_sizes,
         interpret=interpret)
-  else:
-    out, rem = pallas_triton.stick_breaking_attention(
-        query, key, value, scale, segment_ids, forget_gate, attend_current=attend_current,
-        block_sizes=block_sizes, skip_tolerance=skip_tolerance, interpret=interpret)
-  return (out, rem) if return_remainder else out
+  return pallas_triton.stick_breaking_attention(
+      query, key, value, scale, segment_ids, forget_gate, attend_current=attend_current,
+      block_sizes=block_sizes, skip_tolerance=skip_tolerance, interpret=interpret, **cross)
 
 
 def stick_breaking_weights(query, key, *, scale=None, attend_current: bool = False,

@@ -9,6 +9,7 @@ Public API (stable; ``sbjax.nn``, ``sbjax.models`` and ``sbjax.training`` build 
     context_size() -> int                            # the set mesh's "context" axis size (1: none)
     shard_sequence(x) -> x                           # [B, T, ...] constrained to ("data", "context")
     shard_attention(fn, query, key, value, segment_ids=None, forget_gate=None)  # per (batch, head) shard
+    batch_and_head_axes(mesh, query, key, value, forget_gate=None)  # its axes, kv heads for them
     shard_attention_gathered(fn, query, key, value, segment_ids=None)  # + T over "context", K/V gathered
     jit_under_mesh(fn, mesh, **jit_kwargs)          # jax.jit, called under jax.set_mesh(mesh)
 
@@ -101,6 +102,23 @@ def _mesh_axis(mesh, name: str, dim: int, what: str) -> str | None:
   return name
 
 
+def batch_and_head_axes(mesh, query, key, value, forget_gate=None):
+  """``(data, model, key, value, forget_gate)`` for attention sharded over ``mesh``'s batch and
+  head axes: the axis names (``None`` where the axis is absent or of size 1), checked to divide
+  ``B`` and ``N``, and the kv-head arrays repeated per query head where the ``"model"`` axis does
+  not divide ``K`` (contiguous head shards keep query head n with kv head n // (N // K) only when
+  K divides too, e.g. MQA: K = 1; otherwise every query head gets its own copy of its kv head)."""
+  b, n, num_kv_heads = query.shape[0], query.shape[2], key.shape[2]
+  data = _mesh_axis(mesh, DATA, b, "batch size B")
+  model = _mesh_axis(mesh, MODEL, n, "query heads N")
+  if model is not None and num_kv_heads % dict(mesh.shape)[MODEL]:
+    group = n // num_kv_heads
+    key, value = (x.repeat(group, axis=2) for x in (key, value))
+    if forget_gate is not None:
+      forget_gate = forget_gate.repeat(group, axis=2)
+  return data, model, key, value, forget_gate
+
+
 def shard_attention(fn: Callable, query, key, value, segment_ids=None, forget_gate=None):
   """``fn(query, key, value, segment_ids, forget_gate)`` run per shard of batch (``"data"``) and
   heads (``"model"``).
@@ -124,18 +142,9 @@ def shard_attention(fn: Callable, query, key, value, segment_ids=None, forget_ga
   args = (query, key, value, segment_ids, forget_gate)
   if mesh.empty:
     return fn(*args)
-  b, n, num_kv_heads = query.shape[0], query.shape[2], key.shape[2]
-  data = _mesh_axis(mesh, DATA, b, "batch size B")
-  model = _mesh_axis(mesh, MODEL, n, "query heads N")
+  data, model, key, value, forget_gate = batch_and_head_axes(mesh, query, key, value, forget_gate)
   if data is None and model is None:
     return fn(*args)
-  if model is not None and num_kv_heads % dict(mesh.shape)[MODEL]:
-    # Contiguous head shards keep query head n with kv head n // (N // K) only when K divides too
-    # (MQA: K = 1); otherwise give every query head its own copy of its kv head.
-    group = n // num_kv_heads
-    key, value = (x.repeat(group, axis=2) for x in (key, value))
-    if forget_gate is not None:
-      forget_gate = forget_gate.repeat(group, axis=2)
   qkv_spec = P(data, None, model, None)
   seg_spec = None if segment_ids is None else P(data, None)
   gate_spec = None if forget_gate is None else P(data, None, model)
@@ -162,13 +171,8 @@ def shard_attention_gathered(fn: Callable, query, key, value, segment_ids=None):
     return shard_attention(lambda q, k, v, seg, _: fn(q, k, v, seg, seg, jnp.int32(0)),
                            query, key, value, segment_ids)
   mesh = jax.sharding.get_abstract_mesh()
-  b, t, n, _ = query.shape
-  data = _mesh_axis(mesh, DATA, b, "batch size B")
-  model = _mesh_axis(mesh, MODEL, n, "query heads N")
-  _mesh_axis(mesh, CONTEXT, t, "sequence length T")
-  if model is not None and key.shape[2] % dict(mesh.shape)[MODEL]:
-    group = n // key.shape[2]
-    key, value = (x.repeat(group, axis=2) for x in (key, value))
+  data, model, key, value, _ = batch_and_head_axes(mesh, query, key, value)
+  _mesh_axis(mesh, CONTEXT, query.shape[1], "sequence length T")
 
   def local(q, k, v, q_seg, k_seg):
     q_start = (jax.lax.axis_index(CONTEXT) * q.shape[1]).astype(jnp.int32)

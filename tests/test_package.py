@@ -19,7 +19,7 @@ ALLOWED = {
     "reference": {"common"}, "scan": {"common"}, "decode": {"common"}, "kernels": {"common"},
     "testing": {"common", "reference", "ops"},
     "ops": {"common", "platform", "reference", "scan", "decode", "kernels"},
-    "context_parallel": {"common", "ops", "reference", "scan", "kernels"},
+    "context_parallel": {"common", "ops", "parallel"},
     "nn": {"ops", "context_parallel", "kernels", "parallel", "platform"},
     "models": {"nn", "kernels", "parallel"},
     "training": {"parallel"},
