@@ -68,11 +68,9 @@ def _weights(query, key, scale, segment_ids, forget_gate, attend_current, dtype,
   logits = logits * jnp.asarray(scale, dtype)
   pos = jnp.arange(t)
   seg = None if segment_ids is None else segment_ids[:, None, None]  # [B, 1, 1, T]
-  if causal:
-    mask = visible_mask(pos, pos, seg, seg, attend_current=attend_current)  # [B, 1, 1, T, S] or [T, S]
-  else:
-    k_seg = None if seg is None else key_segment_ids[:, None, None]  # [B, 1, 1, S]
-    mask = visible_mask(pos, jnp.arange(key.shape[1]), seg, k_seg, causal=False)
+  k_seg = seg if causal or seg is None else key_segment_ids[:, None, None]  # [B, 1, 1, S]
+  mask = visible_mask(pos, jnp.arange(key.shape[1]), seg, k_seg, attend_current=attend_current,
+                      causal=causal)  # [B, 1, 1, T, S] or [T, S]
   gate = None
   if forget_gate is not None:
     gate = jnp.einsum("BSK->BKS", forget_gate.astype(dtype))[:, :, None, None, :]  # [B, K, 1, 1, S]

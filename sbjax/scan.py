@@ -107,8 +107,6 @@ def stick_breaking_attention(
   k_pos = jnp.arange(key.shape[1])
   q_pos = jnp.arange(t + pad)
   q_seg = segment_ids
-  if not causal and (segment_ids is None) != (key_segment_ids is None):
-    raise ValueError("segment_ids and key_segment_ids must be given together (causal=False).")
   k_seg_ids = segment_ids if causal else key_segment_ids
   k_seg = None if k_seg_ids is None else k_seg_ids[:, None, None]  # [B, 1, 1, S]
   gate = None

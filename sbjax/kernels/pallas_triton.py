@@ -48,11 +48,6 @@ def stick_breaking_attention(query, key, value, scale, segment_ids=None, forget_
   block_sizes = block_sizes or BlockSizes.get_default(query.shape[-1], query.dtype)
   # hashable, not differentiated
   static = (attend_current, block_sizes, float(skip_tolerance), interpret, reference_vjp, causal)
-  if not causal and (segment_ids is None) != (key_segment_ids is None):
-    raise ValueError("segment_ids and key_segment_ids must be given together (causal=False).")
-  if not causal and key.shape[1] != query.shape[1]:
-    raise ValueError(f"causal=False takes query and key chunks of one length, got "
-                     f"{query.shape=}, {key.shape=}.")
   k_seg = segment_ids if causal else key_segment_ids
   out, rem = _attention(query, key, value, jnp.reshape(scale, (1,)).astype(jnp.float32),
                         segment_ids, k_seg, forget_gate, static)
