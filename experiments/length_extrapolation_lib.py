@@ -359,17 +359,12 @@ def log_binned_curve(losses: np.ndarray, documents: np.ndarray, per_octave: int,
 
 
 def _training_curve(run_dir: str):
-  """(steps, losses) of ``train/loss`` in the run's TensorBoard events (a rerun's value wins)."""
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
-  points = {}
-  for path in sorted(glob.glob(os.path.join(run_dir, "tensorboard", "events.*")),
-                     key=os.path.getmtime):
-    acc = event_accumulator.EventAccumulator(path, size_guidance={"scalars": 0})
-    acc.Reload()
-    if "train/loss" in acc.Tags().get("scalars", []):
-      points.update({e.step: e.value for e in acc.Scalars("train/loss")})
-  steps = sorted(points)
-  return np.asarray(steps), np.asarray([points[s] for s in steps])
+  """(steps, losses) of the training loss in the run's metrics log (what TensorBoard shows too;
+  the log also travels with a run's results, its event files need not)."""
+  entries = training.read_metrics_log(os.path.join(run_dir, training.METRICS_FILE), 2**62,
+                                      rewrite=False)
+  train = [e for e in entries if e["split"] == "train"]
+  return np.asarray([e["step"] for e in train]), np.asarray([e["loss"] for e in train])
 
 
 def plot_all(curves: dict, records: list[dict], run_dirs: dict, out_dir: str, title: str) -> None:

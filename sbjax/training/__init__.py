@@ -28,9 +28,10 @@ Public API (stable):
         .save(state, *, force=False) / .restore_latest(shardings, like) / .latest_step()
         / .close()
 
-``train`` writes ``workdir/tensorboard`` (tensorboardX), ``workdir/metrics.jsonl`` (every logged
-metric, across resumes), ``workdir/train_config.json`` and ``workdir/checkpoints`` (orbax: every
-``checkpoint_every`` steps, newest ``keep_checkpoints`` kept, async, the last step always saved).
+``train`` writes ``workdir/tensorboard`` (tensorboardX), ``workdir/metrics.jsonl``
+(``METRICS_FILE``: every logged metric, across resumes), ``workdir/train_config.json`` and
+``workdir/checkpoints`` (orbax: every ``checkpoint_every`` steps, newest ``keep_checkpoints``
+kept, async, the last step always saved).
 It resumes from the newest finished checkpoint bit-exactly, refuses checkpoints of a config that
 differs outside ``RESUMABLE_FIELDS`` (a ``ValueError`` naming the fields), and on a finished
 workdir trains nothing and returns the logged metrics and a fresh final evaluation. Modules may sow
@@ -45,13 +46,13 @@ save and restore checkpoints, and process 0 alone writes logs (``train``'s docst
 from sbjax.training import checkpoint
 from sbjax.training.config import RESUMABLE_FIELDS, TrainConfig
 from sbjax.training.distributed import global_batch, is_primary, process_batch_rows
-from sbjax.training.loop import TrainResult, evaluate, read_metrics_log, train
+from sbjax.training.loop import METRICS_FILE, TrainResult, evaluate, read_metrics_log, train
 from sbjax.training.optim import learning_rate_schedule, make_optimizer, weight_decay_mask
 from sbjax.training.steps import (TrainState, cross_entropy, init_train_state, make_eval_step,
                                   make_train_step, state_shardings)
 
 __all__ = [
-    "RESUMABLE_FIELDS", "TrainConfig", "TrainResult", "TrainState", "checkpoint", "cross_entropy",
+    "METRICS_FILE", "RESUMABLE_FIELDS", "TrainConfig", "TrainResult", "TrainState", "checkpoint", "cross_entropy",
     "evaluate", "global_batch", "init_train_state", "is_primary", "learning_rate_schedule",
     "make_eval_step", "make_optimizer", "make_train_step", "process_batch_rows", "read_metrics_log",
     "state_shardings", "train", "weight_decay_mask",
