@@ -10,8 +10,9 @@ to the shape).
 Implementations: ``pallas`` (the default kernels, exact skipping), ``pallas_dense`` (every key
 walked), ``pallas_tol`` (``skip_tolerance``, default 1e-3; its forward error against
 ``pallas_dense``, ``max_err`` = max|out - out_dense| / max|v|, and ``max_err_beyond_ulp``, the same
-less one ulp of the output dtype, are recorded), ``cudnn`` (softmax) and ``scan``;
-softmax and scan do not depend on the regime and run once per shape ("any").
+less one ulp of the output dtype, are recorded), ``mosaic`` (the Mosaic GPU forward, which walks
+every key; it has no backward yet), ``cudnn`` (softmax) and ``scan``; mosaic, softmax and scan do
+not depend on the regime and run once per shape ("any").
 
 Forward and forward+backward, warm-up excluded, medians; TFLOP/s count 4*B*N*T^2*H/2 per forward
 (causal) and 3.5x that per forward+backward; ``peak_bytes`` is XLA's compiled peak (arguments,
@@ -43,6 +44,8 @@ _TOLERANCE = flags.DEFINE_float("skip_tolerance", 1e-3, "skip_tolerance of palla
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed repetitions (after 3 warm-ups).")
 _SLOW_ITERS = flags.DEFINE_integer("slow_iters", 3, "Timed repetitions of the scan path.")
 _BLOCK_SIZES = flags.DEFINE_string("block_sizes", None, "JSON dict overriding BlockSizes fields.")
+_MOSAIC_BLOCK_SIZES = flags.DEFINE_string("mosaic_block_sizes", None,
+                                          "JSON dict overriding MosaicBlockSizes fields.")
 _MAX_SCAN_T = flags.DEFINE_integer("max_scan_t", 16384, "Skip the scan path above this T.")
 _OUT = flags.DEFINE_string("out", None, "Write the records here as JSON.")
 
@@ -53,11 +56,16 @@ def main(argv):
   block_sizes = None
   if _BLOCK_SIZES.value:
     block_sizes = sbjax.BlockSizes(**json.loads(_BLOCK_SIZES.value))
+  mosaic_block_sizes = None
+  if _MOSAIC_BLOCK_SIZES.value:
+    mosaic_block_sizes = sbjax.MosaicBlockSizes(**json.loads(_MOSAIC_BLOCK_SIZES.value))
   records = run(shapes, _REGIMES.value, _IMPLS.value, _MODES.value, jnp.dtype(_DTYPE.value),
                 _ITERS.value, block_sizes=block_sizes, skip_tolerance=_TOLERANCE.value,
-                max_scan_t=_MAX_SCAN_T.value, slow_iters=_SLOW_ITERS.value)
+                max_scan_t=_MAX_SCAN_T.value, slow_iters=_SLOW_ITERS.value,
+                mosaic_block_sizes=mosaic_block_sizes)
   if _OUT.value:  # a list of records, each with how it was run
-    run_info = dict(block_sizes=_BLOCK_SIZES.value, iters=_ITERS.value,
+    run_info = dict(block_sizes=_BLOCK_SIZES.value, mosaic_block_sizes=_MOSAIC_BLOCK_SIZES.value,
+                    iters=_ITERS.value,
                     date=time.strftime("%Y-%m-%d"))
     with open(_OUT.value, "w") as f:
       json.dump([dict(r, **run_info) for r in records], f, indent=1)

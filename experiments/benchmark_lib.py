@@ -17,7 +17,7 @@ from sbjax.testing import median_time_ms
 
 
 REGIMES = ("local", "far", "mixed", "retrieval", "trained")
-IMPLEMENTATIONS = ("pallas", "pallas_dense", "pallas_tol", "cudnn", "scan")
+IMPLEMENTATIONS = ("pallas", "pallas_dense", "pallas_tol", "mosaic", "cudnn", "scan")
 TRAINED_QK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                           "length_extrapolation", "qk_stickbreaking.npz")
 
@@ -74,7 +74,8 @@ def benchmark_inputs(regime: str, b: int, t: int, n: int, h: int, dtype, seed: i
   return q, k, v, scale
 
 
-def attention(impl: str, head_dim: int, dtype, block_sizes=None, skip_tolerance=1e-3):
+def attention(impl: str, head_dim: int, dtype, block_sizes=None, skip_tolerance=1e-3,
+              mosaic_block_sizes=None):
   """``f(q, k, v, scale) -> out`` of one implementation."""
   if impl == "cudnn":  # cuDNN takes a static scale: the default 1/sqrt(H)
     return lambda q, k, v, s: jax.nn.dot_product_attention(
@@ -82,6 +83,9 @@ def attention(impl: str, head_dim: int, dtype, block_sizes=None, skip_tolerance=
   if impl == "scan":
     return lambda q, k, v, s: sbjax.stick_breaking_attention(q, k, v, scale=s,
                                                              implementation="scan")
+  if impl == "mosaic":  # the Mosaic GPU forward: every key walked (it does not skip yet)
+    return lambda q, k, v, s: sbjax.stick_breaking_attention(
+        q, k, v, scale=s, implementation="pallas_mosaic_gpu", block_sizes=mosaic_block_sizes)
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"impls must be among {IMPLEMENTATIONS}, got {impl!r}.")
   block_sizes = block_sizes or sbjax.BlockSizes.get_default(head_dim, dtype)
@@ -118,7 +122,7 @@ def _tolerance_errors(out, dense, v, dtype):
 
 
 def run(shapes, regimes, impls, modes, dtype, iters, *, block_sizes=None, skip_tolerance=1e-3,
-        max_scan_t=16384, slow_iters=3, log=print):
+        max_scan_t=16384, slow_iters=3, mosaic_block_sizes=None, log=print):
   """Benchmark records (see the module docstring); an implementation that fails records its
   error instead of stopping the run."""
   meta = dict(dtype=jnp.dtype(dtype).name, jax=jax.__version__, gpu=jax.devices()[0].device_kind)
@@ -130,9 +134,10 @@ def run(shapes, regimes, impls, modes, dtype, iters, *, block_sizes=None, skip_t
       flops = 4 * b * n * t * t * h / 2 * (1 if mode == "fwd" else 3.5)
       dense_out = {}
       for impl in impls:
-        if impl == "scan" and t > max_scan_t:
+        if (impl == "scan" and t > max_scan_t) or (impl == "mosaic" and mode != "fwd"):
           continue
-        # Softmax and the scan path cost the same on any logits: one regime ("any").
+        # Softmax, the scan path and the (non-skipping) Mosaic forward cost the same on any
+        # logits: one regime ("any").
         impl_regimes = regimes if impl.startswith("pallas") else ["any"]
         compiled = None
         for regime in impl_regimes:
@@ -151,7 +156,7 @@ def run(shapes, regimes, impls, modes, dtype, iters, *, block_sizes=None, skip_t
                 d_out = jnp.asarray(np.random.default_rng(1).normal(size=v.shape), dtype)
               args += (d_out,)
             if compiled is None:
-              attn = attention(impl, h, dtype, block_sizes, skip_tolerance)
+              attn = attention(impl, h, dtype, block_sizes, skip_tolerance, mosaic_block_sizes)
               compiled, rec["peak_bytes"] = _compiled(attn, mode, args)
             ms = median_time_ms(compiled, args, slow_iters if impl == "scan" else iters)
             rec.update(ms=ms, tflops=flops / ms / 1e9)

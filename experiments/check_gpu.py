@@ -8,8 +8,9 @@ infinite query/key elements and forget gates (normal, saturated, +-inf), with gr
 where float64's are; long sequences (T=65536 forward and backward on one head, T=131072
 forward); exact skipping (the default kernels bitwise equal to the dense walk); 20 backward runs
 compared bitwise. The decode kernel (one step, ragged caches up to S=32768) against the float64
-portable path, and its exact skipping bitwise equal to its dense walk. Prints a PASS/FAIL table
-and exits non-zero on any failure.
+portable path, and its exact skipping bitwise equal to its dense walk. The Mosaic GPU forward
+(both structures) against float64 at T=4096 (far logits too), saturated logits, T=65536, and 20
+forward runs compared bitwise. Prints a PASS/FAIL table and exits non-zero on any failure.
 
   python experiments/check_gpu.py --out=experiments/results/check_gpu_h100.json
   python experiments/check_gpu.py --only=decode --quick
@@ -39,11 +40,11 @@ _QUICK = flags.DEFINE_bool("quick", False, "Small shapes only (a smoke test).")
 _ONLY = flags.DEFINE_string("only", None, "Run only the checks whose name contains this.")
 
 
-def _pallas(seg, attend_current, block_sizes=None):
+def _pallas(seg, attend_current, block_sizes=None, implementation="pallas"):
   """``f(q, k, v, scale, forget_gate) -> (out, rem)`` on the compiled kernels."""
   return lambda q, k, v, s, g: sbjax.stick_breaking_attention(
       q, k, v, scale=s, segment_ids=seg, forget_gate=g, attend_current=attend_current,
-      implementation="pallas", block_sizes=block_sizes, return_remainder=True)
+      implementation=implementation, block_sizes=block_sizes, return_remainder=True)
 
 
 def _cotangents(q, v):
@@ -81,7 +82,8 @@ def _far(q, k, shift):
 
 
 def check_accuracy(name, shape, dtype, *, segments=False, attend_current=False, logit_scale=1.0,
-                   gated=False, with_grads=True, same_precision=True, shift=None):
+                   gated=False, with_grads=True, same_precision=True, shift=None,
+                   implementation="pallas", block_sizes=None):
   """Compares the kernels with the float64 scan path; returns a record with the errors.
   ``shift``: logits ``shift + N(0, 1)`` instead of N(0, logit_scale^2)."""
   q, k, v, seg = random_inputs(shape.t, shape, dtype, segments=segments, logit_scale=logit_scale)
@@ -90,7 +92,7 @@ def check_accuracy(name, shape, dtype, *, segments=False, attend_current=False, 
   gate = _gate(shape) if gated else None
   scale = shape.h**-0.5
   d_out, d_rem = _cotangents(q, v)
-  attn = _pallas(seg, attend_current)
+  attn = _pallas(seg, attend_current, block_sizes, implementation)
   if with_grads:
     got = jax.jit(functools.partial(testing.gradients, attn))(
         q, k, v, jnp.float32(scale), d_out, d_rem, gate)
@@ -180,19 +182,26 @@ def check_skipping_is_exact(name, shape, dtype, *, gated=False):
               differing_elements=differ)
 
 
-def check_determinism(runs=20):
+def check_determinism(runs=20, implementation="pallas", block_sizes=None):
+  """``runs`` backward runs (``pallas``: segments and a gate too) or, for the forward-only Mosaic
+  GPU kernel, forward runs, compared bit for bit."""
   shape = Shape(2, 4096, 8, 2, 128)
-  q, k, v, seg = random_inputs(0, shape, jnp.bfloat16, segments=True)
-  gate = _gate(shape)
+  mosaic = implementation == "pallas_mosaic_gpu"
+  q, k, v, seg = random_inputs(0, shape, jnp.bfloat16, segments=not mosaic)
+  gate = None if mosaic else _gate(shape)
   d_out, d_rem = _cotangents(q, v)
-  fn = jax.jit(functools.partial(testing.gradients, _pallas(seg, False)))
+  attn = _pallas(seg, False, block_sizes, implementation)
+  if mosaic:
+    fn = jax.jit(lambda q, k, v, s, *_: attn(q, k, v, s, None))
+  else:
+    fn = jax.jit(functools.partial(testing.gradients, attn))
   first = [np.asarray(x) for x in fn(q, k, v, jnp.float32(0.1), d_out, d_rem, gate)]
   same = all(
       all(np.array_equal(a, np.asarray(b))
           for a, b in zip(first, fn(q, k, v, jnp.float32(0.1), d_out, d_rem, gate)))
       for _ in range(runs - 1))
-  return dict(check=f"determinism x{runs}", shape=str(shape), dtype="bfloat16", gated=True,
-              ok=bool(same))
+  return dict(check=f"determinism x{runs}" + (" mosaic fwd" if mosaic else ""),
+              shape=str(shape), dtype="bfloat16", gated=not mosaic, ok=bool(same))
 
 
 def _decode_inputs(b, s, n, k, h, dtype, *, logit_scale=1.0):
@@ -281,6 +290,7 @@ def checks(quick: bool):
   yield named(check_skip_tolerance)("skip_tolerance 1e-3 fp32", Shape(1, 4096, 2, 1, 64),
                                     jnp.float32, tolerance=1e-3, shift=-5.0)
   yield from decode_checks(quick)
+  yield from mosaic_checks(quick)
   if quick:
     return
   yield acc("H128 T16384", Shape(1, 16384, 2, 1, 128), bf16, same_precision=False)
@@ -292,6 +302,26 @@ def checks(quick: bool):
   yield acc("T131072 fwd", Shape(1, 131072, 1, 1, 64), bf16, with_grads=False,
             same_precision=False)
   yield "determinism x20", check_determinism
+
+
+def mosaic_checks(quick: bool):
+  """The Mosaic GPU forward (``pallas_mosaic_gpu``, forward only) in both of its structures: one
+  warpgroup, and two consumer warpgroups with a producer."""
+  bf16 = jnp.bfloat16
+  structures = {"1wg": sbjax.MosaicBlockSizes(),
+                "2wg": sbjax.MosaicBlockSizes(num_compute_warpgroups=2, num_buffers=3)}
+  for tag, sizes in structures.items():
+    acc = lambda name, *a, **kw: (f"mosaic {tag} {name}", functools.partial(
+        check_accuracy, f"mosaic {tag} {name}", *a, with_grads=False,
+        implementation="pallas_mosaic_gpu", block_sizes=sizes, **kw))
+    yield acc("H128 T4096", Shape(2, 4096, 4, 2, 128), bf16)
+    yield acc("H64 T3000 cur fp16", Shape(1, 3000, 4, 1, 64), jnp.float16, attend_current=True)
+    yield acc("far H128 T4096", Shape(2, 4096, 4, 2, 128), bf16, shift=-5.0)
+    yield acc("saturated |z|<=1e4", Shape(1, 2048, 2, 2, 64), bf16, logit_scale=1250.0)
+    if not quick:
+      yield acc("T65536 one head", Shape(1, 65536, 1, 1, 64), bf16, same_precision=False)
+      yield (f"mosaic {tag} determinism x20", functools.partial(
+          check_determinism, implementation="pallas_mosaic_gpu", block_sizes=sizes))
 
 
 def main(argv):

@@ -58,6 +58,15 @@ def test_run_records_timings_and_errors():
   assert "ms" in benchmark.format_table(records) and "ERROR" in benchmark.format_table(records)
 
 
+def test_mosaic_runs_once_per_shape_and_forward_only():
+  """The Mosaic forward walks every key (one "any" regime) and has no backward to time."""
+  records = benchmark.run([(1, 2, 64, 64)], ["local", "far"], ["mosaic"], ["fwd", "fwd+bwd"],
+                          jnp.bfloat16, iters=1, log=lambda _: None)
+  mosaic, = records
+  assert (mosaic["regime"], mosaic["pass"]) == ("any", "fwd")
+  assert "needs an NVIDIA Hopper GPU" in mosaic["error"]
+
+
 def test_tolerance_errors_discount_one_ulp():
   dense = np.array([1.0, -3.0, 0.5], np.float32)
   ulp = np.array([2.0**-7, 2.0**-6, 2.0**-8], np.float32)  # bf16 ulps at these magnitudes
