@@ -200,8 +200,8 @@ def check_determinism(runs=20, implementation="pallas", block_sizes=None):
       all(np.array_equal(a, np.asarray(b))
           for a, b in zip(first, fn(q, k, v, jnp.float32(0.1), d_out, d_rem, gate)))
       for _ in range(runs - 1))
-  return dict(check=f"determinism x{runs}" + (" mosaic fwd" if mosaic else ""),
-              shape=str(shape), dtype="bfloat16", gated=not mosaic, ok=bool(same))
+  return dict(check=f"determinism x{runs}", shape=str(shape), dtype="bfloat16",
+              gated=not mosaic, ok=bool(same))
 
 
 def _decode_inputs(b, s, n, k, h, dtype, *, logit_scale=1.0):
@@ -320,8 +320,9 @@ def mosaic_checks(quick: bool):
     yield acc("saturated |z|<=1e4", Shape(1, 2048, 2, 2, 64), bf16, logit_scale=1250.0)
     if not quick:
       yield acc("T65536 one head", Shape(1, 65536, 1, 1, 64), bf16, same_precision=False)
-      yield (f"mosaic {tag} determinism x20", functools.partial(
-          check_determinism, implementation="pallas_mosaic_gpu", block_sizes=sizes))
+      yield (f"mosaic {tag} determinism x20", lambda sizes=sizes, tag=tag: dict(
+          check_determinism(implementation="pallas_mosaic_gpu", block_sizes=sizes),
+          check=f"mosaic {tag} determinism x20"))
 
 
 def main(argv):
