@@ -141,7 +141,7 @@ def train_and_score(run_cfg: dict, workdir: str, progress_bar: bool = True) -> d
       d_model=run_cfg["d_model"], num_heads=run_cfg["num_heads"],
       mlp_dim=run_cfg["mlp_ratio"] * run_cfg["d_model"], attention=run_cfg["attention"],
       implementation=run_cfg["implementation"],
-      softmax_implementation=run_cfg["softmax_implementation"])
+      softmax_implementation=run_cfg["softmax_implementation"], dtype=run_cfg["dtype"])
   train_config = training.TrainConfig(
       num_steps=run_cfg["num_steps"], learning_rate=run_cfg["learning_rate"],
       warmup_steps=run_cfg["warmup_steps"], weight_decay=run_cfg["weight_decay"],

@@ -180,7 +180,8 @@ def lm_config(group_cfg: dict) -> models.LMConfig:
   return models.LMConfig(
       vocab_size=g["vocab_size"], num_layers=g["num_layers"], d_model=g["d_model"],
       num_heads=g["num_heads"], mlp_dim=g["mlp_ratio"] * g["d_model"], attention=g["attention"],
-      implementation=g["implementation"], softmax_implementation=g["softmax_implementation"])
+      implementation=g["implementation"], softmax_implementation=g["softmax_implementation"],
+      dtype=g["dtype"])
 
 
 def train_config(group_cfg: dict) -> training.TrainConfig:

@@ -210,6 +210,21 @@ def test_interrupted_group_resumes_from_its_checkpoint(swept, tmp_path, monkeypa
 real_read = training.read_metrics_log
 
 
+def test_sweep_in_mixed_precision(tmp_path):
+  """The GPU sweep's dtype: bf16 compute (fp32 parameters) trains and scores every arm."""
+  config = _tiny_config()
+  config.attentions = ("stickbreaking", "softmax_rope")
+  config.dtype = "bfloat16"
+  records = mqrar_sweep_lib.train_and_evaluate(config, str(tmp_path))
+  assert {r["attention"] for r in records} == {"stickbreaking", "softmax_rope"}
+  for r in records:
+    assert np.isfinite(r["train_loss"]) and np.isfinite(r["eval_loss"]), r
+    assert 0 <= r["accuracy"] <= 1
+  group = mqrar_sweep_lib.groups(config)[0]
+  model = mqrar_sweep_lib.lm_config(mqrar_sweep_lib.group_config(config, group))
+  assert model.dtype == "bfloat16"
+
+
 def test_sweep_config():
   config = _load_config("sweep")
   groups = mqrar_sweep_lib.groups(config)
@@ -217,6 +232,7 @@ def test_sweep_config():
   g = mqrar_sweep_lib.group_config(config, groups[0])
   assert len(mqrar_sweep_lib.members(g)) == 4 * 4 * 3  # 432 runs in all
   assert "progress_bar" not in g and "compile_ahead" not in g and g["learning_rates"]
+  assert g["dtype"] == "bfloat16" and g["num_steps"] == 4000
   mqrar_sweep_lib.check_config(config)
   bad = _load_config("sweep")
   bad.log_every = 300
