@@ -65,8 +65,7 @@ def main(argv):
                 mosaic_block_sizes=mosaic_block_sizes)
   if _OUT.value:  # a list of records, each with how it was run
     run_info = dict(block_sizes=_BLOCK_SIZES.value, mosaic_block_sizes=_MOSAIC_BLOCK_SIZES.value,
-                    iters=_ITERS.value,
-                    date=time.strftime("%Y-%m-%d"))
+                    iters=_ITERS.value, date=time.strftime("%Y-%m-%d"))
     with open(_OUT.value, "w") as f:
       json.dump([dict(r, **run_info) for r in records], f, indent=1)
   print(format_table(records))

@@ -52,8 +52,8 @@ from sbjax.training.steps import (TrainState, cross_entropy, init_train_state, m
                                   make_train_step, state_shardings)
 
 __all__ = [
-    "METRICS_FILE", "RESUMABLE_FIELDS", "TrainConfig", "TrainResult", "TrainState", "checkpoint", "cross_entropy",
-    "evaluate", "global_batch", "init_train_state", "is_primary", "learning_rate_schedule",
-    "make_eval_step", "make_optimizer", "make_train_step", "process_batch_rows", "read_metrics_log",
-    "state_shardings", "train", "weight_decay_mask",
+    "METRICS_FILE", "RESUMABLE_FIELDS", "TrainConfig", "TrainResult", "TrainState", "checkpoint",
+    "cross_entropy", "evaluate", "global_batch", "init_train_state", "is_primary",
+    "learning_rate_schedule", "make_eval_step", "make_optimizer", "make_train_step",
+    "process_batch_rows", "read_metrics_log", "state_shardings", "train", "weight_decay_mask",
 ]
