@@ -397,9 +397,13 @@ def train_group(group_cfg: dict, group_dir: str, compiled: _Compiled) -> dict:
 
   try:
     last_log, last_step = time.perf_counter(), int(state.step)
+    warm = None  # (time, step) after this process's first chunk, which compiles
     while int(state.step) < g["num_steps"]:
       state, metrics = chunk(state, member_arrays)
       step = int(state.step)
+      if warm is None:
+        jax.block_until_ready(state)
+        warm = time.perf_counter(), step
       if time.perf_counter() - last_log > 60:  # the pace, for planning device time
         logging.info("%s: step %d, %.3f s per step.", group_name(g), step,
                      (time.perf_counter() - last_log) / (step - last_step))
@@ -410,8 +414,11 @@ def train_group(group_cfg: dict, group_dir: str, compiled: _Compiled) -> dict:
       checkpointer.save(state, force=step == g["num_steps"])
     if pending is not None:
       write(*pending)
-      logging.info("%s: step %d, accuracy (best member) %.3f.", group_name(g), pending[0],
-                   max(entries[-1]["accuracy"]))
+      jax.block_until_ready(state)
+      pace = ((time.perf_counter() - warm[0]) / (pending[0] - warm[1])
+              if pending[0] > warm[1] else float("nan"))
+      logging.info("%s: step %d, accuracy (best member) %.3f; %.4f s per step after the first "
+                   "chunk.", group_name(g), pending[0], max(entries[-1]["accuracy"]), pace)
   finally:
     checkpointer.close()
   train_seconds = time.perf_counter() - start
