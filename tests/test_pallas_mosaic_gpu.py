@@ -9,6 +9,7 @@ Forward only: the kernel has no backward yet, so it is not in the shared gradien
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 
@@ -34,6 +35,16 @@ INTERPRET = not on_nvidia_gpu()
 # The two kernel structures: one warpgroup issuing its own copies, and FA3's two consumers with a
 # producer warpgroup (three K/V slots).
 ONE_WG, TWO_WGS = MosaicBlockSizes(), MosaicBlockSizes(num_compute_warpgroups=2, num_buffers=3)
+# FlashAttention-3's scheduling on top: the next q k^T issued before the stick terms (one
+# warpgroup, three slots), and with the two consumers' ping-pong barrier as well.
+ONE_WG_PIPE = MosaicBlockSizes(pipeline_qk=True, num_buffers=3)
+TWO_WGS_FA3 = MosaicBlockSizes(num_compute_warpgroups=2, num_buffers=2, pipeline_qk=True,
+                               schedule_barrier=True)
+
+
+def _ids(b: MosaicBlockSizes) -> str:
+  return (f"wgs{b.num_compute_warpgroups}" + "-pipe" * b.pipeline_qk
+          + "-pingpong" * b.schedule_barrier)
 
 
 @functools.partial(jax.jit, static_argnames=("attend_current", "block_sizes"))
@@ -68,13 +79,16 @@ CASES = [
     (jnp.bfloat16, Shape(1, 130, 2, 1, 64), False, ONE_WG),
     (jnp.float16, Shape(1, 100, 4, 2, 128), True, ONE_WG),
     (jnp.bfloat16, Shape(1, 200, 2, 1, 128), True, TWO_WGS),
+    (jnp.float16, Shape(1, 130, 2, 1, 64), False, ONE_WG_PIPE),
+    (jnp.bfloat16, Shape(1, 200, 2, 1, 128), False, TWO_WGS_FA3),
+    (jnp.float16, Shape(1, 130, 1, 1, 64), True,
+     MosaicBlockSizes(num_compute_warpgroups=2, schedule_barrier=True)),
 ]
 
 
 @pytest.mark.parametrize(
     "dtype,shape,attend_current,block_sizes", CASES,
-    ids=[f"{jnp.dtype(d).name}-{s}-cur{int(c)}-wgs{b.num_compute_warpgroups}"
-         for d, s, c, b in CASES])
+    ids=[f"{jnp.dtype(d).name}-{s}-cur{int(c)}-{_ids(b)}" for d, s, c, b in CASES])
 def test_forward_matches_float64(dtype, shape, attend_current, block_sizes):
   q, k, v, _ = random_inputs(1, shape, dtype, logit_scale=2.0)
   _assert_close_to_float64(q, k, v, 0.3, attend_current, block_sizes)
@@ -82,8 +96,11 @@ def test_forward_matches_float64(dtype, shape, attend_current, block_sizes):
 
 @pytest.mark.skipif(INTERPRET, reason="compiled kernel only (interpret mode is too slow)")
 @pytest.mark.parametrize(
-    "block_sizes", [ONE_WG, TWO_WGS, MosaicBlockSizes(operands_in_registers=False)],
-    ids=["wgs1", "wgs2", "smem"])
+    "block_sizes", [ONE_WG, TWO_WGS, MosaicBlockSizes(operands_in_registers=False), ONE_WG_PIPE,
+                    TWO_WGS_FA3, MosaicBlockSizes(num_compute_warpgroups=2, schedule_barrier=True),
+                    dataclasses.replace(TWO_WGS_FA3, block_k=128)],
+    ids=["wgs1", "wgs2", "smem", "wgs1-pipe", "wgs2-pipe-pingpong", "wgs2-pingpong",
+         "wgs2-pipe-pingpong-bk128"])
 def test_long_sequence_on_gpu(block_sizes):
   """T = 2048 (not a multiple of 128), GQA, H = 128: the compiled kernel against float64 (the scan
   path as the oracle) under the tolerance rule."""
@@ -115,8 +132,7 @@ def test_large_logits():
   np.testing.assert_array_equal(rem[1], 1.0)
 
 
-@pytest.mark.parametrize("block_sizes", [ONE_WG, TWO_WGS],
-                         ids=lambda b: f"wgs{b.num_compute_warpgroups}")
+@pytest.mark.parametrize("block_sizes", [ONE_WG, TWO_WGS, ONE_WG_PIPE, TWO_WGS_FA3], ids=_ids)
 def test_tma_ring_has_no_races(block_sizes):
   """The K/V ring's synchronisation in the interpreter: its race detector (TMA copies, register
   loads and stores; it does not see wgmma's SMEM operand reads) and its barrier checks, which fail
@@ -135,9 +151,13 @@ def test_tma_ring_has_no_races(block_sizes):
 @pytest.mark.parametrize("dtype,head_dim,block_sizes", [
     (jnp.bfloat16, 64, ONE_WG), (jnp.float16, 128, ONE_WG), (jnp.bfloat16, 128, TWO_WGS),
     (jnp.float16, 64, TWO_WGS), (jnp.bfloat16, 128, MosaicBlockSizes(operands_in_registers=False)),
-    (jnp.float16, 128, MosaicBlockSizes(block_k=128, num_compute_warpgroups=2))],
+    (jnp.float16, 128, MosaicBlockSizes(block_k=128, num_compute_warpgroups=2)),
+    (jnp.bfloat16, 128, ONE_WG_PIPE), (jnp.float16, 128, TWO_WGS_FA3),
+    (jnp.bfloat16, 64, MosaicBlockSizes(num_compute_warpgroups=2, schedule_barrier=True)),
+    (jnp.bfloat16, 128, dataclasses.replace(TWO_WGS_FA3, block_k=128))],
     ids=["bf16-64-wgs1", "fp16-128-wgs1", "bf16-128-wgs2", "fp16-64-wgs2", "bf16-128-smem",
-         "fp16-128-wgs2-bk128"])
+         "fp16-128-wgs2-bk128", "bf16-128-wgs1-pipe", "fp16-128-wgs2-pipe-pingpong",
+         "bf16-64-wgs2-pingpong", "bf16-128-wgs2-pipe-pingpong-bk128"])
 def test_lowers_for_hopper(dtype, head_dim, block_sizes):
   """Lowering for an H200 on the CPU runs Pallas's Mosaic GPU lowering and the Mosaic GPU dialect
   lowering (layouts, wgmma operand and swizzle checks) and emits one ``mosaic_gpu_v2`` custom call
@@ -189,7 +209,8 @@ def test_needs_a_gpu_or_interpret():
 
 @pytest.mark.parametrize("kwargs", [dict(block_q=128), dict(block_k=96), dict(num_buffers=1),
                                     dict(num_compute_warpgroups=3),
-                                    dict(operands_in_registers=1)],
+                                    dict(operands_in_registers=1), dict(pipeline_qk=1),
+                                    dict(schedule_barrier=True)],
                          ids=str)
 def test_config_validation(kwargs):
   with pytest.raises(ValueError, match="MosaicBlockSizes"):

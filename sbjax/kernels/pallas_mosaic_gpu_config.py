@@ -21,6 +21,14 @@ class MosaicBlockSizes:
     operands_in_registers: the weights ``a`` and the stick-sum parts enter their wgmma from
       registers (True) or through shared memory (False). Interpret mode always takes shared
       memory (it cannot read a register operand); the arithmetic is the same.
+    pipeline_qk: FlashAttention-3's intra-warpgroup pipelining: each step issues the next key
+      block's ``q k^T`` (asynchronous wgmma) before its own stick-breaking terms, so the tensor
+      cores run under the softplus's exponentials and logarithms. False: each step computes
+      its own ``q k^T`` and waits for it. With one warpgroup use ``num_buffers >= 3``: the
+      next tile must have landed a step earlier, or the step waits for its copy.
+    schedule_barrier: FlashAttention-3's ping-pong between the two consumer warpgroups (a
+      barrier both meet around their wgmma issues, so one's elementwise work overlaps the
+      other's matmuls); needs ``num_compute_warpgroups=2``.
   """
 
   block_q: int = 64
@@ -28,6 +36,8 @@ class MosaicBlockSizes:
   num_buffers: int = 2
   num_compute_warpgroups: int = 1
   operands_in_registers: bool = True
+  pipeline_qk: bool = False
+  schedule_barrier: bool = False
 
   def __post_init__(self):
     cls = type(self).__name__
@@ -37,9 +47,12 @@ class MosaicBlockSizes:
       raise ValueError(f"{cls}.block_k must be a positive multiple of 64, got {self.block_k!r}.")
     if not (isinstance(self.num_buffers, int) and self.num_buffers >= 2):
       raise ValueError(f"{cls}.num_buffers must be an int >= 2, got {self.num_buffers!r}.")
-    if not isinstance(self.operands_in_registers, bool):
-      raise ValueError(f"{cls}.operands_in_registers must be a bool, got "
-                       f"{self.operands_in_registers!r}.")
+    for flag in ("operands_in_registers", "pipeline_qk", "schedule_barrier"):
+      if not isinstance(getattr(self, flag), bool):
+        raise ValueError(f"{cls}.{flag} must be a bool, got {getattr(self, flag)!r}.")
     if self.num_compute_warpgroups not in (1, 2):
       raise ValueError(f"{cls}.num_compute_warpgroups must be 1 or 2, got "
                        f"{self.num_compute_warpgroups!r}.")
+    if self.schedule_barrier and self.num_compute_warpgroups != 2:
+      raise ValueError(f"{cls}.schedule_barrier needs num_compute_warpgroups=2 (it orders two "
+                       f"consumers), got {self.num_compute_warpgroups!r}.")

@@ -80,28 +80,51 @@ def _key_blocks(q_start, rows: int, *, block_k: int, lag: int):
   return jnp.minimum(lax.div(first_last_key + 1, jnp.int32(block_k)), n_total), n_total
 
 
+def _meet(barrier):
+  """Both consumers arrive, then wait: FA3's scheduling rendezvous."""
+  plgpu.barrier_arrive(barrier)
+  plgpu.barrier_wait(barrier)
+
+
 def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready, *, scale_ref,
           q_start, n_full, n_total, block_k, num_buffers, lag, cumsum_parts, registers,
-          before_tile=None, k_done=None, v_done=None):
+          pipeline_qk=False, schedule=None, before_tile=None, k_done=None, v_done=None):
   """One warpgroup's walk over key-block steps ``t = 0 .. n_total - 1`` (key block
   ``n_total - 1 - t``, in slot ``t % num_buffers``): ``(acc [Q, H], log_stick [Q])`` in fp32.
 
   ``k_ready``/``v_ready``: the slots' load barriers. ``before_tile(t)`` runs first in a step (the
-  one-warpgroup kernel's prefetch); ``k_done(slot)``/``v_done(slot)`` after the step's last read
-  of K/V (the two-warpgroup kernel's "consumed" arrivals). ``registers``: the left operands of
-  the stick-sum and ``a @ v`` wgmma stay in registers (no SMEM round trip and async-proxy fence);
-  else they go through ``part_smem``/``p_smem`` (what interpret mode can run).
+  one-warpgroup kernel's prefetch); ``k_done(slot)``/``v_done(slot)`` after the last read of a
+  step's K/V (the two-warpgroup kernel's "consumed" arrivals). ``registers``: the left operands
+  of the stick-sum and ``a @ v`` wgmma stay in registers (no SMEM round trip and async-proxy
+  fence); else they go through ``part_smem``/``p_smem`` (what interpret mode can run).
+  ``pipeline_qk``: step t issues step t + 1's ``q k^T`` before its own stick terms and carries
+  the logits (the last step recomputes its own, discarded, so that every step has the same
+  shape). ``schedule``: the ping-pong barrier both consumers meet (FA3's placement: after the
+  ``q k^T`` issue, and before the ``a @ v`` issue).
   """
   block_q, head_dim = q_smem.shape
   shape = (block_q, block_k)
   # [block_q]: the scale in every row. An optimized (vectorised) load from GMEM does not lower.
   scale2 = plgpu.load(scale_ref, layout=_ROW, optimized=False) * LOG2E
+  nothing = lambda *_: None
+  before_tile, k_done, v_done = (f or nothing for f in (before_tile, k_done, v_done))
+  slot_of = lambda step: lax.rem(step, jnp.int32(num_buffers))
+
+  def meet():
+    if schedule is not None:
+      _meet(schedule)
 
   def matmul(a, b_smem, out_shape):  # a: an SMEM ref, or a WGMMA-layout array in registers
     def body(acc_ref):
       plgpu.wgmma(acc_ref, a, b_smem)
-      return acc_ref[...]
+      return acc_ref[...]  # waits for every wgmma in flight
     return pl.run_scoped(body, plgpu.ACC(out_shape, jnp.float32))
+
+  def issue_logits(s_ref, step):  # asynchronous: s_ref[...] waits for it
+    plgpu.wgmma(s_ref, q_smem, k_smem.at[slot_of(step)].T)  # [block_q, block_k]
+
+  def read_logits(s_ref):  # base-2 logits [block_q, block_k]
+    return s_ref[...] * _row_bcast(scale2, shape)
 
   def lhs(x, smem):
     """``x`` as a wgmma left operand: itself in registers, or stored to ``smem``."""
@@ -111,46 +134,87 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
     plgpu.commit_smem()  # make the register stores visible to the wgmma (async proxy)
     return smem
 
-  def tile(step, carry, *, masked):
-    acc, log_stick = carry  # [block_q, H] fp32, [block_q] fp32
-    if before_tile is not None:
-      before_tile(step)
-    slot = lax.rem(step, jnp.int32(num_buffers))
-    plgpu.barrier_wait(k_ready.at[slot])
-    x = matmul(q_smem, k_smem.at[slot].T, shape) * _row_bcast(scale2, shape)  # [block_q, block_k]
-    if k_done is not None:
-      k_done(slot)
+  def stick_terms(x, mask):
+    """``(log2 beta, log2(1 - beta), nearer)``: ``nearer`` the in-block sums of log2(1 - beta)
+    over the nearer keys, in bf16 parts (hi + lo + ...) each multiplied by the triangle on the
+    tensor cores."""
     log_beta, log_1m_beta = _stick_terms(x)
-    if masked:
-      q_pos = q_start + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-      k_pos = (n_total - 1 - step) * block_k + plgpu.broadcasted_iota(
-          jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-      mask = k_pos <= q_pos - lag
+    if mask is not None:
       log_1m_beta = jnp.where(mask, log_1m_beta, 0.0)
-    # In-block sums of log2(1 - beta) over the nearer keys, in bf16 parts (hi + lo + ...): each
-    # part is multiplied by the triangle on the tensor cores.
     nearer, rest = None, log_1m_beta
     for _ in range(cumsum_parts):
       part = rest.astype(jnp.bfloat16)
       term = matmul(lhs(part, part_smem), tri_smem, shape)
       nearer = term if nearer is None else nearer + term
       rest = rest - part.astype(jnp.float32)
+    return log_beta, log_1m_beta, nearer
+
+  def tile(step, carry, *, masked):
+    acc, log_stick, x = carry  # [block_q, H], [block_q] fp32; x: this step's logits if pipelined
+    before_tile(step)
+    slot = slot_of(step)
+    mask = None
+    if masked:
+      q_pos = q_start + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+      k_pos = (n_total - 1 - step) * block_k + plgpu.broadcasted_iota(
+          jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+      mask = k_pos <= q_pos - lag
+    if pipeline_qk:
+      nxt = jnp.minimum(step + 1, n_total - 1)
+      has_next = step + 1 < n_total
+      pl.when(has_next)(lambda: plgpu.barrier_wait(k_ready.at[slot_of(nxt)]))
+
+      def overlapped(s_ref):
+        issue_logits(s_ref, nxt)  # on the tensor cores while the softplus below runs
+        meet()
+        # The triangle wgmma's read waits for the next logits too (wgmma groups retire in
+        # order); by then they are done.
+        return stick_terms(x, mask), read_logits(s_ref)
+
+      (log_beta, log_1m_beta, nearer), x_next = pl.run_scoped(
+          overlapped, plgpu.ACC(shape, jnp.float32))
+      pl.when(has_next)(lambda: k_done(slot_of(nxt)))
+    else:
+      plgpu.barrier_wait(k_ready.at[slot])
+
+      def logits(s_ref):
+        issue_logits(s_ref, step)
+        meet()
+        return read_logits(s_ref)
+
+      x, x_next = pl.run_scoped(logits, plgpu.ACC(shape, jnp.float32)), None
+      k_done(slot)
+      log_beta, log_1m_beta, nearer = stick_terms(x, mask)
     a = jnp.exp2(log_beta + nearer + _row_bcast(log_stick, shape))  # [block_q, block_k]
     if masked:
       a = jnp.where(mask, a, 0.0)
 
     p = lhs(a.astype(q_smem.dtype), p_smem)
+    if schedule is not None:
+      plgpu.barrier_arrive(schedule)  # done with the elementwise work
     plgpu.barrier_wait(v_ready.at[slot])
+    if schedule is not None:
+      plgpu.barrier_wait(schedule)  # the other consumer is off the tensor cores
     acc = acc + matmul(p, v_smem.at[slot], acc.shape)  # [block_q, H]
-    if v_done is not None:
-      v_done(slot)
-    return acc, log_stick + jnp.sum(log_1m_beta, axis=1)
+    v_done(slot)
+    return acc, log_stick + jnp.sum(log_1m_beta, axis=1), x_next
 
   acc = plgpu.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
   log_stick = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), _ROW)
+  x = None
+  if pipeline_qk:  # the first step's logits, before the loop
+    plgpu.barrier_wait(k_ready.at[0])
+    def first_logits(s_ref):
+      issue_logits(s_ref, jnp.int32(0))
+      return read_logits(s_ref)
+
+    x = pl.run_scoped(first_logits, plgpu.ACC(shape, jnp.float32))
+    k_done(jnp.int32(0))
   n_masked = n_total - n_full  # the diagonal blocks come first
-  carry = lax.fori_loop(0, n_masked, functools.partial(tile, masked=True), (acc, log_stick))
-  return lax.fori_loop(n_masked, n_total, functools.partial(tile, masked=False), carry)
+  carry = lax.fori_loop(0, n_masked, functools.partial(tile, masked=True), (acc, log_stick, x))
+  acc, log_stick, _ = lax.fori_loop(n_masked, n_total, functools.partial(tile, masked=False),
+                                    carry)
+  return acc, log_stick
 
 
 def _store(acc, log_stick, o_smem, rem_smem, out_ref, rem_ref):
@@ -163,7 +227,8 @@ def _store(acc, log_stick, o_smem, rem_smem, out_ref, rem_ref):
 
 
 def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *, block_q, block_k,
-                num_buffers, group, attend_current, cumsum_parts, registers):
+                num_buffers, group, attend_current, cumsum_parts, registers, pipeline_qk,
+                schedule_barrier):
   """One warpgroup: it issues the TMA copies of the ring itself, ``num_buffers - 1`` ahead."""
   q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, rem_smem, barriers = scratch
   q_barrier, k_barriers, v_barriers = barriers
@@ -184,8 +249,11 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *, bl
   for step in range(num_buffers - 1):
     pl.when(step < n_total)(functools.partial(fetch, jnp.int32(step)))
 
+  del schedule_barrier  # one warpgroup: nothing to order
+
   def prefetch(step):
-    # The slot this copy overwrites was read by step - 1, whose wgmmas have completed.
+    # The slot this copy overwrites holds step - 1, whose reads are over (its own wgmmas and,
+    # with pipeline_qk, step - 2's read of its K) and complete.
     nxt = step + num_buffers - 1
     pl.when(nxt < n_total)(functools.partial(fetch, nxt))
 
@@ -195,14 +263,15 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *, bl
       q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_barriers, v_barriers,
       scale_ref=scale_ref, q_start=q_start, n_full=n_full, n_total=n_total, block_k=block_k,
       num_buffers=num_buffers, lag=lag, cumsum_parts=cumsum_parts, registers=registers,
-      before_tile=prefetch)
+      pipeline_qk=pipeline_qk, before_tile=prefetch)
   # q is no longer read: its buffer stages the output.
   _store(acc, log_stick, q_smem, rem_smem, out_ref.at[rows],
          rem_ref.at[batch, head, pl.ds(q_start, block_q)])
 
 
 def _fwd_kernel_ws(scale_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *, block_q, block_k,
-                   num_buffers, group, attend_current, cumsum_parts, registers):
+                   num_buffers, group, attend_current, cumsum_parts, registers, pipeline_qk,
+                   schedule_barrier):
   """Warp-specialised (FA3's structure): warpgroups 0 and 1 each compute ``block_q`` rows of a
   ``2 * block_q`` query block; warpgroup 2 issues the TMA copies of the K/V ring, which both
   consumers read, refilling a slot once both have arrived on its "consumed" barrier.
@@ -212,7 +281,7 @@ def _fwd_kernel_ws(scale_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *,
   the same in both consumers at the cost of one tile per program.
   """
   (q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, rem_smem, barriers, consumed,
-   tri_barrier) = scratch
+   tri_barrier, schedule) = scratch
   q_barriers, k_barriers, v_barriers = barriers
   k_consumed, v_consumed = consumed
   q_block, head, batch = lax.axis_index("q"), lax.axis_index("heads"), lax.axis_index("batch")
@@ -236,14 +305,19 @@ def _fwd_kernel_ws(scale_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *,
 
     plgpu.barrier_wait(tri_barrier)
     plgpu.barrier_wait(q_barriers.at[wg])
+    if schedule_barrier:  # consumer 1 one rendezvous behind consumer 0 (FA3): they alternate
+      pl.when(wg == 1)(functools.partial(_meet, schedule))
     acc, log_stick = _walk(
         q_wg, k_smem, v_smem, tri_smem, *(None if r is None else r.at[wg]
                                                  for r in (part_smem, p_smem)), k_barriers,
         v_barriers, scale_ref=scale_ref, q_start=q_start, n_full=jnp.minimum(n_full, n_total),
         n_total=n_total, block_k=block_k, num_buffers=num_buffers, lag=lag,
-        cumsum_parts=cumsum_parts, registers=registers,
+        cumsum_parts=cumsum_parts, registers=registers, pipeline_qk=pipeline_qk,
+        schedule=schedule if schedule_barrier else None,
         k_done=lambda slot: plgpu.barrier_arrive(k_consumed.at[slot]),
         v_done=lambda slot: plgpu.barrier_arrive(v_consumed.at[slot]))
+    if schedule_barrier:  # consumer 1's first rendezvous, matched
+      pl.when(wg == 0)(functools.partial(_meet, schedule))
     _store(acc, log_stick, q_wg, rem_smem.at[wg], out_ref.at[rows],
            rem_ref.at[batch, head, pl.ds(q_start, block_q)])
 
@@ -326,10 +400,12 @@ def forward(q, k, v, scale, *, attend_current: bool, block_sizes: MosaicBlockSiz
   else:  # K/V slots read by both consumers
     scratch.append((plgpu.Barrier(num_arrivals=wgs, num_barriers=nb),) * 2)
     scratch.append(plgpu.Barrier(num_barriers=1))  # the triangle is built
+    scratch.append(plgpu.Barrier(num_arrivals=wgs))  # the consumers' schedule (ping-pong)
     kernel, threads = _fwd_kernel_ws, dict(num_threads=wgs + 1, thread_name="wg")
   kernel = functools.partial(
       kernel, block_q=bq, block_k=bk, num_buffers=nb, group=group,
-      attend_current=attend_current, cumsum_parts=_cumsum_parts(dtype), registers=registers)
+      attend_current=attend_current, cumsum_parts=_cumsum_parts(dtype), registers=registers,
+      pipeline_qk=block_sizes.pipeline_qk, schedule_barrier=block_sizes.schedule_barrier)
   body = lambda *refs: kernel(*refs[:6], refs[6:])
   scale_rows = jnp.broadcast_to(jnp.reshape(scale, ()).astype(jnp.float32), (bq,))
   out, rem = plgpu.kernel(
