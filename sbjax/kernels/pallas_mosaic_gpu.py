@@ -30,7 +30,7 @@ def unsupported(query, value, *, segment_ids=None, forget_gate=None,
   if query.shape[-1] not in HEAD_DIMS or value.shape[-1] != query.shape[-1]:
     return (f"supports head dims {HEAD_DIMS} with value's equal to query's (wgmma tiles of 64), "
             f"got query.shape={query.shape}, value.shape={value.shape}")
-  if segment_ids is not None:
+  if segment_ids is not None:  # the kernel takes them; sbjax.ops does not pass them yet
     return "does not take segment_ids yet"
   if forget_gate is not None:
     return "does not take forget_gate yet"
@@ -39,27 +39,32 @@ def unsupported(query, value, *, segment_ids=None, forget_gate=None,
   return None
 
 
-def stick_breaking_attention(query, key, value, scale, *, attend_current=False,
+def stick_breaking_attention(query, key, value, scale, segment_ids=None, *, attend_current=False,
                              block_sizes: MosaicBlockSizes | None = None,
                              interpret: bool = False):
   """``(out [B, T, N, H], rem [B, T, N] float32)`` for inputs that ``unsupported`` accepts;
-  arguments are checked by ``sbjax.ops``. ``interpret``: Mosaic GPU interpret mode (CPU, slow).
-  Not differentiable yet: ``jax.grad`` through it raises ``NotImplementedError``."""
+  arguments are checked by ``sbjax.ops``. ``segment_ids``: ``[B, T]`` integers or None (the
+  kernel takes them; ``unsupported`` still rejects them until ``sbjax.ops`` passes them here).
+  ``interpret``: Mosaic GPU interpret mode (CPU, slow). Not differentiable yet: ``jax.grad``
+  through it raises ``NotImplementedError``."""
   static = (attend_current, block_sizes or MosaicBlockSizes(), interpret)
-  out, rem = _attention(query, key, value, jnp.reshape(scale, (1,)).astype(jnp.float32), static)
+  if segment_ids is not None:
+    segment_ids = segment_ids.astype(jnp.int32)
+  out, rem = _attention(query, key, value, jnp.reshape(scale, (1,)).astype(jnp.float32),
+                        segment_ids, static)
   return out, rem.transpose(0, 2, 1)  # rem [B, N, T] -> [B, T, N]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, scale, static):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, scale, segment_ids, static):
   attend_current, block_sizes, interpret = static
   return pallas_mosaic_gpu_fwd.forward(
-      q, k, v, scale, attend_current=attend_current, block_sizes=block_sizes,
+      q, k, v, scale, segment_ids, attend_current=attend_current, block_sizes=block_sizes,
       interpret=plgpu.InterpretGPUParams() if interpret else False)
 
 
-def _attention_fwd(q, k, v, scale, static):
-  return _attention(q, k, v, scale, static), None
+def _attention_fwd(q, k, v, scale, segment_ids, static):
+  return _attention(q, k, v, scale, segment_ids, static), None
 
 
 def _attention_bwd(static, residuals, cotangents):

@@ -43,6 +43,7 @@ SOFTPLUS_MAX = 2.0**20
 NAME = "stick_breaking_fwd_mosaic_gpu"
 
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # a [block_q] vector laid out like the rows of a wgmma tile
+_COL = plgpu.Layout.WGMMA.reduce(0)  # a [block_k] vector laid out like the columns of one
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -87,11 +88,13 @@ def _meet(barrier):
 
 
 def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready, *, scale_ref,
-          q_start, n_full, n_total, block_k, num_buffers, lag, cumsum_parts, registers,
+          seg_ref, q_start, n_full, n_total, block_k, num_buffers, lag, cumsum_parts, registers,
           pipeline_qk=False, schedule=None, before_tile=None, k_done=None, v_done=None):
   """One warpgroup's walk over key-block steps ``t = 0 .. n_total - 1`` (key block
   ``n_total - 1 - t``, in slot ``t % num_buffers``): ``(acc [Q, H], log_stick [Q])`` in fp32.
 
+  ``seg_ref``: this batch row's segment ids ``[T]`` int32 in GMEM, or None; with them every
+  tile is masked (keys of another segment can lie in any block; no block is skipped yet).
   ``k_ready``/``v_ready``: the slots' load barriers. ``before_tile(t)`` runs first in a step (the
   one-warpgroup kernel's prefetch); ``k_done(slot)``/``v_done(slot)`` after the last read of a
   step's K/V (the two-warpgroup kernel's "consumed" arrivals). ``registers``: the left operands
@@ -109,6 +112,8 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
   nothing = lambda *_: None
   before_tile, k_done, v_done = (f or nothing for f in (before_tile, k_done, v_done))
   slot_of = lambda step: lax.rem(step, jnp.int32(num_buffers))
+  if seg_ref is not None:  # [block_q] int32: the rows' segments (non-vectorised GMEM loads)
+    q_seg = plgpu.load(seg_ref.at[pl.ds(q_start, block_q)], layout=_ROW, optimized=False)
 
   def meet():
     if schedule is not None:
@@ -159,6 +164,10 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
       k_pos = (n_total - 1 - step) * block_k + plgpu.broadcasted_iota(
           jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
       mask = k_pos <= q_pos - lag
+      if seg_ref is not None:
+        k_seg = plgpu.load(seg_ref.at[pl.ds((n_total - 1 - step) * block_k, block_k)],
+                           layout=_COL, optimized=False)  # [block_k]
+        mask = mask & (_row_bcast(q_seg, shape) == lax.broadcast_in_dim(k_seg, shape, [1]))
     if pipeline_qk:
       nxt = jnp.minimum(step + 1, n_total - 1)
       has_next = step + 1 < n_total
@@ -210,7 +219,8 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
 
     x = pl.run_scoped(first_logits, plgpu.ACC(shape, jnp.float32))
     k_done(jnp.int32(0))
-  n_masked = n_total - n_full  # the diagonal blocks come first
+  # The diagonal blocks come first; with segments, every block is masked.
+  n_masked = n_total if seg_ref is not None else n_total - n_full
   carry = lax.fori_loop(0, n_masked, functools.partial(tile, masked=True), (acc, log_stick, x))
   acc, log_stick, _ = lax.fori_loop(n_masked, n_total, functools.partial(tile, masked=False),
                                     carry)
@@ -226,8 +236,8 @@ def _store(acc, log_stick, o_smem, rem_smem, out_ref, rem_ref):
   plgpu.wait_smem_to_gmem(0)
 
 
-def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *, block_q, block_k,
-                num_buffers, group, attend_current, cumsum_parts, registers, pipeline_qk,
+def _fwd_kernel(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *, block_q,
+                block_k, num_buffers, group, attend_current, cumsum_parts, registers, pipeline_qk,
                 schedule_barrier):
   """One warpgroup: it issues the TMA copies of the ring itself, ``num_buffers - 1`` ahead."""
   q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, rem_smem, barriers = scratch
@@ -261,7 +271,8 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *, bl
   plgpu.barrier_wait(q_barrier)
   acc, log_stick = _walk(
       q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_barriers, v_barriers,
-      scale_ref=scale_ref, q_start=q_start, n_full=n_full, n_total=n_total, block_k=block_k,
+      scale_ref=scale_ref, seg_ref=None if seg_ref is None else seg_ref.at[batch],
+      q_start=q_start, n_full=n_full, n_total=n_total, block_k=block_k,
       num_buffers=num_buffers, lag=lag, cumsum_parts=cumsum_parts, registers=registers,
       pipeline_qk=pipeline_qk, before_tile=prefetch)
   # q is no longer read: its buffer stages the output.
@@ -269,8 +280,8 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *, bl
          rem_ref.at[batch, head, pl.ds(q_start, block_q)])
 
 
-def _fwd_kernel_ws(scale_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *, block_q, block_k,
-                   num_buffers, group, attend_current, cumsum_parts, registers, pipeline_qk,
+def _fwd_kernel_ws(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *,
+                   block_q, block_k, num_buffers, group, attend_current, cumsum_parts, registers, pipeline_qk,
                    schedule_barrier):
   """Warp-specialised (FA3's structure): warpgroups 0 and 1 each compute ``block_q`` rows of a
   ``2 * block_q`` query block; warpgroup 2 issues the TMA copies of the K/V ring, which both
@@ -310,7 +321,8 @@ def _fwd_kernel_ws(scale_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *,
     acc, log_stick = _walk(
         q_wg, k_smem, v_smem, tri_smem, *(None if r is None else r.at[wg]
                                                  for r in (part_smem, p_smem)), k_barriers,
-        v_barriers, scale_ref=scale_ref, q_start=q_start, n_full=jnp.minimum(n_full, n_total),
+        v_barriers, scale_ref=scale_ref, seg_ref=None if seg_ref is None else seg_ref.at[batch],
+        q_start=q_start, n_full=jnp.minimum(n_full, n_total),
         n_total=n_total, block_k=block_k, num_buffers=num_buffers, lag=lag,
         cumsum_parts=cumsum_parts, registers=registers, pipeline_qk=pipeline_qk,
         schedule=schedule if schedule_barrier else None,
@@ -356,13 +368,14 @@ def _cumsum_parts(dtype) -> int:
   return 2 if jnp.dtype(dtype) == jnp.float16 else 1
 
 
-def forward(q, k, v, scale, *, attend_current: bool, block_sizes: MosaicBlockSizes,
-            interpret=False):
+def forward(q, k, v, scale, segment_ids=None, *, attend_current: bool,
+            block_sizes: MosaicBlockSizes, interpret=False):
   """Launches the forward kernel.
 
   Args:
     q: ``[B, T, N, H]``; k, v: ``[B, T, K, H]``; bf16 or fp16, H in {64, 128}, any T.
     scale: ``[1]`` float32 (traced).
+    segment_ids: ``[B, T]`` int32 or None; keys of another segment are invisible.
     interpret: False, or ``plgpu.InterpretGPUParams()`` for Mosaic GPU interpret mode (CPU).
 
   Returns:
@@ -377,6 +390,8 @@ def forward(q, k, v, scale, *, attend_current: bool, block_sizes: MosaicBlockSiz
   if tp != t:  # zeros: finite padding; padded keys follow every real query, so the mask hides them
     pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+    if segment_ids is not None:  # padded rows are discarded, padded keys hidden by causality
+      segment_ids = jnp.pad(segment_ids, ((0, 0), (0, tp - t)))
   dtype = q.dtype
   # 64 bf16/fp16 elements are one 128-byte row: the widest swizzle, which wgmma reads best.
   transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -406,7 +421,12 @@ def forward(q, k, v, scale, *, attend_current: bool, block_sizes: MosaicBlockSiz
       kernel, block_q=bq, block_k=bk, num_buffers=nb, group=group,
       attend_current=attend_current, cumsum_parts=_cumsum_parts(dtype), registers=registers,
       pipeline_qk=block_sizes.pipeline_qk, schedule_barrier=block_sizes.schedule_barrier)
-  body = lambda *refs: kernel(*refs[:6], refs[6:])
+  if segment_ids is None:
+    body = lambda scale_ref, *refs: kernel(scale_ref, None, *refs[:5], refs[5:])
+    inputs = (q, k, v)
+  else:
+    body = lambda *refs: kernel(*refs[:7], refs[7:])
+    inputs = (segment_ids.astype(jnp.int32), q, k, v)
   scale_rows = jnp.broadcast_to(jnp.reshape(scale, ()).astype(jnp.float32), (bq,))
   out, rem = plgpu.kernel(
       body,
@@ -419,5 +439,5 @@ def forward(q, k, v, scale, *, attend_current: bool, block_sizes: MosaicBlockSiz
       interpret=interpret,
       kernel_name=NAME,
       **threads,
-  )(scale_rows, q, k, v)
+  )(scale_rows, *inputs)
   return out[:, :t], rem[:, :, :t]
