@@ -40,11 +40,15 @@ ONE_WG, TWO_WGS = MosaicBlockSizes(), MosaicBlockSizes(num_compute_warpgroups=2,
 ONE_WG_PIPE = MosaicBlockSizes(pipeline_qk=True, num_buffers=3)
 TWO_WGS_FA3 = MosaicBlockSizes(num_compute_warpgroups=2, num_buffers=2, pipeline_qk=True,
                                schedule_barrier=True)
+# a @ v accumulated in place (pl.run_state): compiled on a GPU; interpret mode adds instead, so
+# on the CPU only the lowering tests see this path.
+IN_PLACE = dataclasses.replace(TWO_WGS_FA3, accumulate_in_place=True)
 
 
 def _ids(b: MosaicBlockSizes) -> str:
   return (f"wgs{b.num_compute_warpgroups}" + "-pipe" * b.pipeline_qk
-          + "-pingpong" * b.schedule_barrier)
+          + "-pingpong" * b.schedule_barrier + "-inplace" * b.accumulate_in_place
+          + f"-bk{b.block_k}" * (b.block_k != 64))
 
 
 @functools.partial(jax.jit, static_argnames=("attend_current", "block_sizes"))
@@ -118,9 +122,10 @@ def test_segment_ids_match_float64(block_sizes):
 @pytest.mark.parametrize(
     "block_sizes", [ONE_WG, TWO_WGS, MosaicBlockSizes(operands_in_registers=False), ONE_WG_PIPE,
                     TWO_WGS_FA3, MosaicBlockSizes(num_compute_warpgroups=2, schedule_barrier=True),
-                    dataclasses.replace(TWO_WGS_FA3, block_k=128)],
+                    dataclasses.replace(TWO_WGS_FA3, block_k=128), IN_PLACE,
+                    MosaicBlockSizes(pipeline_qk=True, num_buffers=3, accumulate_in_place=True)],
     ids=["wgs1", "wgs2", "smem", "wgs1-pipe", "wgs2-pipe-pingpong", "wgs2-pingpong",
-         "wgs2-pipe-pingpong-bk128"])
+         "wgs2-pipe-pingpong-bk128", "wgs2-pipe-pingpong-inplace", "wgs1-pipe-inplace"])
 def test_long_sequence_on_gpu(block_sizes):
   """T = 2048 (not a multiple of 128), GQA, H = 128: the compiled kernel against float64 (the scan
   path as the oracle) under the tolerance rule."""
@@ -174,10 +179,14 @@ def test_tma_ring_has_no_races(block_sizes):
     (jnp.float16, 128, MosaicBlockSizes(block_k=128, num_compute_warpgroups=2)),
     (jnp.bfloat16, 128, ONE_WG_PIPE), (jnp.float16, 128, TWO_WGS_FA3),
     (jnp.bfloat16, 64, MosaicBlockSizes(num_compute_warpgroups=2, schedule_barrier=True)),
-    (jnp.bfloat16, 128, dataclasses.replace(TWO_WGS_FA3, block_k=128))],
+    (jnp.bfloat16, 128, dataclasses.replace(TWO_WGS_FA3, block_k=128)),
+    (jnp.bfloat16, 128, dataclasses.replace(IN_PLACE, block_k=128, consumer_registers=240)),
+    (jnp.float16, 64, MosaicBlockSizes(pipeline_qk=True, num_buffers=3,
+                                       accumulate_in_place=True))],
     ids=["bf16-64-wgs1", "fp16-128-wgs1", "bf16-128-wgs2", "fp16-64-wgs2", "bf16-128-smem",
          "fp16-128-wgs2-bk128", "bf16-128-wgs1-pipe", "fp16-128-wgs2-pipe-pingpong",
-         "bf16-64-wgs2-pingpong", "bf16-128-wgs2-pipe-pingpong-bk128"])
+         "bf16-64-wgs2-pingpong", "bf16-128-wgs2-pipe-pingpong-bk128",
+         "bf16-128-wgs2-pipe-pingpong-inplace-bk128-reg240", "fp16-64-wgs1-pipe-inplace"])
 def test_lowers_for_hopper(dtype, head_dim, block_sizes):
   """Lowering for an H200 on the CPU runs Pallas's Mosaic GPU lowering and the Mosaic GPU dialect
   lowering (layouts, wgmma operand and swizzle checks) and emits one ``mosaic_gpu_v2`` custom call
@@ -243,7 +252,8 @@ def test_needs_a_gpu_or_interpret():
 @pytest.mark.parametrize("kwargs", [dict(block_q=128), dict(block_k=96), dict(num_buffers=1),
                                     dict(num_compute_warpgroups=3),
                                     dict(operands_in_registers=1), dict(pipeline_qk=1),
-                                    dict(schedule_barrier=True)],
+                                    dict(schedule_barrier=True), dict(accumulate_in_place=1),
+                                    dict(num_compute_warpgroups=2, consumer_registers=256)],
                          ids=str)
 def test_config_validation(kwargs):
   with pytest.raises(ValueError, match="MosaicBlockSizes"):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+# setmaxnreg budgets of the two-consumer kernel: consumer registers -> the producer's.
+PRODUCER_REGISTERS = {232: 40, 240: 24}
+
 
 @dataclasses.dataclass(frozen=True)
 class MosaicBlockSizes:
@@ -29,6 +32,14 @@ class MosaicBlockSizes:
     schedule_barrier: FlashAttention-3's ping-pong between the two consumer warpgroups (a
       barrier both meet around their wgmma issues, so one's elementwise work overlaps the
       other's matmuls); needs ``num_compute_warpgroups=2``.
+    accumulate_in_place: ``a @ v`` accumulates into the output accumulator on the tensor cores
+      (``pl.run_state`` with ``plgpu.ACC.init``, as FA3) instead of into a fresh one added in
+      registers (one [block_q, H] fp32 tile fewer live, and no adds). Interpret mode cannot run
+      ``pl.run_state`` and always adds; the GPU tests check this path.
+    consumer_registers: registers per thread of each consumer warpgroup with
+      ``num_compute_warpgroups=2`` (``setmaxnreg``): 232 (FA3's Pallas example; the producer
+      keeps 40) or 240 (FA3's CUDA kernel; the producer keeps 24). 2 * consumers + producer
+      must stay within 512 (the 64K registers of an SM over 3 x 128 threads).
   """
 
   block_q: int = 64
@@ -38,6 +49,8 @@ class MosaicBlockSizes:
   operands_in_registers: bool = True
   pipeline_qk: bool = False
   schedule_barrier: bool = False
+  accumulate_in_place: bool = False
+  consumer_registers: int = 232
 
   def __post_init__(self):
     cls = type(self).__name__
@@ -47,7 +60,8 @@ class MosaicBlockSizes:
       raise ValueError(f"{cls}.block_k must be a positive multiple of 64, got {self.block_k!r}.")
     if not (isinstance(self.num_buffers, int) and self.num_buffers >= 2):
       raise ValueError(f"{cls}.num_buffers must be an int >= 2, got {self.num_buffers!r}.")
-    for flag in ("operands_in_registers", "pipeline_qk", "schedule_barrier"):
+    for flag in ("operands_in_registers", "pipeline_qk", "schedule_barrier",
+                 "accumulate_in_place"):
       if not isinstance(getattr(self, flag), bool):
         raise ValueError(f"{cls}.{flag} must be a bool, got {getattr(self, flag)!r}.")
     if self.num_compute_warpgroups not in (1, 2):
@@ -56,3 +70,6 @@ class MosaicBlockSizes:
     if self.schedule_barrier and self.num_compute_warpgroups != 2:
       raise ValueError(f"{cls}.schedule_barrier needs num_compute_warpgroups=2 (it orders two "
                        f"consumers), got {self.num_compute_warpgroups!r}.")
+    if self.consumer_registers not in PRODUCER_REGISTERS:
+      raise ValueError(f"{cls}.consumer_registers must be one of {tuple(PRODUCER_REGISTERS)}, "
+                       f"got {self.consumer_registers!r}.")

@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from sbjax.kernels.pallas_mosaic_gpu_config import MosaicBlockSizes
+from sbjax.kernels.pallas_mosaic_gpu_config import PRODUCER_REGISTERS, MosaicBlockSizes
 
 LOG2E = math.log2(math.e)
 # softplus(z) = z above 15 nats, clamped at 2^20 (base 2): the constants and reasons of
@@ -89,7 +89,8 @@ def _meet(barrier):
 
 def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready, *, scale_ref,
           seg_ref, q_start, n_full, n_total, block_k, num_buffers, lag, cumsum_parts, registers,
-          pipeline_qk=False, schedule=None, before_tile=None, k_done=None, v_done=None):
+          pipeline_qk=False, schedule=None, in_place=False, before_tile=None, k_done=None,
+          v_done=None):
   """One warpgroup's walk over key-block steps ``t = 0 .. n_total - 1`` (key block
   ``n_total - 1 - t``, in slot ``t % num_buffers``): ``(acc [Q, H], log_stick [Q])`` in fp32.
 
@@ -103,7 +104,8 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
   ``pipeline_qk``: step t issues step t + 1's ``q k^T`` before its own stick terms and carries
   the logits (the last step recomputes its own, discarded, so that every step has the same
   shape). ``schedule``: the ping-pong barrier both consumers meet (FA3's placement: after the
-  ``q k^T`` issue, and before the ``a @ v`` issue).
+  ``q k^T`` issue, and before the ``a @ v`` issue). ``in_place``: ``a @ v`` accumulates into
+  ``acc`` on the tensor cores (``pl.run_state``, which interpret mode cannot run).
   """
   block_q, head_dim = q_smem.shape
   shape = (block_q, block_k)
@@ -204,7 +206,11 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
     plgpu.barrier_wait(v_ready.at[slot])
     if schedule is not None:
       plgpu.barrier_wait(schedule)  # the other consumer is off the tensor cores
-    acc = acc + matmul(p, v_smem.at[slot], acc.shape)  # [block_q, H]
+    if in_place:
+      acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p, v_smem.at[slot]))(
+          plgpu.ACC.init(acc))  # [block_q, H]
+    else:
+      acc = acc + matmul(p, v_smem.at[slot], acc.shape)  # [block_q, H]
     v_done(slot)
     return acc, log_stick + jnp.sum(log_1m_beta, axis=1), x_next
 
@@ -238,7 +244,7 @@ def _store(acc, log_stick, o_smem, rem_smem, out_ref, rem_ref):
 
 def _fwd_kernel(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *, block_q,
                 block_k, num_buffers, group, attend_current, cumsum_parts, registers, pipeline_qk,
-                schedule_barrier):
+                schedule_barrier, in_place, consumer_registers):
   """One warpgroup: it issues the TMA copies of the ring itself, ``num_buffers - 1`` ahead."""
   q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, rem_smem, barriers = scratch
   q_barrier, k_barriers, v_barriers = barriers
@@ -259,7 +265,7 @@ def _fwd_kernel(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scrat
   for step in range(num_buffers - 1):
     pl.when(step < n_total)(functools.partial(fetch, jnp.int32(step)))
 
-  del schedule_barrier  # one warpgroup: nothing to order
+  del schedule_barrier, consumer_registers  # one warpgroup: nothing to order or to share
 
   def prefetch(step):
     # The slot this copy overwrites holds step - 1, whose reads are over (its own wgmmas and,
@@ -274,15 +280,15 @@ def _fwd_kernel(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scrat
       scale_ref=scale_ref, seg_ref=None if seg_ref is None else seg_ref.at[batch],
       q_start=q_start, n_full=n_full, n_total=n_total, block_k=block_k,
       num_buffers=num_buffers, lag=lag, cumsum_parts=cumsum_parts, registers=registers,
-      pipeline_qk=pipeline_qk, before_tile=prefetch)
+      pipeline_qk=pipeline_qk, in_place=in_place, before_tile=prefetch)
   # q is no longer read: its buffer stages the output.
   _store(acc, log_stick, q_smem, rem_smem, out_ref.at[rows],
          rem_ref.at[batch, head, pl.ds(q_start, block_q)])
 
 
 def _fwd_kernel_ws(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *,
-                   block_q, block_k, num_buffers, group, attend_current, cumsum_parts, registers, pipeline_qk,
-                   schedule_barrier):
+                   block_q, block_k, num_buffers, group, attend_current, cumsum_parts, registers,
+                   pipeline_qk, schedule_barrier, in_place, consumer_registers):
   """Warp-specialised (FA3's structure): warpgroups 0 and 1 each compute ``block_q`` rows of a
   ``2 * block_q`` query block; warpgroup 2 issues the TMA copies of the K/V ring, which both
   consumers read, refilling a slot once both have arrived on its "consumed" barrier.
@@ -302,7 +308,7 @@ def _fwd_kernel_ws(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, sc
 
   @pl.when(wg < 2)
   def _consumer():
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(consumer_registers, action="increase")
     q_start = q_block * 2 * block_q + wg * block_q
     rows = (batch, pl.ds(q_start, block_q), head)
     q_wg = q_smem.at[wg]
@@ -325,7 +331,7 @@ def _fwd_kernel_ws(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, sc
         q_start=q_start, n_full=jnp.minimum(n_full, n_total),
         n_total=n_total, block_k=block_k, num_buffers=num_buffers, lag=lag,
         cumsum_parts=cumsum_parts, registers=registers, pipeline_qk=pipeline_qk,
-        schedule=schedule if schedule_barrier else None,
+        schedule=schedule if schedule_barrier else None, in_place=in_place,
         k_done=lambda slot: plgpu.barrier_arrive(k_consumed.at[slot]),
         v_done=lambda slot: plgpu.barrier_arrive(v_consumed.at[slot]))
     if schedule_barrier:  # consumer 1's first rendezvous, matched
@@ -335,7 +341,7 @@ def _fwd_kernel_ws(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, sc
 
   @pl.when(wg == 2)
   def _producer():
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(PRODUCER_REGISTERS[consumer_registers], action="decrease")
     kv_head = lax.div(head, jnp.array(group, head.dtype))
 
     @pl.loop(0, n_total)
@@ -396,7 +402,8 @@ def forward(q, k, v, scale, segment_ids=None, *, attend_current: bool,
   # 64 bf16/fp16 elements are one 128-byte row: the widest swizzle, which wgmma reads best.
   transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   per_wg = (lambda shape: shape) if wgs == 1 else (lambda shape: (wgs, *shape))
-  # Interpret mode reads both wgmma operands from SMEM; the values are the same either way.
+  # Interpret mode reads both wgmma operands from SMEM and cannot run pl.run_state (so it adds
+  # a @ v to acc in registers); the values are the same either way, up to fp32 rounding.
   registers = block_sizes.operands_in_registers and not interpret
   smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=transforms)
   scratch = [
@@ -420,7 +427,9 @@ def forward(q, k, v, scale, segment_ids=None, *, attend_current: bool,
   kernel = functools.partial(
       kernel, block_q=bq, block_k=bk, num_buffers=nb, group=group,
       attend_current=attend_current, cumsum_parts=_cumsum_parts(dtype), registers=registers,
-      pipeline_qk=block_sizes.pipeline_qk, schedule_barrier=block_sizes.schedule_barrier)
+      pipeline_qk=block_sizes.pipeline_qk, schedule_barrier=block_sizes.schedule_barrier,
+      in_place=block_sizes.accumulate_in_place and not interpret,
+      consumer_registers=block_sizes.consumer_registers)
   if segment_ids is None:
     body = lambda scale_ref, *refs: kernel(scale_ref, None, *refs[:5], refs[5:])
     inputs = (q, k, v)
