@@ -1,7 +1,6 @@
 """Forward Pallas Mosaic GPU kernel (Hopper): one program per (query block, head, batch).
 
-Two structures (``MosaicBlockSizes.num_compute_warpgroups``; docs/design.md §6), neither measured
-on a GPU yet:
+Two structures (``MosaicBlockSizes.num_compute_warpgroups``; docs/design.md §6):
 
 - 1: one warpgroup, 64 query rows, that issues the TMA copies of its K/V ring itself, the next
   tile's copy before the current tile's math;
@@ -15,11 +14,17 @@ in registers on the GPU, through shared memory in interpret mode):
     sum = part(log2(1 - beta)) @ tri   [block_q, block_k]  (in-block sums of the nearer keys)
     acc = acc + a @ v                  [block_q, H]
 
+FlashAttention-3's scheduling, opt-in (``MosaicBlockSizes``, not yet timed): ``pipeline_qk``
+issues the next block's ``q k^T`` before this block's softplus; ``schedule_barrier`` makes the
+two consumers take turns on the tensor cores; ``accumulate_in_place`` accumulates ``a @ v`` in
+the tensor cores' accumulator (GPU only).
+
 Key blocks are walked from the diagonal leftwards (nearest first), the row's log2-stick carried
-in fp32, as the Triton forward (``pallas_triton_fwd``) does; only the diagonal blocks are masked.
-No skipping yet: every visible key block is walked (the Triton kernels' dense walk). T that is
-not a multiple of the rows per program is padded by the launcher (zeros, so the padding is
-finite; padded keys lie after every real query and the causal mask hides them).
+in fp32, as the Triton forward (``pallas_triton_fwd``) does; only the diagonal blocks are masked
+(every block with ``segment_ids``). No skipping yet: every visible key block is walked (the
+Triton kernels' dense walk). T that is not a multiple of the rows per program is padded by the
+launcher (zeros, so the padding is finite; padded keys lie after every real query and the
+causal mask hides them).
 """
 
 from __future__ import annotations
