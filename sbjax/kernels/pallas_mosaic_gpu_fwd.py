@@ -138,6 +138,14 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
   def read_logits(s_ref):  # base-2 logits [block_q, block_k]
     return s_ref[...] * _row_bcast(scale2, shape)
 
+  def logits(step, *, rendezvous: bool):  # issued, then waited for
+    def body(s_ref):
+      issue_logits(s_ref, step)
+      if rendezvous:
+        meet()
+      return read_logits(s_ref)
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
   def lhs(x, smem):
     """``x`` as a wgmma left operand: itself in registers, or stored to ``smem``."""
     if registers:
@@ -192,13 +200,7 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
       pl.when(has_next)(lambda: k_done(slot_of(nxt)))
     else:
       plgpu.barrier_wait(k_ready.at[slot])
-
-      def logits(s_ref):
-        issue_logits(s_ref, step)
-        meet()
-        return read_logits(s_ref)
-
-      x, x_next = pl.run_scoped(logits, plgpu.ACC(shape, jnp.float32)), None
+      x, x_next = logits(step, rendezvous=True), None
       k_done(slot)
       log_beta, log_1m_beta, nearer = stick_terms(x, mask)
     a = jnp.exp2(log_beta + nearer + _row_bcast(log_stick, shape))  # [block_q, block_k]
@@ -224,11 +226,7 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
   x = None
   if pipeline_qk:  # the first step's logits, before the loop
     plgpu.barrier_wait(k_ready.at[0])
-    def first_logits(s_ref):
-      issue_logits(s_ref, jnp.int32(0))
-      return read_logits(s_ref)
-
-    x = pl.run_scoped(first_logits, plgpu.ACC(shape, jnp.float32))
+    x = logits(jnp.int32(0), rendezvous=False)
     k_done(jnp.int32(0))
   # The diagonal blocks come first; with segments, every block is masked.
   n_masked = n_total if seg_ref is not None else n_total - n_full
