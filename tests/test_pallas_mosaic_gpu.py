@@ -43,12 +43,14 @@ TWO_WGS_FA3 = MosaicBlockSizes(num_compute_warpgroups=2, num_buffers=2, pipeline
 # a @ v accumulated in place (pl.run_state): compiled on a GPU; interpret mode adds instead, so
 # on the CPU only the lowering tests see this path.
 IN_PLACE = dataclasses.replace(TWO_WGS_FA3, accumulate_in_place=True)
+# Longest causal walks launched first.
+HEAVY_FIRST = MosaicBlockSizes(heavy_first=True)
 
 
 def _ids(b: MosaicBlockSizes) -> str:
   return (f"wgs{b.num_compute_warpgroups}" + "-pipe" * b.pipeline_qk
           + "-pingpong" * b.schedule_barrier + "-inplace" * b.accumulate_in_place
-          + f"-bk{b.block_k}" * (b.block_k != 64))
+          + f"-bk{b.block_k}" * (b.block_k != 64) + "-heavyfirst" * b.heavy_first)
 
 
 @functools.partial(jax.jit, static_argnames=("attend_current", "block_sizes"))
@@ -86,7 +88,8 @@ CASES = [
     (jnp.float16, Shape(1, 130, 2, 1, 64), False, ONE_WG_PIPE),
     (jnp.bfloat16, Shape(1, 200, 2, 1, 128), False, TWO_WGS_FA3),
     (jnp.float16, Shape(1, 130, 1, 1, 64), True,
-     MosaicBlockSizes(num_compute_warpgroups=2, schedule_barrier=True)),
+     MosaicBlockSizes(num_compute_warpgroups=2, schedule_barrier=True, heavy_first=True)),
+    (jnp.bfloat16, Shape(1, 130, 1, 1, 64), False, HEAVY_FIRST),
 ]
 
 
@@ -182,11 +185,11 @@ def test_tma_ring_has_no_races(block_sizes):
     (jnp.bfloat16, 128, dataclasses.replace(TWO_WGS_FA3, block_k=128)),
     (jnp.bfloat16, 128, dataclasses.replace(IN_PLACE, block_k=128, consumer_registers=240)),
     (jnp.float16, 64, MosaicBlockSizes(pipeline_qk=True, num_buffers=3,
-                                       accumulate_in_place=True))],
+                                       accumulate_in_place=True, heavy_first=True))],
     ids=["bf16-64-wgs1", "fp16-128-wgs1", "bf16-128-wgs2", "fp16-64-wgs2", "bf16-128-smem",
          "fp16-128-wgs2-bk128", "bf16-128-wgs1-pipe", "fp16-128-wgs2-pipe-pingpong",
          "bf16-64-wgs2-pingpong", "bf16-128-wgs2-pipe-pingpong-bk128",
-         "bf16-128-wgs2-pipe-pingpong-inplace-bk128-reg240", "fp16-64-wgs1-pipe-inplace"])
+         "bf16-128-wgs2-pipe-pingpong-inplace-bk128-reg240", "fp16-64-wgs1-pipe-inplace-heavyfirst"])
 def test_lowers_for_hopper(dtype, head_dim, block_sizes):
   """Lowering for an H200 on the CPU runs Pallas's Mosaic GPU lowering and the Mosaic GPU dialect
   lowering (layouts, wgmma operand and swizzle checks) and emits one ``mosaic_gpu_v2`` custom call
@@ -253,6 +256,7 @@ def test_needs_a_gpu_or_interpret():
                                     dict(num_compute_warpgroups=3),
                                     dict(operands_in_registers=1), dict(pipeline_qk=1),
                                     dict(schedule_barrier=True), dict(accumulate_in_place=1),
+                                    dict(heavy_first=1),
                                     dict(num_compute_warpgroups=2, consumer_registers=256)],
                          ids=str)
 def test_config_validation(kwargs):

@@ -40,6 +40,8 @@ class MosaicBlockSizes:
       ``num_compute_warpgroups=2`` (``setmaxnreg``): 232 (FA3's Pallas example; the producer
       keeps 40) or 240 (FA3's CUDA kernel; the producer keeps 24). 2 * consumers + producer
       must stay within 512 (the 64K registers of an SM over 3 x 128 threads).
+    heavy_first: launch the query blocks with the longest causal walks first (the grid's query
+      axis reversed), so that the last wave holds the shortest walks.
   """
 
   block_q: int = 64
@@ -51,6 +53,7 @@ class MosaicBlockSizes:
   schedule_barrier: bool = False
   accumulate_in_place: bool = False
   consumer_registers: int = 232
+  heavy_first: bool = False
 
   def __post_init__(self):
     cls = type(self).__name__
@@ -61,7 +64,7 @@ class MosaicBlockSizes:
     if not (isinstance(self.num_buffers, int) and self.num_buffers >= 2):
       raise ValueError(f"{cls}.num_buffers must be an int >= 2, got {self.num_buffers!r}.")
     for flag in ("operands_in_registers", "pipeline_qk", "schedule_barrier",
-                 "accumulate_in_place"):
+                 "accumulate_in_place", "heavy_first"):
       if not isinstance(getattr(self, flag), bool):
         raise ValueError(f"{cls}.{flag} must be a bool, got {getattr(self, flag)!r}.")
     if self.num_compute_warpgroups not in (1, 2):

@@ -236,6 +236,16 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
   return acc, log_stick
 
 
+def _program_ids(num_q_blocks: int, heavy_first: bool):
+  """``(q_block, head, batch)``. The grid's first axis, the query block, varies fastest, so the
+  programs in flight share one head's K/V in L2; ``heavy_first`` reverses it so that the longest
+  causal walks start first and the last wave holds the shortest."""
+  q_block = lax.axis_index("q")
+  if heavy_first:
+    q_block = num_q_blocks - 1 - q_block
+  return q_block, lax.axis_index("heads"), lax.axis_index("batch")
+
+
 def _store(acc, log_stick, o_smem, rem_smem, out_ref, rem_ref):
   o_smem[...] = acc.astype(o_smem.dtype)
   rem_smem[...] = jnp.exp2(log_stick)
@@ -247,11 +257,11 @@ def _store(acc, log_stick, o_smem, rem_smem, out_ref, rem_ref):
 
 def _fwd_kernel(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *, block_q,
                 block_k, num_buffers, group, attend_current, cumsum_parts, registers, pipeline_qk,
-                schedule_barrier, in_place, consumer_registers):
+                schedule_barrier, in_place, consumer_registers, num_q_blocks, heavy_first):
   """One warpgroup: it issues the TMA copies of the ring itself, ``num_buffers - 1`` ahead."""
   q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, rem_smem, barriers = scratch
   q_barrier, k_barriers, v_barriers = barriers
-  q_block, head, batch = lax.axis_index("q"), lax.axis_index("heads"), lax.axis_index("batch")
+  q_block, head, batch = _program_ids(num_q_blocks, heavy_first)
   kv_head = lax.div(head, jnp.array(group, head.dtype))
   q_start = q_block * block_q
   rows = (batch, pl.ds(q_start, block_q), head)
@@ -291,7 +301,8 @@ def _fwd_kernel(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scrat
 
 def _fwd_kernel_ws(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *,
                    block_q, block_k, num_buffers, group, attend_current, cumsum_parts, registers,
-                   pipeline_qk, schedule_barrier, in_place, consumer_registers):
+                   pipeline_qk, schedule_barrier, in_place, consumer_registers, num_q_blocks,
+                   heavy_first):
   """Warp-specialised (FA3's structure): warpgroups 0 and 1 each compute ``block_q`` rows of a
   ``2 * block_q`` query block; warpgroup 2 issues the TMA copies of the K/V ring, which both
   consumers read, refilling a slot once both have arrived on its "consumed" barrier.
@@ -304,7 +315,7 @@ def _fwd_kernel_ws(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, sc
    tri_barrier, schedule) = scratch
   q_barriers, k_barriers, v_barriers = barriers
   k_consumed, v_consumed = consumed
-  q_block, head, batch = lax.axis_index("q"), lax.axis_index("heads"), lax.axis_index("batch")
+  q_block, head, batch = _program_ids(num_q_blocks, heavy_first)
   wg = lax.axis_index("wg")
   lag = 0 if attend_current else 1
   _, n_total = _key_blocks(q_block * 2 * block_q, 2 * block_q, block_k=block_k, lag=lag)
@@ -432,7 +443,8 @@ def forward(q, k, v, scale, segment_ids=None, *, attend_current: bool,
       attend_current=attend_current, cumsum_parts=_cumsum_parts(dtype), registers=registers,
       pipeline_qk=block_sizes.pipeline_qk, schedule_barrier=block_sizes.schedule_barrier,
       in_place=block_sizes.accumulate_in_place and not interpret,
-      consumer_registers=block_sizes.consumer_registers)
+      consumer_registers=block_sizes.consumer_registers, num_q_blocks=tp // rows,
+      heavy_first=block_sizes.heavy_first)
   if segment_ids is None:
     body = lambda scale_ref, *refs: kernel(scale_ref, None, *refs[:5], refs[5:])
     inputs = (q, k, v)
