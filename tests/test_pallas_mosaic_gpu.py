@@ -104,13 +104,13 @@ def test_forward_matches_float64(dtype, shape, attend_current, block_sizes):
 @pytest.mark.parametrize("block_sizes", [ONE_WG, TWO_WGS_FA3], ids=_ids)
 def test_segment_ids_match_float64(block_sizes):
   """Segment ids (sorted runs, as packed documents; then shuffled, so that other segments' keys
-  lie inside every block) through the kernel's own entry point: ``sbjax.ops`` does not pass them
-  to it yet (the op still rejects them)."""
+  lie inside every block) through the public op."""
   shape = Shape(2, 130, 2, 1, 64)
   q, k, v, seg = random_inputs(4, shape, jnp.bfloat16, segments=True, logit_scale=2.0)
   shuffled = jnp.asarray(np.random.default_rng(0).permutation(np.asarray(seg).T).T)
-  run = jax.jit(functools.partial(pallas_mosaic_gpu.stick_breaking_attention, attend_current=False,
-                                  block_sizes=block_sizes, interpret=INTERPRET))
+  run = jax.jit(lambda q, k, v, s, ids: sbjax.stick_breaking_attention(
+      q, k, v, scale=s, segment_ids=ids, implementation="pallas_mosaic_gpu",
+      block_sizes=block_sizes, interpret=INTERPRET, return_remainder=True))
   same = jax.jit(lambda q, k, v, seg: reference.stick_breaking_attention(
       q, k, v, jnp.bfloat16(0.3), seg, None, dtype=q.dtype))
   for ids in (seg, shuffled):
@@ -222,13 +222,12 @@ def test_segment_ids_lower_for_hopper(block_sizes):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(segment_ids=jnp.zeros((1, 64), jnp.int32)), "does not take segment_ids yet"),
     (dict(forget_gate=jnp.zeros((1, 64, 1))), "does not take forget_gate yet"),
     (dict(skip_tolerance=1e-3), "does not skip key blocks yet"),
     (dict(dtype=jnp.float32), "supports bfloat16 and float16"),
     (dict(head_dim=80), "supports head dims"),
     (dict(block_sizes=sbjax.BlockSizes()), "takes a MosaicBlockSizes"),
-], ids=["segment_ids", "forget_gate", "skip_tolerance", "float32", "head_dim", "block_sizes"])
+], ids=["forget_gate", "skip_tolerance", "float32", "head_dim", "block_sizes"])
 def test_rejects_what_it_does_not_take(kwargs, match):
   dtype, h = kwargs.pop("dtype", jnp.bfloat16), kwargs.pop("head_dim", 64)
   q, k, v, _ = random_inputs(0, Shape(1, 64, 1, 1, h), dtype)

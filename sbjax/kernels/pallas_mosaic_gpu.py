@@ -21,8 +21,7 @@ SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 HEAD_DIMS = (64, 128)
 
 
-def unsupported(query, value, *, segment_ids=None, forget_gate=None,
-                skip_tolerance: float = 0.0) -> str | None:
+def unsupported(query, value, *, forget_gate=None, skip_tolerance: float = 0.0) -> str | None:
   """Why the Mosaic GPU kernel cannot take these inputs, or None if it can."""
   if query.dtype not in SUPPORTED_DTYPES:
     return (f"supports bfloat16 and float16 inputs (float32 stays on the Triton kernels), got "
@@ -30,8 +29,6 @@ def unsupported(query, value, *, segment_ids=None, forget_gate=None,
   if query.shape[-1] not in HEAD_DIMS or value.shape[-1] != query.shape[-1]:
     return (f"supports head dims {HEAD_DIMS} with value's equal to query's (wgmma tiles of 64), "
             f"got query.shape={query.shape}, value.shape={value.shape}")
-  if segment_ids is not None:  # the kernel takes them; sbjax.ops does not pass them yet
-    return "does not take segment_ids yet"
   if forget_gate is not None:
     return "does not take forget_gate yet"
   if skip_tolerance:
