@@ -14,10 +14,10 @@ in registers on the GPU, through shared memory in interpret mode):
     sum = part(log2(1 - beta)) @ tri   [block_q, block_k]  (in-block sums of the nearer keys)
     acc = acc + a @ v                  [block_q, H]
 
-FlashAttention-3's scheduling, opt-in (``MosaicBlockSizes``, not yet timed): ``pipeline_qk``
-issues the next block's ``q k^T`` before this block's softplus; ``schedule_barrier`` makes the
-two consumers take turns on the tensor cores; ``accumulate_in_place`` accumulates ``a @ v`` in
-the tensor cores' accumulator (GPU only).
+FlashAttention-3's scheduling, opt-in (``MosaicBlockSizes``; timings in docs/design.md §6):
+``pipeline_qk`` issues the next block's ``q k^T`` before this block's softplus;
+``schedule_barrier`` makes the two consumers take turns on the tensor cores;
+``accumulate_in_place`` accumulates ``a @ v`` in the tensor cores' accumulator (GPU only).
 
 Key blocks are walked from the diagonal leftwards (nearest first), the row's log2-stick carried
 in fp32, as the Triton forward (``pallas_triton_fwd``) does; only the diagonal blocks are masked
