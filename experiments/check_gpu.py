@@ -182,7 +182,7 @@ def check_skipping_is_exact(name, shape, dtype, *, gated=False):
               differing_elements=differ)
 
 
-def check_determinism(runs=20, implementation="pallas", block_sizes=None):
+def check_determinism(name, runs=20, implementation="pallas", block_sizes=None):
   """``runs`` backward runs (``pallas``: segments and a gate too) or, for the forward-only Mosaic
   GPU kernel, forward runs, compared bit for bit."""
   shape = Shape(2, 4096, 8, 2, 128)
@@ -200,8 +200,7 @@ def check_determinism(runs=20, implementation="pallas", block_sizes=None):
       all(np.array_equal(a, np.asarray(b))
           for a, b in zip(first, fn(q, k, v, jnp.float32(0.1), d_out, d_rem, gate)))
       for _ in range(runs - 1))
-  return dict(check=f"determinism x{runs}", shape=str(shape), dtype="bfloat16",
-              gated=not mosaic, ok=bool(same))
+  return dict(check=name, shape=str(shape), dtype="bfloat16", gated=not mosaic, ok=bool(same))
 
 
 def _decode_inputs(b, s, n, k, h, dtype, *, logit_scale=1.0):
@@ -301,7 +300,7 @@ def checks(quick: bool):
   yield acc("T65536 one head", Shape(1, 65536, 1, 1, 64), bf16, same_precision=False)
   yield acc("T131072 fwd", Shape(1, 131072, 1, 1, 64), bf16, with_grads=False,
             same_precision=False)
-  yield "determinism x20", check_determinism
+  yield "determinism x20", functools.partial(check_determinism, "determinism x20")
 
 
 def mosaic_checks(quick: bool):
@@ -320,9 +319,9 @@ def mosaic_checks(quick: bool):
     yield acc("saturated |z|<=1e4", Shape(1, 2048, 2, 2, 64), bf16, logit_scale=1250.0)
     if not quick:
       yield acc("T65536 one head", Shape(1, 65536, 1, 1, 64), bf16, same_precision=False)
-      yield (f"mosaic {tag} determinism x20", lambda sizes=sizes, tag=tag: dict(
-          check_determinism(implementation="pallas_mosaic_gpu", block_sizes=sizes),
-          check=f"mosaic {tag} determinism x20"))
+      name = f"mosaic {tag} determinism x20"
+      yield name, functools.partial(check_determinism, name, implementation="pallas_mosaic_gpu",
+                                    block_sizes=sizes)
 
 
 def main(argv):

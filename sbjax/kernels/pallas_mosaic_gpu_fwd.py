@@ -86,6 +86,11 @@ def _key_blocks(q_start, rows: int, *, block_k: int, lag: int):
   return jnp.minimum(lax.div(first_last_key + 1, jnp.int32(block_k)), n_total), n_total
 
 
+def _step_keys(step, n_total, block_k: int):
+  """The keys walk step ``step`` reads (nearest first): key block ``n_total - 1 - step``."""
+  return pl.ds((n_total - 1 - step) * block_k, block_k)
+
+
 def _meet(barrier):
   """Both consumers arrive, then wait: FA3's scheduling rendezvous."""
   plgpu.barrier_arrive(barrier)
@@ -176,12 +181,11 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
     mask = None
     if masked:
       q_pos = q_start + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-      k_pos = (n_total - 1 - step) * block_k + plgpu.broadcasted_iota(
-          jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+      keys = _step_keys(step, n_total, block_k)
+      k_pos = keys.start + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
       mask = k_pos <= q_pos - lag
       if seg_ref is not None:
-        k_seg = plgpu.load(seg_ref.at[pl.ds((n_total - 1 - step) * block_k, block_k)],
-                           layout=_COL, optimized=False)  # [block_k]
+        k_seg = plgpu.load(seg_ref.at[keys], layout=_COL, optimized=False)  # [block_k]
         mask = mask & (_row_bcast(q_seg, shape) == lax.broadcast_in_dim(k_seg, shape, [1]))
     if pipeline_qk:
       nxt = jnp.minimum(step + 1, n_total - 1)
@@ -271,7 +275,7 @@ def _fwd_kernel(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scrat
 
   def fetch(step):  # walk step t reads key block n_total - 1 - t into slot t % num_buffers
     slot = lax.rem(step, jnp.int32(num_buffers))
-    keys = (batch, pl.ds((n_total - 1 - step) * block_k, block_k), kv_head)
+    keys = (batch, _step_keys(step, n_total, block_k), kv_head)
     plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_barriers.at[slot])
     plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_barriers.at[slot])
 
@@ -361,7 +365,7 @@ def _fwd_kernel_ws(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, sc
     @pl.loop(0, n_total)
     def _(step):
       slot = lax.rem(step, jnp.int32(num_buffers))
-      keys = (batch, pl.ds((n_total - 1 - step) * block_k, block_k), kv_head)
+      keys = (batch, _step_keys(step, n_total, block_k), kv_head)
 
       @pl.when(step >= num_buffers)  # the slot's previous tile must be read by both consumers
       def _():
