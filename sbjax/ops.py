@@ -110,8 +110,9 @@ def check_inputs(query, key, value, scale, segment_ids, implementation, interpre
       device = jax.devices()[0]
       raise ValueError(
           f"implementation={implementation!r} needs an NVIDIA GPU or interpret=True, got "
-          f"interpret=False with JAX's default device {device.device_kind!r} (platform {device.platform!r}); use "
-          "implementation='scan' (runs anywhere) or interpret=True (slow; for tests).")
+          f"interpret=False with JAX's default device {device.device_kind!r} (platform "
+          f"{device.platform!r}); use implementation='scan' (runs anywhere) or interpret=True "
+          "(slow; for tests).")
 
 
 def _check_mosaic_gpu(query, value, forget_gate, skip_tolerance, interpret, block_sizes):
@@ -183,10 +184,10 @@ def stick_breaking_attention(
     implementation: ``None`` (auto: ``"pallas"`` on an NVIDIA GPU for inputs it supports, else
       ``"scan"``), ``"pallas"`` (the fastest Pallas kernels for this GPU and these inputs: today
       always the Triton ones), ``"pallas_triton"`` (the Pallas Triton kernels, forced),
-      ``"pallas_mosaic_gpu"`` (the Mosaic GPU
-      forward kernel for Hopper: bf16/fp16, head dims 64/128, segment_ids; no forget_gate or
-      skip_tolerance yet, not differentiable yet), ``"scan"`` (pure JAX, query blocks and
-      an associative scan) or ``"xla"`` (the dense reference, O(T^2) memory).
+      ``"pallas_mosaic_gpu"`` (the Mosaic GPU forward kernel for Hopper: bf16/fp16, head dims
+      64/128, segment_ids; no forget_gate or skip_tolerance yet, not differentiable yet),
+      ``"scan"`` (pure JAX, query blocks and an associative scan) or ``"xla"`` (the dense
+      reference, O(T^2) memory).
     interpret: run the Pallas kernels in interpret mode (any backend; slow).
     block_sizes: a ``sbjax.BlockSizes`` for the Pallas kernels; defaults by head dim and dtype.
     skip_tolerance: what the Pallas kernels may leave out. 0 (default): a row block stops walking

@@ -40,13 +40,10 @@ def stick_breaking_attention(query, key, value, scale, segment_ids=None, *, atte
                              block_sizes: MosaicBlockSizes | None = None,
                              interpret: bool = False):
   """``(out [B, T, N, H], rem [B, T, N] float32)`` for inputs that ``unsupported`` accepts;
-  arguments are checked by ``sbjax.ops``. ``segment_ids``: ``[B, T]`` integers or None (the
-  kernel takes them; ``unsupported`` still rejects them until ``sbjax.ops`` passes them here).
+  arguments are checked by ``sbjax.ops``. ``segment_ids``: ``[B, T]`` integers or None.
   ``interpret``: Mosaic GPU interpret mode (CPU, slow). Not differentiable yet: ``jax.grad``
   through it raises ``NotImplementedError``."""
   static = (attend_current, block_sizes or MosaicBlockSizes(), interpret)
-  if segment_ids is not None:
-    segment_ids = segment_ids.astype(jnp.int32)
   out, rem = _attention(query, key, value, jnp.reshape(scale, (1,)).astype(jnp.float32),
                         segment_ids, static)
   return out, rem.transpose(0, 2, 1)  # rem [B, N, T] -> [B, T, N]
