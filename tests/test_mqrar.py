@@ -12,6 +12,8 @@ import pathlib
 import sys
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parent.parent / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))  # the experiment's library sits beside its main, as in lm1b
@@ -125,6 +127,20 @@ def test_run_identity_covers_the_whole_config():
     assert mqrar_lib.config_hash(other) != mqrar_lib.config_hash(base), field
     assert mqrar_lib.differences(base, other) == [
         f"{field}: {base[field]!r} -> {json.loads(json.dumps(value))!r}"]
+
+
+@pytest.mark.parametrize("variant", ["cpu", "sweep"])
+def test_implementations_can_be_set_on_the_command_line(variant, monkeypatch):
+  # The sweep's None ("the machine's default") must stay overridable: reporting a GPU workdir on
+  # another machine names the GPU's implementations, which are part of its groups' identity.
+  argv = ["prog", f"--config={EXPERIMENTS / 'configs' / 'mqrar.py'}:{variant}",
+          "--config.implementation=pallas", "--config.softmax_implementation=cudnn"]
+  monkeypatch.setattr(sys, "argv", argv)  # config_flags reads its overrides from sys.argv
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values)
+  flag_values(argv)
+  config = flag_values.config
+  assert (config.implementation, config.softmax_implementation) == ("pallas", "cudnn")
 
 
 def test_log_filter_drops_only_the_tpu_note():

@@ -50,7 +50,8 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
   config.mlp_ratio = 2  # SwiGLU hidden width F = mlp_ratio * D
   # Stick-breaking op: None = Pallas on an NVIDIA GPU, scan elsewhere; "xla" is fastest at T <= 128.
   config.implementation = ml_collections.FieldReference("xla", field_type=str)
-  config.softmax_implementation = "xla"  # None: cuDNN on a GPU, which needs dtype bfloat16
+  # None: cuDNN on a GPU, which needs dtype bfloat16 (a FieldReference so None can be overridden).
+  config.softmax_implementation = ml_collections.FieldReference("xla", field_type=str)
   config.dtype = "float32"  # compute dtype (parameters stay fp32); "bfloat16": mixed precision
   # Training (sbjax.training.TrainConfig).
   config.batch_size = 32  # sequences per step of each run
@@ -81,7 +82,7 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     config.implementation = ml_collections.FieldReference(None, field_type=str)  # Pallas
     # Mixed precision for every arm (Pallas bf16 kernels, cuDNN softmax): fp32 ran the Pallas
     # kernels on the CUDA cores, ~0.7 s per step for the 48 runs of width 256.
-    config.softmax_implementation = None
+    config.softmax_implementation = ml_collections.FieldReference(None, field_type=str)
     config.dtype = "bfloat16"
     config.batch_size = 32
     config.num_steps = 4000  # 2000 left the first sweep's curves unconverged
