@@ -246,3 +246,22 @@ def test_sweep_config():
   bad.learning_rates = (1e-3, 0.0)
   with pytest.raises(ValueError, match="learning_rates"):
     mqrar_sweep_lib.check_config(bad)
+
+
+def test_committed_results_are_the_sweep_config_and_its_table():
+  # experiments/results/mqrar/ holds the GPU sweep: each group's config is the current sweep
+  # config's (so rerunning the README's command reproduces it), and table.md is what the report
+  # computes from the committed runs.
+  results = EXPERIMENTS / "results" / "mqrar"
+  config = _load_config("sweep")
+  config.implementation, config.softmax_implementation = "pallas", "cudnn"  # as on the GPU
+  for group in mqrar_sweep_lib.groups(config):
+    g = mqrar_sweep_lib.group_config(config, group)
+    path = results / "groups" / mqrar_sweep_lib.group_dir_name(g) / "config.json"
+    assert json.loads(path.read_text()) == g, path
+  records = json.loads((results / "summary.json").read_text())
+  assert len(records) == 432 * 3 and all(np.isfinite(r["accuracy"]) for r in records)
+  entries = json.loads((results / "recency.json").read_text())
+  rows = mqrar_report.cell_rows(records)
+  table = mqrar_report.markdown_table(rows, mqrar_report.recency_rows(entries, records))
+  assert table + "\n" == (results / "table.md").read_text()
