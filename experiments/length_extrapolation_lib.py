@@ -444,8 +444,9 @@ def _write_json(path: str, obj) -> None:
 
 
 def _evaluate_run(config, model, state, info, windows: data.EvalWindows, cache: str,
-                  scorers: dict, name: str) -> np.ndarray:
-  """Per-position losses ``[W, L]`` of a run on ``windows``, cached in ``cache`` (.npy).
+                  scorers: dict, name: str, scoring: dict) -> np.ndarray:
+  """Per-position losses ``[W, L]`` of a run on ``windows``, cached in ``cache`` (.npy), with
+  ``scoring`` (``_scoring``) beside it.
 
   ``scorers[name]`` keeps the run's jitted scorer, so later splits reuse its compilation.
   """
@@ -468,6 +469,7 @@ def _evaluate_run(config, model, state, info, windows: data.EvalWindows, cache: 
     raise FloatingPointError(f"non-finite eval losses for {cache}.")
   np.save(cache + ".tmp.npy", losses)
   os.replace(cache + ".tmp.npy", cache)
+  _write_json(_scoring_path(cache), scoring)
   return losses
 
 
@@ -481,6 +483,25 @@ def _peak_gib():
 def _device() -> str:
   d = jax.devices()[0]
   return f"{d.platform}:{getattr(d, 'device_kind', '')}"
+
+
+def _scoring(config, attention: str) -> dict:
+  """What scores a run in this process: ``{"implementation", "device", "jax"}``."""
+  return {"implementation": _implementation(config, attention), "device": _device(),
+          "jax": jax.__version__}
+
+
+def _scoring_path(cache: str) -> str:
+  return cache[:-len(".npy")] + ".json"
+
+
+def _scored_by(cache: str, config, attention: str) -> dict:
+  """What computed a run's cached losses: the ``_scoring`` saved beside them, so that a summary
+  rewritten on another machine still names the scoring one (this process's for older caches)."""
+  if os.path.exists(_scoring_path(cache)):
+    with open(_scoring_path(cache)) as f:
+      return json.load(f)
+  return _scoring(config, attention)
 
 
 def validate(config) -> None:
@@ -571,7 +592,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         model, state, info = train_run(config, spec, text, run_dir,
                                        train=not config.eval_text_dir)
         losses = _evaluate_run(config, model, state, info, windows, cache, scorers,
-                               run_name(spec))
+                               run_name(spec), _scoring(config, attention))
         info = {k: v for k, v in info.items() if k != "mesh"}
         info_path = os.path.join(run_dir, "info.json")
         if "tokens_per_second" in info or not os.path.exists(info_path):
@@ -590,9 +611,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
           "batch_size": config.batch_size, "model": config.model,
           "params": info.get("params"), "epochs": info.get("epochs"),
           "tokens_seen": info.get("tokens_seen"), "tokens_per_second": info.get("tokens_per_second"),
-          "implementation": _implementation(config, attention), "dtype": config.dtype,
-          "vocab_size": config.vocab_size, "tokenizer_sha256": text.tokenizer.sha256,
-          "device": _device(), "jax": jax.__version__,
+          "dtype": config.dtype, "vocab_size": config.vocab_size,
+          "tokenizer_sha256": text.tokenizer.sha256, **_scored_by(cache, config, attention),
       })
       _write_json(os.path.join(out_dir, SUMMARY), records)
   final = order[-1]

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import sys
 
 import jax
@@ -96,6 +97,24 @@ def test_rerun_reuses_and_a_changed_config_does_not(finished, tmp_path):
   names = {lib.run_name(lib.run_spec(c, "stickbreaking", 0, lib.prepare_data(c), 3))
            for c in (config, changed)}
   assert len(names) == 2  # its own run directory, never the other config's checkpoints
+
+
+def test_records_name_the_machine_that_scored_the_cached_losses(finished, tmp_path):
+  config, workdir, records = finished
+  copy = str(tmp_path / "work")
+  shutil.copytree(workdir, copy)
+  sidecars = sorted(os.path.join(dp, f[:-len(".npy")] + ".json")
+                    for dp, _, fs in os.walk(copy) for f in fs if f.endswith(".npy"))
+  assert len(sidecars) == len(records)
+  for path in sidecars:
+    with open(path) as f:
+      assert json.load(f)["device"] == records[0]["device"]
+  with open(sidecars[0]) as f:
+    scored = json.load(f)
+  lib._write_json(sidecars[0], {**scored, "device": "gpu:NVIDIA H100 80GB HBM3"})
+  rewritten = lib.train_and_evaluate(config, copy)  # nothing trained or scored again
+  moved = [(a, b) for a, b in zip(records, rewritten) if a != b]
+  assert len(moved) == 1 and moved[0][1] == {**moved[0][0], "device": "gpu:NVIDIA H100 80GB HBM3"}
 
 
 def test_eval_text_dir_scores_trained_runs_without_training(finished, tmp_path):
