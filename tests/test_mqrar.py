@@ -155,11 +155,21 @@ def test_log_filter_drops_only_the_tpu_note():
 
 
 def test_plot_and_report_of_the_committed_sweep(tmp_path):
+  # The sequential path's plot and report on one width of the committed (vmapped) sweep: 3 seeds
+  # x 4 learning rates per setting, each setting at its best rate, as the sweep's own table.
   records = json.loads((EXPERIMENTS / "results" / "mqrar" / "summary.json").read_text())
+  records = [r for r in records if r["d_model"] == 128]
   mqrar_lib.plot(records, str(tmp_path / "sweep.png"))
   assert (tmp_path / "sweep.png").stat().st_size > 10_000
   text = mqrar_lib.report(records, str(tmp_path))
-  assert "stickbreaking num_keys=16" in text and "T=256*" in text and "mean of 3 seeds" in text
+  assert "mean of 3 seeds), at the best of 4 learning rates" in text and "T=256*" in text
+  rows = {line[:38].strip(): line[38:].split() for line in text.splitlines()
+          if "num_keys=" in line and "key match" not in line}
+  table = (EXPERIMENTS / "results" / "mqrar" / "table.md").read_text().splitlines()
+  cells = [[c.strip() for c in line.split("|")[1:-1]] for line in table[2:]]
+  expected = {f"{c[0]} num_keys={c[2]}": [m.split(" ± ")[0] for m in c[4:7]]
+              for c in cells if c[1] == "128"}
+  assert len(expected) == 12 and rows == expected
 
 
 def test_sweep_config_runs():
