@@ -305,10 +305,10 @@ def checks(quick: bool):
 
 def mosaic_checks(quick: bool):
   """The Mosaic GPU forward (``pallas_mosaic_gpu``, forward only) in both of its structures: one
-  warpgroup, and two consumer warpgroups with a producer."""
+  warpgroup, and the op's default (two consumer warpgroups with a producer, FA3's scheduling)."""
   bf16 = jnp.bfloat16
   structures = {"1wg": sbjax.MosaicBlockSizes(),
-                "2wg": sbjax.MosaicBlockSizes(num_compute_warpgroups=2, num_buffers=3)}
+                "default": sbjax.MosaicBlockSizes.get_default(128, bf16)}
   for tag, sizes in structures.items():
     acc = lambda name, *a, **kw: (f"mosaic {tag} {name}", functools.partial(
         check_accuracy, f"mosaic {tag} {name}", *a, with_grads=False,

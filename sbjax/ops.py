@@ -189,7 +189,9 @@ def stick_breaking_attention(
       ``"scan"`` (pure JAX, query blocks and an associative scan) or ``"xla"`` (the dense
       reference, O(T^2) memory).
     interpret: run the Pallas kernels in interpret mode (any backend; slow).
-    block_sizes: a ``sbjax.BlockSizes`` for the Pallas kernels; defaults by head dim and dtype.
+    block_sizes: a ``sbjax.BlockSizes`` for the Pallas Triton kernels, a
+      ``sbjax.MosaicBlockSizes`` for ``"pallas_mosaic_gpu"``; defaults by head dim and dtype
+      (``get_default``).
     skip_tolerance: what the Pallas kernels may leave out. 0 (default): a row block stops walking
       its keys once every row's stick is below 2^-152, where every farther weight and gradient is
       exactly 0 in float32: the result is that of walking every key. ``> 0``: it stops once every

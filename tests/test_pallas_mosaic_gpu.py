@@ -45,6 +45,8 @@ TWO_WGS_FA3 = MosaicBlockSizes(num_compute_warpgroups=2, num_buffers=2, pipeline
 IN_PLACE = dataclasses.replace(TWO_WGS_FA3, accumulate_in_place=True)
 # Longest causal walks launched first.
 HEAVY_FIRST = MosaicBlockSizes(heavy_first=True)
+# What the op takes when given no block_sizes: all of FA3's scheduling, heavy walks first.
+DEFAULT = MosaicBlockSizes.get_default(128, jnp.bfloat16)
 
 
 def _ids(b: MosaicBlockSizes) -> str:
@@ -90,6 +92,7 @@ CASES = [
     (jnp.float16, Shape(1, 130, 1, 1, 64), True,
      MosaicBlockSizes(num_compute_warpgroups=2, schedule_barrier=True, heavy_first=True)),
     (jnp.bfloat16, Shape(1, 130, 1, 1, 64), False, HEAVY_FIRST),
+    (jnp.bfloat16, Shape(1, 200, 2, 1, 128), True, DEFAULT),
 ]
 
 
@@ -126,9 +129,11 @@ def test_segment_ids_match_float64(block_sizes):
     "block_sizes", [ONE_WG, TWO_WGS, MosaicBlockSizes(operands_in_registers=False), ONE_WG_PIPE,
                     TWO_WGS_FA3, MosaicBlockSizes(num_compute_warpgroups=2, schedule_barrier=True),
                     dataclasses.replace(TWO_WGS_FA3, block_k=128), IN_PLACE,
-                    MosaicBlockSizes(pipeline_qk=True, num_buffers=3, accumulate_in_place=True)],
+                    MosaicBlockSizes(pipeline_qk=True, num_buffers=3, accumulate_in_place=True),
+                    DEFAULT],
     ids=["wgs1", "wgs2", "smem", "wgs1-pipe", "wgs2-pipe-pingpong", "wgs2-pingpong",
-         "wgs2-pipe-pingpong-bk128", "wgs2-pipe-pingpong-inplace", "wgs1-pipe-inplace"])
+         "wgs2-pipe-pingpong-bk128", "wgs2-pipe-pingpong-inplace", "wgs1-pipe-inplace",
+         "default"])
 def test_long_sequence_on_gpu(block_sizes):
   """T = 2048 (not a multiple of 128), GQA, H = 128: the compiled kernel against float64 (the scan
   path as the oracle) under the tolerance rule."""
@@ -185,17 +190,40 @@ def test_tma_ring_has_no_races(block_sizes):
     (jnp.bfloat16, 128, dataclasses.replace(TWO_WGS_FA3, block_k=128)),
     (jnp.bfloat16, 128, dataclasses.replace(IN_PLACE, block_k=128, consumer_registers=240)),
     (jnp.float16, 64, MosaicBlockSizes(pipeline_qk=True, num_buffers=3,
-                                       accumulate_in_place=True, heavy_first=True))],
+                                       accumulate_in_place=True, heavy_first=True)),
+    (jnp.float16, 64, DEFAULT)],
     ids=["bf16-64-wgs1", "fp16-128-wgs1", "bf16-128-wgs2", "fp16-64-wgs2", "bf16-128-smem",
          "fp16-128-wgs2-bk128", "bf16-128-wgs1-pipe", "fp16-128-wgs2-pipe-pingpong",
          "bf16-64-wgs2-pingpong", "bf16-128-wgs2-pipe-pingpong-bk128",
-         "bf16-128-wgs2-pipe-pingpong-inplace-bk128-reg240", "fp16-64-wgs1-pipe-inplace-heavyfirst"])
+         "bf16-128-wgs2-pipe-pingpong-inplace-bk128-reg240", "fp16-64-wgs1-pipe-inplace-heavyfirst", "fp16-64-default"])
 def test_lowers_for_hopper(dtype, head_dim, block_sizes):
   """Lowering for an H200 on the CPU runs Pallas's Mosaic GPU lowering and the Mosaic GPU dialect
   lowering (layouts, wgmma operand and swizzle checks) and emits one ``mosaic_gpu_v2`` custom call
   with the kernel's name; it also checks the SMEM budget (the bk128 case fits only with one
   shared triangle). It does not compile to PTX (that needs a GPU). This is the only CPU check of
   the register-operand wgmma, which interpret mode cannot run (it takes SMEM there)."""
+  text = _lowered_for_hopper(dtype, head_dim, block_sizes)
+  assert len(re.findall(r"custom_call @mosaic_gpu_v2", text)) == 1
+  assert pallas_mosaic_gpu_fwd.NAME in text
+
+
+def test_no_block_sizes_means_the_tuned_tiling(monkeypatch):
+  assert DEFAULT.num_compute_warpgroups == 2 and DEFAULT.pipeline_qk and DEFAULT.heavy_first
+  seen = []
+
+  def launch(q, k, v, scale, segment_ids, static):  # records the kernel's static arguments
+    seen.append(static)
+    b, t, n, _ = q.shape
+    return jnp.zeros_like(q), jnp.zeros((b, n, t), jnp.float32)
+
+  monkeypatch.setattr(pallas_mosaic_gpu, "_attention", launch)
+  q = jnp.zeros((1, 64, 2, 128), jnp.bfloat16)
+  pallas_mosaic_gpu.stick_breaking_attention(q, q, q, 0.1)
+  assert seen[-1][1] == DEFAULT
+
+
+def _lowered_for_hopper(dtype, head_dim, block_sizes):
+  """The op lowered for an H200 (StableHLO text), on the CPU."""
   sd = jax.ShapeDtypeStruct
   args = (sd((2, 200, 4, head_dim), dtype), sd((2, 200, 2, head_dim), dtype),
           sd((2, 200, 2, head_dim), dtype), sd((), jnp.float32))
@@ -203,9 +231,7 @@ def test_lowers_for_hopper(dtype, head_dim, block_sizes):
       q, k, v, scale=s, attend_current=True, implementation="pallas_mosaic_gpu",
       return_remainder=True, block_sizes=block_sizes)
   with jax.sharding.use_abstract_mesh(_H200):
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  assert len(re.findall(r"custom_call @mosaic_gpu_v2", text)) == 1
-  assert pallas_mosaic_gpu_fwd.NAME in text
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("block_sizes", [ONE_WG, TWO_WGS_FA3], ids=_ids)

@@ -43,7 +43,8 @@ def stick_breaking_attention(query, key, value, scale, segment_ids=None, *, atte
   arguments are checked by ``sbjax.ops``. ``segment_ids``: ``[B, T]`` integers or None.
   ``interpret``: Mosaic GPU interpret mode (CPU, slow). Not differentiable yet: ``jax.grad``
   through it raises ``NotImplementedError``."""
-  static = (attend_current, block_sizes or MosaicBlockSizes(), interpret)
+  block_sizes = block_sizes or MosaicBlockSizes.get_default(query.shape[-1], query.dtype)
+  static = (attend_current, block_sizes, interpret)
   out, rem = _attention(query, key, value, jnp.reshape(scale, (1,)).astype(jnp.float32),
                         segment_ids, static)
   return out, rem.transpose(0, 2, 1)  # rem [B, N, T] -> [B, T, N]
