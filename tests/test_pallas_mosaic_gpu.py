@@ -195,7 +195,8 @@ def test_tma_ring_has_no_races(block_sizes):
     ids=["bf16-64-wgs1", "fp16-128-wgs1", "bf16-128-wgs2", "fp16-64-wgs2", "bf16-128-smem",
          "fp16-128-wgs2-bk128", "bf16-128-wgs1-pipe", "fp16-128-wgs2-pipe-pingpong",
          "bf16-64-wgs2-pingpong", "bf16-128-wgs2-pipe-pingpong-bk128",
-         "bf16-128-wgs2-pipe-pingpong-inplace-bk128-reg240", "fp16-64-wgs1-pipe-inplace-heavyfirst", "fp16-64-default"])
+         "bf16-128-wgs2-pipe-pingpong-inplace-bk128-reg240", "fp16-64-wgs1-pipe-inplace-heavyfirst",
+         "fp16-64-default"])
 def test_lowers_for_hopper(dtype, head_dim, block_sizes):
   """Lowering for an H200 on the CPU runs Pallas's Mosaic GPU lowering and the Mosaic GPU dialect
   lowering (layouts, wgmma operand and swizzle checks) and emits one ``mosaic_gpu_v2`` custom call
