@@ -45,7 +45,8 @@ TWO_WGS_FA3 = MosaicBlockSizes(num_compute_warpgroups=2, num_buffers=2, pipeline
 IN_PLACE = dataclasses.replace(TWO_WGS_FA3, accumulate_in_place=True)
 # Longest causal walks launched first.
 HEAVY_FIRST = MosaicBlockSizes(heavy_first=True)
-# What the op takes when given no block_sizes: all of FA3's scheduling, heavy walks first.
+# What the op takes when given no block_sizes: two consumers, pipelined q k^T, in place, heavy
+# walks first.
 DEFAULT = MosaicBlockSizes.get_default(128, jnp.bfloat16)
 
 

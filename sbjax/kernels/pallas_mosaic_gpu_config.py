@@ -81,14 +81,13 @@ class MosaicBlockSizes:
   def get_default(cls, head_dim: int, dtype) -> "MosaicBlockSizes":
     """The tuned tiling for the head dim ``H`` and input dtype (bf16/fp16, H in 64 and 128).
 
-    FlashAttention-3's structure in full: two consumer warpgroups sharing a 3-deep TMA ring, the
-    next block's ``q k^T`` issued before this block's stick-breaking terms, ping-pong between the
-    consumers, ``a @ v`` accumulated in place, the longest causal walks launched first. Fastest of
-    the variants at every T on an H100 (far logits, H=128, bf16; 242.6 / 290.8 / 323.3 TFLOP/s at
-    T = 4K / 8K / 16K against 226.1 / 267.1 / 305.7 without ``heavy_first`` and 193.9 / 270.9 /
-    298.4 for the Triton forward in the same run: experiments/results/
-    mosaic_fwd_variants_h100.json). The same tiling serves H=64 (untimed; fewer registers).
+    Two consumer warpgroups on a 2-deep TMA ring, the next block's ``q k^T`` issued before this
+    block's stick-breaking terms, ``a @ v`` accumulated in place, the longest causal walks
+    launched first; no ping-pong barrier (it cost 7-10%). On an H200 (far logits, H=128, bf16;
+    experiments/results/mosaic_fwd_variants_h200.json) 234-242 / 309-310 / 352 TFLOP/s at
+    T = 4K / 8K / 16K in two repeats, against 178-195 / 251-281 / 317-321 with ping-pong and
+    3 buffers. The same tiling serves H=64 (untimed; fewer registers).
     """
     del head_dim, dtype  # one tiling for every supported input so far
-    return cls(num_compute_warpgroups=2, num_buffers=3, pipeline_qk=True, schedule_barrier=True,
+    return cls(num_compute_warpgroups=2, num_buffers=2, pipeline_qk=True,
                accumulate_in_place=True, heavy_first=True)
