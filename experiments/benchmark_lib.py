@@ -17,7 +17,10 @@ from sbjax.testing import median_time_ms
 
 
 REGIMES = ("local", "far", "mixed", "retrieval", "trained")
-IMPLEMENTATIONS = ("pallas", "pallas_dense", "pallas_tol", "mosaic", "cudnn", "scan")
+IMPLEMENTATIONS = ("pallas", "pallas_dense", "pallas_tol", "mosaic", "mosaic_dense", "mosaic_tol",
+                   "cudnn", "scan")
+# Triton or Mosaic GPU: the default (exact skipping), the dense walk, skip_tolerance.
+_KERNELS = {"pallas": "pallas", "mosaic": "pallas_mosaic_gpu"}
 TRAINED_QK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                           "length_extrapolation", "qk_stickbreaking.npz")
 
@@ -83,17 +86,18 @@ def attention(impl: str, head_dim: int, dtype, block_sizes=None, skip_tolerance=
   if impl == "scan":
     return lambda q, k, v, s: sbjax.stick_breaking_attention(q, k, v, scale=s,
                                                              implementation="scan")
-  if impl == "mosaic":  # the Mosaic GPU forward: every key walked (it does not skip yet)
-    return lambda q, k, v, s: sbjax.stick_breaking_attention(
-        q, k, v, scale=s, implementation="pallas_mosaic_gpu", block_sizes=mosaic_block_sizes)
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"impls must be among {IMPLEMENTATIONS}, got {impl!r}.")
-  block_sizes = block_sizes or sbjax.BlockSizes.get_default(head_dim, dtype)
-  if impl == "pallas_dense":
+  kernel, _, variant = impl.partition("_")
+  if kernel == "mosaic":
+    block_sizes = mosaic_block_sizes or sbjax.MosaicBlockSizes.get_default(head_dim, dtype)
+  else:
+    block_sizes = block_sizes or sbjax.BlockSizes.get_default(head_dim, dtype)
+  if variant == "dense":
     block_sizes = dataclasses.replace(block_sizes, skip_used_stick=False)
-  tolerance = skip_tolerance if impl == "pallas_tol" else 0.0
+  tolerance = skip_tolerance if variant == "tol" else 0.0
   return lambda q, k, v, s: sbjax.stick_breaking_attention(
-      q, k, v, scale=s, implementation="pallas", block_sizes=block_sizes,
+      q, k, v, scale=s, implementation=_KERNELS[kernel], block_sizes=block_sizes,
       skip_tolerance=tolerance)
 
 
@@ -134,16 +138,15 @@ def run(shapes, regimes, impls, modes, dtype, iters, *, block_sizes=None, skip_t
       flops = 4 * b * n * t * t * h / 2 * (1 if mode == "fwd" else 3.5)
       dense_out = {}
       for impl in impls:
-        if (impl == "scan" and t > max_scan_t) or (impl == "mosaic" and mode != "fwd"):
-          continue
-        # Softmax, the scan path and the (non-skipping) Mosaic forward cost the same on any
-        # logits: one regime ("any").
-        impl_regimes = regimes if impl.startswith("pallas") else ["any"]
+        if (impl == "scan" and t > max_scan_t) or (impl.startswith("mosaic") and mode != "fwd"):
+          continue  # the Mosaic GPU kernels have no backward yet
+        # Softmax and the scan path cost the same on any logits: one regime ("any").
+        impl_regimes = regimes if impl.startswith(tuple(_KERNELS)) else ["any"]
         compiled = None
         for regime in impl_regimes:
           rec = dict(implementation=impl, regime=regime, T=t, B=b, N=n, H=h, **{"pass": mode},
                      **meta)
-          if impl == "pallas_tol":
+          if impl.endswith("_tol"):
             rec["skip_tolerance"] = skip_tolerance
           try:
             name = "local" if regime == "any" else regime
@@ -160,12 +163,12 @@ def run(shapes, regimes, impls, modes, dtype, iters, *, block_sizes=None, skip_t
               compiled, rec["peak_bytes"] = _compiled(attn, mode, args)
             ms = median_time_ms(compiled, args, slow_iters if impl == "scan" else iters)
             rec.update(ms=ms, tflops=flops / ms / 1e9)
-            if mode == "fwd" and impl in ("pallas_dense", "pallas_tol"):
+            if mode == "fwd" and impl.endswith(("_dense", "_tol")):
               out = np.asarray(compiled(*args), np.float32)
-              if impl == "pallas_dense":
-                dense_out[regime] = out
-              elif regime in dense_out:
-                rec.update(_tolerance_errors(out, dense_out[regime], v, dtype))
+              if impl.endswith("_dense"):
+                dense_out[impl, regime] = out
+              elif (dense := dense_out.get((impl.replace("_tol", "_dense"), regime))) is not None:
+                rec.update(_tolerance_errors(out, dense, v, dtype))
           except Exception as e:  # pylint: disable=broad-except
             rec["error"] = f"{type(e).__name__}: {e}"[:300]
           log(json.dumps(rec))

@@ -182,6 +182,35 @@ def check_skipping_is_exact(name, shape, dtype, *, gated=False):
               differing_elements=differ)
 
 
+def check_mosaic_skipping(name, shape, block_sizes, *, tolerance, shift):
+  """The Mosaic GPU forward's skipping against its own dense walk on logits ``shift + N(0, 1)``:
+  bit for bit with ``tolerance=0`` (and some rows' sticks really used up); with a tolerance,
+  ``|d out| <= tol max|v|`` plus an ulp of each rounded output, ``0 <= d rem <= tol``, and more
+  than 10% of the rows stopped early."""
+  q, k, v, _ = random_inputs(shape.t, shape, jnp.bfloat16)
+  q, k = _far(q, k, shift)
+  results = []
+  for sizes in (block_sizes, dataclasses.replace(block_sizes, skip_used_stick=False)):
+    fn = jax.jit(lambda q, k, v, s, sizes=sizes: sbjax.stick_breaking_attention(
+        q, k, v, scale=s, implementation="pallas_mosaic_gpu", block_sizes=sizes,
+        skip_tolerance=tolerance, return_remainder=True))
+    results.append([np.asarray(x, np.float64) for x in fn(q, k, v, jnp.float32(shape.h**-0.5))])
+  (out, rem), (out_d, rem_d) = results
+  record = dict(check=name, shape=str(shape), dtype="bfloat16", skip_tolerance=tolerance,
+                rows_stopped_early=float(np.mean(rem > 2.0 * rem_d)))
+  if tolerance == 0:
+    record["differing_elements"] = dict(out=int(np.sum(out != out_d)), rem=int(np.sum(rem != rem_d)))
+    record["ok"] = not any(record["differing_elements"].values()) and float(rem.min()) == 0.0
+  else:
+    ulp = np.exp2(np.floor(np.log2(np.maximum(np.abs(out_d), 1e-30))) - 7)  # bf16: 7 bits
+    v_max = float(np.abs(np.asarray(v, np.float64)).max())
+    record["max_err_beyond_ulp"] = float(np.max(np.maximum(np.abs(out - out_d) - ulp, 0)) / v_max)
+    record["ok"] = bool(record["max_err_beyond_ulp"] <= tolerance and np.isfinite(out).all()
+                        and (rem >= rem_d - 1e-6).all() and (rem - rem_d <= tolerance).all()
+                        and record["rows_stopped_early"] > 0.1)
+  return record
+
+
 def check_determinism(name, runs=20, implementation="pallas", block_sizes=None):
   """``runs`` backward runs (``pallas``: segments and a gate too) or, for the forward-only Mosaic
   GPU kernel, forward runs, compared bit for bit."""
@@ -317,6 +346,10 @@ def mosaic_checks(quick: bool):
     yield acc("H64 T3000 cur fp16", Shape(1, 3000, 4, 1, 64), jnp.float16, attend_current=True)
     yield acc("far H128 T4096", Shape(2, 4096, 4, 2, 128), bf16, shift=-5.0)
     yield acc("saturated |z|<=1e4", Shape(1, 2048, 2, 2, 64), bf16, logit_scale=1250.0)
+    for tol, shift in ((0.0, -2.0), (1e-3, -5.0)):  # walks that end at ~1K keys; far sticks
+      name = f"mosaic {tag} skip_tolerance {tol:g}"
+      yield name, functools.partial(check_mosaic_skipping, name, Shape(2, 4096, 4, 2, 128),
+                                    sizes, tolerance=tol, shift=shift)
     if not quick:
       yield acc("T65536 one head", Shape(1, 65536, 1, 1, 64), bf16, same_precision=False)
       name = f"mosaic {tag} determinism x20"

@@ -94,7 +94,7 @@ def check_inputs(query, key, value, scale, segment_ids, implementation, interpre
     raise ValueError(
         f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}.")
   if implementation == "pallas_mosaic_gpu":
-    _check_mosaic_gpu(query, value, forget_gate, skip_tolerance, interpret, block_sizes)
+    _check_mosaic_gpu(query, value, forget_gate, interpret, block_sizes)
     return
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise TypeError(f"block_sizes must be a sbjax.BlockSizes, got {type(block_sizes).__name__}.")
@@ -115,13 +115,12 @@ def check_inputs(query, key, value, scale, segment_ids, implementation, interpre
           "(slow; for tests).")
 
 
-def _check_mosaic_gpu(query, value, forget_gate, skip_tolerance, interpret, block_sizes):
+def _check_mosaic_gpu(query, value, forget_gate, interpret, block_sizes):
   """``check_inputs`` for ``implementation="pallas_mosaic_gpu"`` (forward only, Hopper)."""
   if block_sizes is not None and not isinstance(block_sizes, MosaicBlockSizes):
     raise TypeError("implementation='pallas_mosaic_gpu' takes a MosaicBlockSizes, got "
                     f"{type(block_sizes).__name__}.")
-  reason = pallas_mosaic_gpu.unsupported(query, value, forget_gate=forget_gate,
-                                         skip_tolerance=skip_tolerance)
+  reason = pallas_mosaic_gpu.unsupported(query, value, forget_gate=forget_gate)
   if reason:
     raise ValueError(f"implementation='pallas_mosaic_gpu' {reason}; use implementation='pallas'.")
   if not interpret and not _lowering_for_nvidia_gpu():
@@ -185,7 +184,8 @@ def stick_breaking_attention(
       ``"scan"``), ``"pallas"`` (the fastest Pallas kernels for this GPU and these inputs: today
       always the Triton ones), ``"pallas_triton"`` (the Pallas Triton kernels, forced),
       ``"pallas_mosaic_gpu"`` (the Mosaic GPU forward kernel for Hopper: bf16/fp16, head dims
-      64/128, segment_ids; no forget_gate or skip_tolerance yet, not differentiable yet),
+      64/128, segment_ids, skipping and skip_tolerance; no forget_gate yet, not differentiable
+      yet),
       ``"scan"`` (pure JAX, query blocks and an associative scan) or ``"xla"`` (the dense
       reference, O(T^2) memory).
     interpret: run the Pallas kernels in interpret mode (any backend; slow).
@@ -239,7 +239,7 @@ def dispatch(query, key, value, scale, segment_ids, forget_gate, *, attend_curre
       raise ValueError("implementation='pallas_mosaic_gpu' has no cross-chunk mode yet.")
     return pallas_mosaic_gpu.stick_breaking_attention(
         query, key, value, scale, segment_ids, attend_current=attend_current,
-        block_sizes=block_sizes, interpret=interpret)
+        block_sizes=block_sizes, skip_tolerance=skip_tolerance, interpret=interpret)
   return pallas_triton.stick_breaking_attention(
       query, key, value, scale, segment_ids, forget_gate, attend_current=attend_current,
       block_sizes=block_sizes, skip_tolerance=skip_tolerance, interpret=interpret, **cross)

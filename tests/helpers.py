@@ -10,8 +10,8 @@ import sbjax
 # Re-exported for the test files that import them from here.
 from sbjax.testing import Shape, assert_within_tolerance, float64_result, random_inputs, rel_rms
 
-__all__ = ["SMALL_BLOCKS", "Shape", "assert_within_tolerance", "attention_fn", "float64_result",
-           "random_inputs", "rel_rms", "sigmoid", "stick_loop"]
+__all__ = ["SMALL_BLOCKS", "Shape", "assert_within_tolerance", "attention_fn", "far_inputs",
+           "float64_result", "random_inputs", "rel_rms", "sigmoid", "stick_loop"]
 
 
 def stick_loop(q, k, v, scale, seg=None, attend_current=False, forget_gate=None):
@@ -36,6 +36,15 @@ def stick_loop(q, k, v, scale, seg=None, attend_current=False, forget_gate=None)
       stick *= 1.0 - beta
     rem[bi, j, ni] = stick
   return out, rem
+
+
+def far_inputs(seed, shape, shift, dtype=np.float32):
+  """Inputs whose logits at scale 0.25 are about ``shift + N(0, 0.25^2)``: every key takes a small
+  share, so sticks last long (a head that attends far back)."""
+  q, k, v, _ = random_inputs(seed, shape, np.float32, logit_scale=0.5)
+  q = q.at[..., 0].set(1.0)
+  k = (k * 0.5).at[..., 0].set(shift / 0.25)
+  return q.astype(dtype), k.astype(dtype), v.astype(dtype)
 
 
 def sigmoid(x):

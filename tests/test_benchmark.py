@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import sbjax
+
 sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "experiments"))
 import benchmark_lib as benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -58,13 +60,30 @@ def test_run_records_timings_and_errors():
   assert "ms" in benchmark.format_table(records) and "ERROR" in benchmark.format_table(records)
 
 
-def test_mosaic_runs_once_per_shape_and_forward_only():
-  """The Mosaic forward walks every key (one "any" regime) and has no backward to time."""
-  records = benchmark.run([(1, 2, 64, 64)], ["local", "far"], ["mosaic"], ["fwd", "fwd+bwd"],
-                          jnp.bfloat16, iters=1, log=lambda _: None)
-  mosaic, = records
-  assert (mosaic["regime"], mosaic["pass"]) == ("any", "fwd")
-  assert "needs an NVIDIA Hopper GPU" in mosaic["error"]
+def test_mosaic_runs_per_regime_and_forward_only():
+  """The Mosaic forward skips as the Triton kernels do (one record per regime) and has no
+  backward to time."""
+  records = benchmark.run([(1, 2, 64, 64)], ["local", "far"], ["mosaic", "mosaic_tol"],
+                          ["fwd", "fwd+bwd"], jnp.bfloat16, iters=1, log=lambda _: None)
+  assert [(r["implementation"], r["regime"], r["pass"]) for r in records] == [
+      ("mosaic", "local", "fwd"), ("mosaic", "far", "fwd"), ("mosaic_tol", "local", "fwd"),
+      ("mosaic_tol", "far", "fwd")]
+  assert all("needs an NVIDIA Hopper GPU" in r["error"] for r in records)
+  assert records[2]["skip_tolerance"] == 1e-3
+
+
+def test_attention_takes_each_kernels_tiling(monkeypatch):
+  """``*_dense`` turns skipping off in the kernel's own config; an unknown name is an error."""
+  seen = []
+  monkeypatch.setattr(sbjax, "stick_breaking_attention", lambda *a, **kw: seen.append(kw))
+  for impl in ("pallas_dense", "mosaic_dense", "mosaic_tol"):
+    benchmark.attention(impl, 128, jnp.bfloat16)(None, None, None, 0.1)
+  assert [(kw["implementation"], type(kw["block_sizes"]).__name__,
+           kw["block_sizes"].skip_used_stick, kw["skip_tolerance"]) for kw in seen] == [
+      ("pallas", "BlockSizes", False, 0.0), ("pallas_mosaic_gpu", "MosaicBlockSizes", False, 0.0),
+      ("pallas_mosaic_gpu", "MosaicBlockSizes", True, 1e-3)]
+  with pytest.raises(ValueError, match="impls must be among"):
+    benchmark.attention("mosaic_fast", 128, jnp.bfloat16)
 
 
 def test_tolerance_errors_discount_one_ulp():

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -26,6 +27,8 @@ from sbjax.kernels import pallas_mosaic_gpu, pallas_mosaic_gpu_fwd
 from sbjax.kernels.pallas_mosaic_gpu_config import MosaicBlockSizes
 from sbjax.platform import on_nvidia_gpu
 from sbjax.testing import Shape, assert_gradients_within_tolerance, float64_result, random_inputs
+
+from helpers import far_inputs
 
 _H200 = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,),
                      abstract_device=AbstractDevice("NVIDIA H200", None, "cuda"))
@@ -53,14 +56,20 @@ DEFAULT = MosaicBlockSizes.get_default(128, jnp.bfloat16)
 def _ids(b: MosaicBlockSizes) -> str:
   return (f"wgs{b.num_compute_warpgroups}" + "-pipe" * b.pipeline_qk
           + "-pingpong" * b.schedule_barrier + "-inplace" * b.accumulate_in_place
-          + f"-bk{b.block_k}" * (b.block_k != 64) + "-heavyfirst" * b.heavy_first)
+          + f"-bk{b.block_k}" * (b.block_k != 64) + "-heavyfirst" * b.heavy_first
+          + "-dense" * (not b.skip_used_stick))
 
 
-@functools.partial(jax.jit, static_argnames=("attend_current", "block_sizes"))
-def _mosaic(q, k, v, scale, attend_current, block_sizes=ONE_WG):
+def _dense(b: MosaicBlockSizes) -> MosaicBlockSizes:
+  return dataclasses.replace(b, skip_used_stick=False)
+
+
+@functools.partial(jax.jit, static_argnames=("attend_current", "block_sizes", "skip_tolerance"))
+def _mosaic(q, k, v, scale, attend_current, block_sizes=ONE_WG, skip_tolerance=0.0):
   return sbjax.stick_breaking_attention(
       q, k, v, scale=scale, attend_current=attend_current, implementation="pallas_mosaic_gpu",
-      interpret=INTERPRET, return_remainder=True, block_sizes=block_sizes)
+      interpret=INTERPRET, return_remainder=True, block_sizes=block_sizes,
+      skip_tolerance=skip_tolerance)
 
 
 @functools.partial(jax.jit, static_argnames=("attend_current",))
@@ -125,6 +134,57 @@ def test_segment_ids_match_float64(block_sizes):
     assert_gradients_within_tolerance(got, want, same(q, k, v, ids), q.dtype, names=("out", "rem"))
 
 
+def _strong_inputs(seed, shape):
+  """bf16 inputs with logits ~ 2 + N(0, 1) at scale 0.0625: each key takes ~90% of what is left,
+  so every row's stick is below 2^-152 after ~50 keys."""
+  q, k, v, _ = random_inputs(seed, shape, jnp.float32, logit_scale=2.0)
+  return (q + 1.0).astype(jnp.bfloat16), (k + 0.5).astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+
+
+# The four walks that end differently: one warpgroup testing its own stick (pipelined or not) and
+# two consumers whose producer ends the walk (pipelined or not).
+SKIP_CASES = [ONE_WG, ONE_WG_PIPE, TWO_WGS, DEFAULT]
+
+
+@pytest.mark.parametrize("block_sizes", SKIP_CASES, ids=_ids)
+def test_skipping_a_used_stick_is_exact(block_sizes):
+  """Once every row's stick is below 2^-152 the walk ends; the farther weights are exactly 0 in
+  fp32, so the result equals the dense walk's bit for bit, and stays within the tolerance rule
+  against float64. Logits ~ -1: a stick loses ~0.45 bits per key and runs out after ~340 keys,
+  so at T = 640 (ten key blocks) the later query blocks end their walks four or five blocks
+  early (a walk ended at a stick of 2^-100 would leave rem ~ 2^-100 where the dense walk has 0)."""
+  q, k, v = far_inputs(6, Shape(1, 640, 2, 1, 64), shift=-1.0, dtype=jnp.bfloat16)
+  skipped = _mosaic(q, k, v, jnp.float32(0.25), False, block_sizes)
+  full = _mosaic(q, k, v, jnp.float32(0.25), False, _dense(block_sizes))
+  for name, x in zip(("out", "rem"), skipped):
+    assert np.isfinite(np.asarray(x, np.float32)).all(), name
+  assert float(jnp.max(skipped[1][:, 400:])) == 0.0  # the late rows' sticks really are used up
+  chex.assert_trees_all_equal(skipped, full)
+  want = float64_result(q, k, v, None, 0.25, False)
+  same = _same_precision(q, k, v, jnp.float32(0.25), False)
+  assert_gradients_within_tolerance(skipped, want, same, q.dtype, names=("out", "rem"))
+
+
+@pytest.mark.parametrize("block_sizes", [ONE_WG_PIPE, DEFAULT], ids=_ids)
+def test_skip_tolerance_bounds_the_error(block_sizes):
+  """``skip_tolerance`` ends walks whose sticks last long (exact skipping cannot: the float64
+  sticks stay above 2^-152) within its bound: against the dense walk of the same kernel,
+  ``|d out| <= tol max|v|`` (plus an ulp of each rounded output) and ``0 <= d rem <= tol``."""
+  tolerance = 1e-2
+  q, k, v = far_inputs(0, Shape(1, 640, 2, 1, 64), shift=-3.5, dtype=jnp.bfloat16)
+  got = _mosaic(q, k, v, jnp.float32(0.25), False, block_sizes, tolerance)
+  dense = _mosaic(q, k, v, jnp.float32(0.25), False, _dense(block_sizes))
+  (out, rem), (out_d, rem_d) = ([np.asarray(x, np.float64) for x in r] for r in (got, dense))
+  assert np.isfinite(out).all() and np.isfinite(rem).all()
+  ulp = np.exp2(np.floor(np.log2(np.maximum(np.abs(out_d), 1e-30))) - 7)  # bf16: 7 bits
+  excess = np.abs(out - out_d) - tolerance * np.abs(np.asarray(v, np.float64)).max() - ulp
+  assert excess.max() <= 0, f"out: error above the bound by {excess.max():.3g}"
+  assert (rem >= rem_d - 1e-6).all() and (rem - rem_d <= tolerance).all()
+  stopped = rem > 2.0 * rem_d  # rows whose walk ended early
+  assert stopped.mean() >= 0.1, stopped.mean()
+  assert rem_d.min() > 2.0 ** -152  # exact skipping could not have ended any walk
+
+
 @pytest.mark.skipif(INTERPRET, reason="compiled kernel only (interpret mode is too slow)")
 @pytest.mark.parametrize(
     "block_sizes", [ONE_WG, TWO_WGS, MosaicBlockSizes(operands_in_registers=False), ONE_WG_PIPE,
@@ -166,18 +226,24 @@ def test_large_logits():
   np.testing.assert_array_equal(rem[1], 1.0)
 
 
+@pytest.mark.parametrize("walk_ends", [False, True], ids=["full-walks", "walks-end"])
 @pytest.mark.parametrize("block_sizes", [ONE_WG, TWO_WGS, ONE_WG_PIPE, TWO_WGS_FA3], ids=_ids)
-def test_tma_ring_has_no_races(block_sizes):
+def test_tma_ring_has_no_races(block_sizes, walk_ends):
   """The K/V ring's synchronisation in the interpreter: its race detector (TMA copies, register
   loads and stores; it does not see wgmma's SMEM operand reads) and its barrier checks, which fail
   a kernel whose barrier phases complete unobserved (a producer that refills a slot without
-  waiting for its consumers fails that way). Four key blocks, two or three slots."""
+  waiting for its consumers fails that way). Four key blocks, two or three slots; six with
+  ``walk_ends`` (sticks used up early: the walks end, with the two consumers' stick ring and go
+  flags, and the prefetched copies past the end are waited for)."""
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as mgpu_interpret
-  q, k, v, _ = random_inputs(3, Shape(1, 256, 1, 1, 64), jnp.bfloat16)
+  if walk_ends:
+    q, k, v = _strong_inputs(3, Shape(1, 384, 1, 1, 64))
+  else:
+    q, k, v, _ = random_inputs(3, Shape(1, 256, 1, 1, 64), jnp.bfloat16)
   mgpu_interpret.reset_gpu_interpret_mode_state()
   out, _ = pallas_mosaic_gpu_fwd.forward(
-      q, k, v, jnp.float32([0.125]), attend_current=False, block_sizes=block_sizes,
-      interpret=plgpu.InterpretGPUParams(detect_races=True))
+      q, k, v, jnp.float32([0.0625 if walk_ends else 0.125]), attend_current=False,
+      block_sizes=block_sizes, interpret=plgpu.InterpretGPUParams(detect_races=True))
   jax.block_until_ready(out)
   assert not mgpu_interpret.get_races().races_found
 
@@ -251,11 +317,10 @@ def test_segment_ids_lower_for_hopper(block_sizes):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(forget_gate=jnp.zeros((1, 64, 1))), "does not take forget_gate yet"),
-    (dict(skip_tolerance=1e-3), "does not skip key blocks yet"),
     (dict(dtype=jnp.float32), "supports bfloat16 and float16"),
     (dict(head_dim=80), "supports head dims"),
     (dict(block_sizes=sbjax.BlockSizes()), "takes a MosaicBlockSizes"),
-], ids=["forget_gate", "skip_tolerance", "float32", "head_dim", "block_sizes"])
+], ids=["forget_gate", "float32", "head_dim", "block_sizes"])
 def test_rejects_what_it_does_not_take(kwargs, match):
   dtype, h = kwargs.pop("dtype", jnp.bfloat16), kwargs.pop("head_dim", 64)
   q, k, v, _ = random_inputs(0, Shape(1, 64, 1, 1, h), dtype)
@@ -283,7 +348,7 @@ def test_needs_a_gpu_or_interpret():
                                     dict(num_compute_warpgroups=3),
                                     dict(operands_in_registers=1), dict(pipeline_qk=1),
                                     dict(schedule_barrier=True), dict(accumulate_in_place=1),
-                                    dict(heavy_first=1),
+                                    dict(heavy_first=1), dict(skip_used_stick=0),
                                     dict(num_compute_warpgroups=2, consumer_registers=256)],
                          ids=str)
 def test_config_validation(kwargs):

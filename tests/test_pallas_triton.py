@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import sbjax
-from helpers import SMALL_BLOCKS, Shape, assert_within_tolerance, float64_result, random_inputs, rel_rms
+from helpers import (SMALL_BLOCKS, Shape, assert_within_tolerance, far_inputs, float64_result,
+                     random_inputs, rel_rms)
 from sbjax import reference, testing
 from sbjax.kernels import pallas_triton
 
@@ -120,22 +121,13 @@ def test_skipping_a_used_stick_is_exact(dtype, logit_scale, gated):
     _assert_close_to_float64(skipped, q, k, v, d_out, d_rem)
 
 
-def _far_inputs(seed, shape, shift):
-  """fp32 inputs whose logits at scale 0.25 are about ``shift + N(0, 0.25^2)``: every key takes a
-  small share, so sticks last long (a head that attends far back)."""
-  q, k, v, _ = random_inputs(seed, shape, jnp.float32, logit_scale=0.5)
-  q = q.at[..., 0].set(1.0)
-  k = (k * 0.5).at[..., 0].set(shift / 0.25)
-  return q, k, v
-
-
 @pytest.mark.parametrize("tolerance", [1e-3, 1e-2])
 def test_skip_tolerance_bounds_the_error(tolerance):
   """``skip_tolerance`` stops long sticks early (exact skipping does not) and stays within the
   documented bounds (``testing.skip_tolerance_bounds``) against float64: output, remainder (an
   upper bound of the exact one) and every gradient, element by element."""
   shape = Shape(1, 320, 2, 1, 16)
-  q, k, v = _far_inputs(0, shape, shift=-3.5)  # stick ~ exp(-0.03 per key): 1e-2 after 150 keys
+  q, k, v = far_inputs(0, shape, shift=-3.5)  # stick ~ exp(-0.03 per key): 1e-2 after 150 keys
   rng = np.random.default_rng(1)
   d_out = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
   d_rem = jnp.asarray(rng.normal(size=q.shape[:3]), jnp.float32)

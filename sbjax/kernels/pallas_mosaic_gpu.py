@@ -21,7 +21,7 @@ SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 HEAD_DIMS = (64, 128)
 
 
-def unsupported(query, value, *, forget_gate=None, skip_tolerance: float = 0.0) -> str | None:
+def unsupported(query, value, *, forget_gate=None) -> str | None:
   """Why the Mosaic GPU kernel cannot take these inputs, or None if it can."""
   if query.dtype not in SUPPORTED_DTYPES:
     return (f"supports bfloat16 and float16 inputs (float32 stays on the Triton kernels), got "
@@ -31,20 +31,19 @@ def unsupported(query, value, *, forget_gate=None, skip_tolerance: float = 0.0) 
             f"got query.shape={query.shape}, value.shape={value.shape}")
   if forget_gate is not None:
     return "does not take forget_gate yet"
-  if skip_tolerance:
-    return f"does not skip key blocks yet (dense walk only), got skip_tolerance={skip_tolerance}"
   return None
 
 
 def stick_breaking_attention(query, key, value, scale, segment_ids=None, *, attend_current=False,
                              block_sizes: MosaicBlockSizes | None = None,
-                             interpret: bool = False):
+                             skip_tolerance: float = 0.0, interpret: bool = False):
   """``(out [B, T, N, H], rem [B, T, N] float32)`` for inputs that ``unsupported`` accepts;
   arguments are checked by ``sbjax.ops``. ``segment_ids``: ``[B, T]`` integers or None.
-  ``interpret``: Mosaic GPU interpret mode (CPU, slow). Not differentiable yet: ``jax.grad``
-  through it raises ``NotImplementedError``."""
+  ``skip_tolerance``: see ``sbjax.stick_breaking_attention``. ``interpret``: Mosaic GPU
+  interpret mode (CPU, slow). Not differentiable yet: ``jax.grad`` through it raises
+  ``NotImplementedError``."""
   block_sizes = block_sizes or MosaicBlockSizes.get_default(query.shape[-1], query.dtype)
-  static = (attend_current, block_sizes, interpret)
+  static = (attend_current, block_sizes, float(skip_tolerance), interpret)
   out, rem = _attention(query, key, value, jnp.reshape(scale, (1,)).astype(jnp.float32),
                         segment_ids, static)
   return out, rem.transpose(0, 2, 1)  # rem [B, N, T] -> [B, T, N]
@@ -52,10 +51,10 @@ def stick_breaking_attention(query, key, value, scale, segment_ids=None, *, atte
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _attention(q, k, v, scale, segment_ids, static):
-  attend_current, block_sizes, interpret = static
+  attend_current, block_sizes, skip_tolerance, interpret = static
   return pallas_mosaic_gpu_fwd.forward(
       q, k, v, scale, segment_ids, attend_current=attend_current, block_sizes=block_sizes,
-      interpret=plgpu.InterpretGPUParams() if interpret else False)
+      skip_tolerance=skip_tolerance, interpret=plgpu.InterpretGPUParams() if interpret else False)
 
 
 def _attention_fwd(q, k, v, scale, segment_ids, static):

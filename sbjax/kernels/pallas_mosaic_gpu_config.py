@@ -42,6 +42,12 @@ class MosaicBlockSizes:
       must stay within 512 (the 64K registers of an SM over 3 x 128 threads).
     heavy_first: launch the query blocks with the longest causal walks first (the grid's query
       axis reversed), so that the last wave holds the shortest walks.
+    skip_used_stick: stop walking a query block's keys once every row's stick is below 2^-152
+      (or the op's ``skip_tolerance``), as the Triton kernels' option of the same name: farther
+      weights are then exactly 0 in fp32 and the result is bit for bit that of the dense walk.
+      With two consumers the producer warpgroup decides (it reads both consumers' sticks) and
+      stops ``num_buffers + 1`` steps after both are used up. False walks every key (for timing
+      the dense worst case).
   """
 
   block_q: int = 64
@@ -54,6 +60,7 @@ class MosaicBlockSizes:
   accumulate_in_place: bool = False
   consumer_registers: int = 232
   heavy_first: bool = False
+  skip_used_stick: bool = True
 
   def __post_init__(self):
     cls = type(self).__name__
@@ -64,7 +71,7 @@ class MosaicBlockSizes:
     if not (isinstance(self.num_buffers, int) and self.num_buffers >= 2):
       raise ValueError(f"{cls}.num_buffers must be an int >= 2, got {self.num_buffers!r}.")
     for flag in ("operands_in_registers", "pipeline_qk", "schedule_barrier",
-                 "accumulate_in_place", "heavy_first"):
+                 "accumulate_in_place", "heavy_first", "skip_used_stick"):
       if not isinstance(getattr(self, flag), bool):
         raise ValueError(f"{cls}.{flag} must be a bool, got {getattr(self, flag)!r}.")
     if self.num_compute_warpgroups not in (1, 2):

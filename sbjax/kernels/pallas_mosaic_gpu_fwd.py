@@ -45,6 +45,9 @@ LOG2E = math.log2(math.e)
 # pallas_triton_tiles (SOFTPLUS_CUT, SOFTPLUS_MAX), restated here so backends stay independent.
 SOFTPLUS_CUT = 15.0 * LOG2E
 SOFTPLUS_MAX = 2.0**20
+# Below a log2-stick of -152 every farther weight is exactly 0 in fp32 (pallas_triton_tiles's
+# SKIP_LOG2): a walk may stop there and give the dense walk's result bit for bit.
+SKIP_LOG2 = -152.0
 NAME = "stick_breaking_fwd_mosaic_gpu"
 
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # a [block_q] vector laid out like the rows of a wgmma tile
@@ -100,12 +103,19 @@ def _meet(barrier):
 def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready, *, scale_ref,
           seg_ref, q_start, n_full, n_total, block_k, num_buffers, lag, cumsum_parts, registers,
           pipeline_qk=False, schedule=None, in_place=False, before_tile=None, k_done=None,
-          v_done=None):
+          v_done=None, goes_on=None, report=None):
   """One warpgroup's walk over key-block steps ``t = 0 .. n_total - 1`` (key block
-  ``n_total - 1 - t``, in slot ``t % num_buffers``): ``(acc [Q, H], log_stick [Q])`` in fp32.
+  ``n_total - 1 - t``, in slot ``t % num_buffers``): ``(acc [Q, H], log_stick [Q], steps)`` in
+  fp32, ``steps`` the number of steps walked.
+
+  ``goes_on(step, log_stick)``: None (every step is walked), or the skipping rule: it waits for
+  K of step ``step + 1`` if the walk goes on to it and returns whether it does (a traced bool;
+  ``log_stick`` is the rows' stick before step ``step`` with ``pipeline_qk``, after it without),
+  so the walk may end before ``n_total``. ``report(step, log_stick)`` runs after each step's
+  stick update, before ``v_done``.
 
   ``seg_ref``: this batch row's segment ids ``[T]`` int32 in GMEM, or None; with them every
-  tile is masked (keys of another segment can lie in any block; no block is skipped yet).
+  tile is masked (keys of another segment can lie in any block).
   ``k_ready``/``v_ready``: the slots' load barriers. ``before_tile(t)`` runs first in a step (the
   one-warpgroup kernel's prefetch); ``k_done(slot)``/``v_done(slot)`` after the last read of a
   step's K/V (the two-warpgroup kernel's "consumed" arrivals). ``registers``: the left operands
@@ -174,6 +184,13 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
       rest = rest - part.astype(jnp.float32)
     return log_beta, log_1m_beta, nearer
 
+  def wait_next(step, log_stick):  # K of step + 1 waited for when the walk goes on to it
+    exists = step + 1 < n_total
+    if goes_on is None:
+      pl.when(exists)(lambda: plgpu.barrier_wait(k_ready.at[slot_of(step + 1)]))
+      return exists
+    return goes_on(step, log_stick)
+
   def tile(step, carry, *, masked):
     acc, log_stick, x = carry  # [block_q, H], [block_q] fp32; x: this step's logits if pipelined
     before_tile(step)
@@ -188,9 +205,10 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
         k_seg = plgpu.load(seg_ref.at[keys], layout=_COL, optimized=False)  # [block_k]
         mask = mask & (_row_bcast(q_seg, shape) == lax.broadcast_in_dim(k_seg, shape, [1]))
     if pipeline_qk:
-      nxt = jnp.minimum(step + 1, n_total - 1)
-      has_next = step + 1 < n_total
-      pl.when(has_next)(lambda: plgpu.barrier_wait(k_ready.at[slot_of(nxt)]))
+      has_next = wait_next(step, log_stick)
+      # The last step recomputes its own logits (its K slot is intact), discarded, so that every
+      # step has the same shape.
+      nxt = jnp.where(has_next, step + 1, step)
 
       def overlapped(s_ref):
         issue_logits(s_ref, nxt)  # on the tensor cores while the softplus below runs
@@ -202,8 +220,7 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
       (log_beta, log_1m_beta, nearer), x_next = pl.run_scoped(
           overlapped, plgpu.ACC(shape, jnp.float32))
       pl.when(has_next)(lambda: k_done(slot_of(nxt)))
-    else:
-      plgpu.barrier_wait(k_ready.at[slot])
+    else:  # K of this step was waited for by the previous step (or before the walk)
       x, x_next = logits(step, rendezvous=True), None
       k_done(slot)
       log_beta, log_1m_beta, nearer = stick_terms(x, mask)
@@ -222,22 +239,40 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
           plgpu.ACC.init(acc))  # [block_q, H]
     else:
       acc = acc + matmul(p, v_smem.at[slot], acc.shape)  # [block_q, H]
+    log_stick_next = log_stick + jnp.sum(log_1m_beta, axis=1)
+    if report is not None:
+      report(step, log_stick_next)
     v_done(slot)
-    return acc, log_stick + jnp.sum(log_1m_beta, axis=1), x_next
+    if not pipeline_qk:
+      has_next = wait_next(step, log_stick_next)
+    return (acc, log_stick_next, x_next), has_next
 
   acc = plgpu.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
   log_stick = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), _ROW)
   x = None
+  plgpu.barrier_wait(k_ready.at[0])
   if pipeline_qk:  # the first step's logits, before the loop
-    plgpu.barrier_wait(k_ready.at[0])
     x = logits(jnp.int32(0), rendezvous=False)
     k_done(jnp.int32(0))
   # The diagonal blocks come first; with segments, every block is masked.
   n_masked = n_total if seg_ref is not None else n_total - n_full
-  carry = lax.fori_loop(0, n_masked, functools.partial(tile, masked=True), (acc, log_stick, x))
-  acc, log_stick, _ = lax.fori_loop(n_masked, n_total, functools.partial(tile, masked=False),
-                                    carry)
-  return acc, log_stick
+  carry = (acc, log_stick, x)
+  if goes_on is None:  # every step: fori_loops
+    for masked, lo, hi in ((True, 0, n_masked), (False, n_masked, n_total)):
+      body = functools.partial(tile, masked=masked)
+      carry = lax.fori_loop(lo, hi, lambda t, c, body=body: body(t, c)[0], carry)
+    steps = n_total
+  else:  # until the walk ends: while_loops
+    state = (jnp.int32(0), jnp.bool_(True), carry)
+    for masked, hi in ((True, n_masked), (False, n_total)):
+      def step_once(state, masked=masked):
+        step, _, carry = state
+        carry, has_next = tile(step, carry, masked=masked)
+        return step + 1, has_next, carry
+      state = lax.while_loop(lambda st, hi=hi: st[1] & (st[0] < hi), step_once, state)
+    steps, _, carry = state
+  acc, log_stick, _ = carry
+  return acc, log_stick, steps
 
 
 def _program_ids(num_q_blocks: int, heavy_first: bool):
@@ -261,8 +296,10 @@ def _store(acc, log_stick, o_smem, rem_smem, out_ref, rem_ref):
 
 def _fwd_kernel(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *, block_q,
                 block_k, num_buffers, group, attend_current, cumsum_parts, registers, pipeline_qk,
-                schedule_barrier, in_place, consumer_registers, num_q_blocks, heavy_first):
-  """One warpgroup: it issues the TMA copies of the ring itself, ``num_buffers - 1`` ahead."""
+                schedule_barrier, in_place, consumer_registers, num_q_blocks, heavy_first, stop):
+  """One warpgroup: it issues the TMA copies of the ring itself, ``num_buffers - 1`` ahead, and
+  with ``stop`` (a log2-stick, or None) ends its walk once every row's stick is below it (the
+  test sees the stick before a step: one step late)."""
   q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, rem_smem, barriers = scratch
   q_barrier, k_barriers, v_barriers = barriers
   q_block, head, batch = _program_ids(num_q_blocks, heavy_first)
@@ -290,14 +327,27 @@ def _fwd_kernel(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scrat
     nxt = step + num_buffers - 1
     pl.when(nxt < n_total)(functools.partial(fetch, nxt))
 
+  goes_on = None
+  if stop is not None:
+    def goes_on(step, log_stick):  # until every row's stick is used up
+      has_next = (step + 1 < n_total) & (jnp.max(log_stick) > stop)
+      pl.when(has_next)(lambda: plgpu.barrier_wait(k_barriers.at[lax.rem(step + 1, num_buffers)]))
+      return has_next
+
   _build_triangle(tri_smem)
   plgpu.barrier_wait(q_barrier)
-  acc, log_stick = _walk(
+  acc, log_stick, steps = _walk(
       q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_barriers, v_barriers,
       scale_ref=scale_ref, seg_ref=None if seg_ref is None else seg_ref.at[batch],
       q_start=q_start, n_full=n_full, n_total=n_total, block_k=block_k,
       num_buffers=num_buffers, lag=lag, cumsum_parts=cumsum_parts, registers=registers,
-      pipeline_qk=pipeline_qk, in_place=in_place, before_tile=prefetch)
+      pipeline_qk=pipeline_qk, in_place=in_place, before_tile=prefetch, goes_on=goes_on)
+  if stop is not None:  # the copies prefetched past the walk's end land before the kernel exits
+    @pl.loop(steps, jnp.minimum(steps + num_buffers - 1, n_total))
+    def _(step):
+      slot = lax.rem(step, jnp.int32(num_buffers))
+      plgpu.barrier_wait(k_barriers.at[slot])
+      plgpu.barrier_wait(v_barriers.at[slot])
   # q is no longer read: its buffer stages the output.
   _store(acc, log_stick, q_smem, rem_smem, out_ref.at[rows],
          rem_ref.at[batch, head, pl.ds(q_start, block_q)])
@@ -306,7 +356,7 @@ def _fwd_kernel(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scrat
 def _fwd_kernel_ws(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *,
                    block_q, block_k, num_buffers, group, attend_current, cumsum_parts, registers,
                    pipeline_qk, schedule_barrier, in_place, consumer_registers, num_q_blocks,
-                   heavy_first):
+                   heavy_first, stop):
   """Warp-specialised (FA3's structure): warpgroups 0 and 1 each compute ``block_q`` rows of a
   ``2 * block_q`` query block; warpgroup 2 issues the TMA copies of the K/V ring, which both
   consumers read, refilling a slot once both have arrived on its "consumed" barrier.
@@ -314,9 +364,17 @@ def _fwd_kernel_ws(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, sc
   Both consumers walk the key blocks of the upper rows (``n_total``); the lower rows' extra
   diagonal step is fully masked (weights 0, stick unchanged), which keeps every barrier's phases
   the same in both consumers at the cost of one tile per program.
+
+  With ``stop`` (a log2-stick, or None) the producer ends the walk: each consumer writes its
+  rows' stick after step t to slot ``t % (num_buffers + 1)`` of a ring before its "V consumed"
+  arrival; before loading step u the producer reads step ``u - 1 - num_buffers``'s (ordered by
+  the arrival it waited for at step u - 1, and not yet overwritten: that needs step u's tiles)
+  and, if both are below ``stop``, writes "no" to step u's go flag and arrives on its K barrier
+  without a copy. Consumers read the go flag once that barrier is done: all three see the same
+  end, ``num_buffers + 1`` steps after the later consumer's stick ran out.
   """
   (q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, rem_smem, barriers, consumed,
-   tri_barrier, schedule) = scratch
+   tri_barrier, schedule, skip_scratch) = scratch
   q_barriers, k_barriers, v_barriers = barriers
   k_consumed, v_consumed = consumed
   q_block, head, batch = _program_ids(num_q_blocks, heavy_first)
@@ -342,7 +400,21 @@ def _fwd_kernel_ws(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, sc
     plgpu.barrier_wait(q_barriers.at[wg])
     if schedule_barrier:  # consumer 1 one rendezvous behind consumer 0 (FA3): they alternate
       pl.when(wg == 1)(functools.partial(_meet, schedule))
-    acc, log_stick = _walk(
+    goes_on = report = None
+    if stop is not None:
+      stick_smem, go_smem = skip_scratch
+
+      def report(step, log_stick):
+        stick_smem.at[wg, lax.rem(step, jnp.int32(num_buffers + 1))][...] = log_stick
+
+      def goes_on(step, log_stick):
+        del log_stick  # the producer decides
+        slot = lax.rem(step + 1, jnp.int32(num_buffers))
+        exists = step + 1 < n_total
+        pl.when(exists)(lambda: plgpu.barrier_wait(k_barriers.at[slot]))
+        return exists & (go_smem[slot] != 0)
+
+    acc, log_stick, _ = _walk(
         q_wg, k_smem, v_smem, tri_smem, *(None if r is None else r.at[wg]
                                                  for r in (part_smem, p_smem)), k_barriers,
         v_barriers, scale_ref=scale_ref, seg_ref=None if seg_ref is None else seg_ref.at[batch],
@@ -351,7 +423,8 @@ def _fwd_kernel_ws(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, sc
         cumsum_parts=cumsum_parts, registers=registers, pipeline_qk=pipeline_qk,
         schedule=schedule if schedule_barrier else None, in_place=in_place,
         k_done=lambda slot: plgpu.barrier_arrive(k_consumed.at[slot]),
-        v_done=lambda slot: plgpu.barrier_arrive(v_consumed.at[slot]))
+        v_done=lambda slot: plgpu.barrier_arrive(v_consumed.at[slot]), goes_on=goes_on,
+        report=report)
     if schedule_barrier:  # consumer 1's first rendezvous, matched
       pl.when(wg == 0)(functools.partial(_meet, schedule))
     _store(acc, log_stick, q_wg, rem_smem.at[wg], out_ref.at[rows],
@@ -362,28 +435,65 @@ def _fwd_kernel_ws(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, sc
     plgpu.set_max_registers(PRODUCER_REGISTERS[consumer_registers], action="decrease")
     kv_head = lax.div(head, jnp.array(group, head.dtype))
 
-    @pl.loop(0, n_total)
-    def _(step):
-      slot = lax.rem(step, jnp.int32(num_buffers))
+    def load(step, slot, ref, smem, ready):
       keys = (batch, _step_keys(step, n_total, block_k), kv_head)
+      plgpu.copy_gmem_to_smem(ref.at[keys], smem.at[slot], ready.at[slot])
 
-      @pl.when(step >= num_buffers)  # the slot's previous tile must be read by both consumers
-      def _():
-        plgpu.barrier_wait(k_consumed.at[slot])
-      plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_barriers.at[slot])
+    def wait_consumed(step, slot, consumed):  # the slot's previous tile read by both consumers
+      pl.when(step >= num_buffers)(lambda: plgpu.barrier_wait(consumed.at[slot]))
 
-      @pl.when(step >= num_buffers)
-      def _():
-        plgpu.barrier_wait(v_consumed.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_barriers.at[slot])
+    if stop is None:
+      @pl.loop(0, n_total)
+      def _(step):
+        slot = lax.rem(step, jnp.int32(num_buffers))
+        wait_consumed(step, slot, k_consumed)
+        load(step, slot, k_ref, k_smem, k_barriers)
+        wait_consumed(step, slot, v_consumed)
+        load(step, slot, v_ref, v_smem, v_barriers)
+      steps, k_unseen = n_total, n_total - num_buffers  # steps loaded; first "K consumed" unseen
+    else:
+      stick_smem, go_smem = skip_scratch
+
+      def used_up(step):  # both consumers' sticks after step - 1 - num_buffers
+        ring = lax.rem(step - 1 - num_buffers, jnp.int32(num_buffers + 1))
+        sticks = [plgpu.load(stick_smem.at[c, ring], layout=_ROW, optimized=False)
+                  for c in range(2)]
+        return jnp.max(jnp.maximum(*sticks)) <= stop
+
+      def produce(state):
+        step, _ = state
+        slot = lax.rem(step, jnp.int32(num_buffers))
+        wait_consumed(step, slot, k_consumed)
+        ends = lax.cond(step > num_buffers, used_up, lambda _: jnp.bool_(False), step)
+        go_smem[slot] = jnp.where(ends, 0, 1).astype(jnp.int32)
+        pl.when(ends)(lambda: plgpu.barrier_arrive(k_barriers.at[slot]))  # no copy: the end
+
+        @pl.when(~ends)
+        def _():
+          load(step, slot, k_ref, k_smem, k_barriers)
+          wait_consumed(step, slot, v_consumed)
+          load(step, slot, v_ref, v_smem, v_barriers)
+        return jnp.where(ends, step, step + 1), ends
+
+      steps, ended = lax.while_loop(lambda st: (st[0] < n_total) & ~st[1], produce,
+                                    (jnp.int32(0), jnp.bool_(False)))
+      k_unseen = jnp.where(ended, steps - num_buffers + 1, steps - num_buffers)
 
     # Observe the last tiles' consumption too, so every barrier ends with no phase unobserved
     # (interpret mode checks this when the barriers are freed; the producer is idle by now).
-    @pl.loop(jnp.maximum(n_total - num_buffers, 0), n_total)
+    @pl.loop(jnp.maximum(k_unseen, 0), steps)
     def _(step):
-      slot = lax.rem(step, jnp.int32(num_buffers))
-      plgpu.barrier_wait(k_consumed.at[slot])
-      plgpu.barrier_wait(v_consumed.at[slot])
+      plgpu.barrier_wait(k_consumed.at[lax.rem(step, jnp.int32(num_buffers))])
+
+    @pl.loop(jnp.maximum(steps - num_buffers, 0), steps)
+    def _(step):
+      plgpu.barrier_wait(v_consumed.at[lax.rem(step, jnp.int32(num_buffers))])
+
+
+def _stop_log2(skip_tolerance: float) -> float:
+  """The log2-stick below which a walk ends: ``SKIP_LOG2`` (exact) for a tolerance of 0, else
+  ``log2(skip_tolerance)`` (``pallas_triton_tiles.stop_log2``'s rule)."""
+  return max(math.log2(skip_tolerance), SKIP_LOG2) if skip_tolerance > 0 else SKIP_LOG2
 
 
 def _cumsum_parts(dtype) -> int:
@@ -393,13 +503,15 @@ def _cumsum_parts(dtype) -> int:
 
 
 def forward(q, k, v, scale, segment_ids=None, *, attend_current: bool,
-            block_sizes: MosaicBlockSizes, interpret=False):
+            block_sizes: MosaicBlockSizes, skip_tolerance: float = 0.0, interpret=False):
   """Launches the forward kernel.
 
   Args:
     q: ``[B, T, N, H]``; k, v: ``[B, T, K, H]``; bf16 or fp16, H in {64, 128}, any T.
     scale: ``[1]`` float32 (traced).
     segment_ids: ``[B, T]`` int32 or None; keys of another segment are invisible.
+    skip_tolerance: 0 (exact skipping) or the stick below which a query block stops walking
+      (with ``block_sizes.skip_used_stick``; see ``sbjax.stick_breaking_attention``).
     interpret: False, or ``plgpu.InterpretGPUParams()`` for Mosaic GPU interpret mode (CPU).
 
   Returns:
@@ -417,6 +529,7 @@ def forward(q, k, v, scale, segment_ids=None, *, attend_current: bool,
     if segment_ids is not None:  # padded rows are discarded, padded keys hidden by causality
       segment_ids = jnp.pad(segment_ids, ((0, 0), (0, tp - t)))
   dtype = q.dtype
+  skip = block_sizes.skip_used_stick
   # 64 bf16/fp16 elements are one 128-byte row: the widest swizzle, which wgmma reads best.
   transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   per_wg = (lambda shape: shape) if wgs == 1 else (lambda shape: (wgs, *shape))
@@ -441,6 +554,8 @@ def forward(q, k, v, scale, segment_ids=None, *, attend_current: bool,
     scratch.append((plgpu.Barrier(num_arrivals=wgs, num_barriers=nb),) * 2)
     scratch.append(plgpu.Barrier(num_barriers=1))  # the triangle is built
     scratch.append(plgpu.Barrier(num_arrivals=wgs))  # the consumers' schedule (ping-pong)
+    scratch.append((plgpu.SMEM((wgs, nb + 1, bq), jnp.float32),  # the consumers' sticks
+                    plgpu.SMEM((nb,), jnp.int32)) if skip else None)  # go flags, per K slot
     kernel, threads = _fwd_kernel_ws, dict(num_threads=wgs + 1, thread_name="wg")
   kernel = functools.partial(
       kernel, block_q=bq, block_k=bk, num_buffers=nb, group=group,
@@ -448,7 +563,7 @@ def forward(q, k, v, scale, segment_ids=None, *, attend_current: bool,
       pipeline_qk=block_sizes.pipeline_qk, schedule_barrier=block_sizes.schedule_barrier,
       in_place=block_sizes.accumulate_in_place and not interpret,
       consumer_registers=block_sizes.consumer_registers, num_q_blocks=tp // rows,
-      heavy_first=block_sizes.heavy_first)
+      heavy_first=block_sizes.heavy_first, stop=_stop_log2(skip_tolerance) if skip else None)
   if segment_ids is None:
     body = lambda scale_ref, *refs: kernel(scale_ref, None, *refs[:5], refs[5:])
     inputs = (q, k, v)
