@@ -7,7 +7,8 @@ key takes ~1%, sticks last ~20K keys), ``mixed`` (half the heads of each), ``ret
 (z ~ -6 + N(0, 1) with 1% of keys at +10) and ``trained`` (q/k of six heads of the
 length-extrapolation model, experiments/results/length_extrapolation/qk_stickbreaking.npz, tiled
 to the shape).
-Implementations: ``pallas`` (the default kernels, exact skipping), ``pallas_dense`` (every key
+Implementations: ``pallas`` (the Triton kernels, forced, with their default exact skipping;
+``implementation="pallas"`` itself takes the Mosaic forward on Hopper), ``pallas_dense`` (every key
 walked), ``pallas_tol`` (``skip_tolerance``, default 1e-3; its forward error against
 ``pallas_dense``, ``max_err`` = max|out - out_dense| / max|v|, and ``max_err_beyond_ulp``, the same
 less one ulp of the output dtype, are recorded), ``mosaic``, ``mosaic_dense`` and ``mosaic_tol``

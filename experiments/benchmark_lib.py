@@ -19,8 +19,9 @@ from sbjax.testing import median_time_ms
 REGIMES = ("local", "far", "mixed", "retrieval", "trained")
 IMPLEMENTATIONS = ("pallas", "pallas_dense", "pallas_tol", "mosaic", "mosaic_dense", "mosaic_tol",
                    "cudnn", "scan")
-# Triton or Mosaic GPU: the default (exact skipping), the dense walk, skip_tolerance.
-_KERNELS = {"pallas": "pallas", "mosaic": "pallas_mosaic_gpu"}
+# Triton or Mosaic GPU, each forced (on Hopper "pallas" itself takes the Mosaic forward where
+# it is not differentiated): the default (exact skipping), the dense walk, skip_tolerance.
+_KERNELS = {"pallas": "pallas_triton", "mosaic": "pallas_mosaic_gpu"}
 TRAINED_QK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                           "length_extrapolation", "qk_stickbreaking.npz")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from typing import Literal
@@ -16,7 +17,7 @@ from sbjax.common import compute_dtype
 from sbjax.kernels import pallas_mosaic_gpu, pallas_triton, pallas_triton_decode
 from sbjax.kernels.pallas_mosaic_gpu_config import MosaicBlockSizes
 from sbjax.kernels.pallas_triton_config import BlockSizes
-from sbjax.platform import on_nvidia_gpu
+from sbjax.platform import on_hopper, on_nvidia_gpu
 
 Implementation = Literal["pallas", "pallas_triton", "pallas_mosaic_gpu", "scan", "xla"]
 IMPLEMENTATIONS = typing.get_args(Implementation)
@@ -181,8 +182,10 @@ def stick_breaking_attention(
       (float64 for float64 inputs).
     return_remainder: also return ``rem``.
     implementation: ``None`` (auto: ``"pallas"`` on an NVIDIA GPU for inputs it supports, else
-      ``"scan"``), ``"pallas"`` (the fastest Pallas kernels for this GPU and these inputs: today
-      always the Triton ones), ``"pallas_triton"`` (the Pallas Triton kernels, forced),
+      ``"scan"``), ``"pallas"`` (the fastest Pallas kernels for this GPU and these inputs: on a
+      Hopper GPU, for inputs the Mosaic GPU forward takes and no ``block_sizes``, that forward
+      when not differentiated and the Triton kernels under differentiation; else the Triton
+      ones), ``"pallas_triton"`` (the Pallas Triton kernels, forced),
       ``"pallas_mosaic_gpu"`` (the Mosaic GPU forward kernel for Hopper: bf16/fp16, head dims
       64/128, segment_ids, skipping and skip_tolerance; no forget_gate yet, not differentiable
       yet),
@@ -240,9 +243,38 @@ def dispatch(query, key, value, scale, segment_ids, forget_gate, *, attend_curre
     return pallas_mosaic_gpu.stick_breaking_attention(
         query, key, value, scale, segment_ids, attend_current=attend_current,
         block_sizes=block_sizes, skip_tolerance=skip_tolerance, interpret=interpret)
+  if (implementation == "pallas" and block_sizes is None and not cross and on_hopper()
+      and pallas_mosaic_gpu.unsupported(query, value, forget_gate=forget_gate) is None):
+    return _mosaic_forward_triton_gradients(query, key, value, scale, segment_ids,
+                                            (attend_current, skip_tolerance, interpret))
   return pallas_triton.stick_breaking_attention(
       query, key, value, scale, segment_ids, forget_gate, attend_current=attend_current,
       block_sizes=block_sizes, skip_tolerance=skip_tolerance, interpret=interpret, **cross)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _mosaic_forward_triton_gradients(q, k, v, scale, segment_ids, static):
+  """``implementation="pallas"`` on Hopper: ``(out, rem)`` of the Mosaic GPU forward, the faster
+  one (experiments/results/benchmark_mosaic_h100.json), when not differentiated; under
+  differentiation the Triton forward and its backward, so that the gradients belong to the
+  forward they were computed with (the Mosaic kernels have no backward yet)."""
+  attend_current, skip_tolerance, interpret = static
+  return pallas_mosaic_gpu.stick_breaking_attention(
+      q, k, v, scale, segment_ids, attend_current=attend_current, skip_tolerance=skip_tolerance,
+      interpret=interpret)
+
+
+def _triton_vjp(q, k, v, scale, segment_ids, static):
+  attend_current, skip_tolerance, interpret = static
+  triton = lambda q, k, v, scale: pallas_triton.stick_breaking_attention(
+      q, k, v, scale, segment_ids, None, attend_current=attend_current,
+      skip_tolerance=skip_tolerance, interpret=interpret)
+  out, vjp = jax.vjp(triton, q, k, v, scale)
+  return out, vjp  # the vjp function is a pytree of the Triton residuals
+
+
+_mosaic_forward_triton_gradients.defvjp(
+    _triton_vjp, lambda static, vjp, cotangents: (*vjp(cotangents), None))
 
 
 def stick_breaking_weights(query, key, *, scale=None, attend_current: bool = False,

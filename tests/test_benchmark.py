@@ -80,7 +80,8 @@ def test_attention_takes_each_kernels_tiling(monkeypatch):
     benchmark.attention(impl, 128, jnp.bfloat16)(None, None, None, 0.1)
   assert [(kw["implementation"], type(kw["block_sizes"]).__name__,
            kw["block_sizes"].skip_used_stick, kw["skip_tolerance"]) for kw in seen] == [
-      ("pallas", "BlockSizes", False, 0.0), ("pallas_mosaic_gpu", "MosaicBlockSizes", False, 0.0),
+      ("pallas_triton", "BlockSizes", False, 0.0),
+      ("pallas_mosaic_gpu", "MosaicBlockSizes", False, 0.0),
       ("pallas_mosaic_gpu", "MosaicBlockSizes", True, 1e-3)]
   with pytest.raises(ValueError, match="impls must be among"):
     benchmark.attention("mosaic_fast", 128, jnp.bfloat16)

@@ -226,6 +226,7 @@ def test_large_logits():
   np.testing.assert_array_equal(rem[1], 1.0)
 
 
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter's race detector: runs on the CPU")
 @pytest.mark.parametrize("walk_ends", [False, True], ids=["full-walks", "walks-end"])
 @pytest.mark.parametrize("block_sizes", [ONE_WG, TWO_WGS, ONE_WG_PIPE, TWO_WGS_FA3], ids=_ids)
 def test_tma_ring_has_no_races(block_sizes, walk_ends):
@@ -313,6 +314,41 @@ def test_segment_ids_lower_for_hopper(block_sizes):
   with jax.sharding.use_abstract_mesh(_H200):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert len(re.findall(r"custom_call @mosaic_gpu_v2", text)) == 1
+
+
+def _kernels(fn, *args) -> set[str]:
+  """The Pallas kernels (by name) in ``fn``'s jaxpr."""
+  text = str(jax.make_jaxpr(fn)(*args))
+  names = {"stick_breaking_fwd_mosaic_gpu", "stick_breaking_fwd", "stick_breaking_bwd_dq",
+           "stick_breaking_bwd_dkv"}
+  return {n for n in names if re.search(rf"\b{n}\b", text)}
+
+
+def test_pallas_on_hopper_runs_mosaic_forward_and_triton_gradients(monkeypatch):
+  """``implementation="pallas"`` on a Hopper GPU (on the CPU simulated, in interpret mode): the
+  Mosaic GPU forward when not differentiated, bit for bit; the Triton forward and backward under
+  differentiation, bit for bit; the Triton kernels for inputs Mosaic does not take, for given
+  ``block_sizes``, and off Hopper."""
+  from sbjax import ops
+  q, k, v, _ = random_inputs(7, Shape(1, 200, 2, 1, 64), jnp.bfloat16, logit_scale=2.0)
+  run = lambda impl, **kw: lambda q, k, v: sbjax.stick_breaking_attention(
+      q, k, v, implementation=impl, interpret=INTERPRET, return_remainder=True, **kw)
+  loss = lambda impl: lambda q, k, v: run(impl)(q, k, v)[0].astype(jnp.float32).sum()
+  grads = lambda impl: jax.jit(jax.value_and_grad(loss(impl), argnums=(0, 1, 2)))
+  if INTERPRET:
+    assert _kernels(run("pallas"), q, k, v) == {"stick_breaking_fwd"}  # the CPU is no Hopper
+    monkeypatch.setattr(ops, "on_hopper", lambda: True)
+  assert _kernels(run("pallas"), q, k, v) == {"stick_breaking_fwd_mosaic_gpu"}
+  chex.assert_trees_all_equal(jax.jit(run("pallas"))(q, k, v),
+                              jax.jit(run("pallas_mosaic_gpu"))(q, k, v))
+  assert _kernels(grads("pallas"), q, k, v) == {
+      "stick_breaking_fwd", "stick_breaking_bwd_dq", "stick_breaking_bwd_dkv"}
+  chex.assert_trees_all_equal(grads("pallas")(q, k, v), grads("pallas_triton")(q, k, v))
+  assert _kernels(run("pallas", block_sizes=sbjax.BlockSizes()), q, k, v) == {"stick_breaking_fwd"}
+  gate = jnp.zeros(q.shape[:2] + (1,), jnp.float32)
+  assert _kernels(run("pallas", forget_gate=gate), q, k, v) == {"stick_breaking_fwd"}
+  assert _kernels(run("pallas"), *(x.astype(jnp.float32) for x in (q, k, v))) == {
+      "stick_breaking_fwd"}
 
 
 @pytest.mark.parametrize("kwargs,match", [
