@@ -346,6 +346,8 @@ def mosaic_checks(quick: bool):
     yield acc("H64 T3000 cur fp16", Shape(1, 3000, 4, 1, 64), jnp.float16, attend_current=True)
     yield acc("far H128 T4096", Shape(2, 4096, 4, 2, 128), bf16, shift=-5.0)
     yield acc("saturated |z|<=1e4", Shape(1, 2048, 2, 2, 64), bf16, logit_scale=1250.0)
+    yield acc("H64 T4096 GQA gate seg", Shape(1, 4096, 4, 2, 64), bf16, gated=True,
+              segments=True)
     for tol, shift in ((0.0, -2.0), (1e-3, -5.0)):  # walks that end at ~1K keys; far sticks
       name = f"mosaic {tag} skip_tolerance {tol:g}"
       yield name, functools.partial(check_mosaic_skipping, name, Shape(2, 4096, 4, 2, 128),

@@ -95,7 +95,7 @@ def check_inputs(query, key, value, scale, segment_ids, implementation, interpre
     raise ValueError(
         f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}.")
   if implementation == "pallas_mosaic_gpu":
-    _check_mosaic_gpu(query, value, forget_gate, interpret, block_sizes)
+    _check_mosaic_gpu(query, value, interpret, block_sizes)
     return
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise TypeError(f"block_sizes must be a sbjax.BlockSizes, got {type(block_sizes).__name__}.")
@@ -116,12 +116,12 @@ def check_inputs(query, key, value, scale, segment_ids, implementation, interpre
           "(slow; for tests).")
 
 
-def _check_mosaic_gpu(query, value, forget_gate, interpret, block_sizes):
+def _check_mosaic_gpu(query, value, interpret, block_sizes):
   """``check_inputs`` for ``implementation="pallas_mosaic_gpu"`` (forward only, Hopper)."""
   if block_sizes is not None and not isinstance(block_sizes, MosaicBlockSizes):
     raise TypeError("implementation='pallas_mosaic_gpu' takes a MosaicBlockSizes, got "
                     f"{type(block_sizes).__name__}.")
-  reason = pallas_mosaic_gpu.unsupported(query, value, forget_gate=forget_gate)
+  reason = pallas_mosaic_gpu.unsupported(query, value)
   if reason:
     raise ValueError(f"implementation='pallas_mosaic_gpu' {reason}; use implementation='pallas'.")
   if not interpret and not _lowering_for_nvidia_gpu():
@@ -187,8 +187,7 @@ def stick_breaking_attention(
       when not differentiated and the Triton kernels under differentiation; else the Triton
       ones), ``"pallas_triton"`` (the Pallas Triton kernels, forced),
       ``"pallas_mosaic_gpu"`` (the Mosaic GPU forward kernel for Hopper: bf16/fp16, head dims
-      64/128, segment_ids, skipping and skip_tolerance; no forget_gate yet, not differentiable
-      yet),
+      64/128, segment_ids, forget_gate, skipping and skip_tolerance; not differentiable yet),
       ``"scan"`` (pure JAX, query blocks and an associative scan) or ``"xla"`` (the dense
       reference, O(T^2) memory).
     interpret: run the Pallas kernels in interpret mode (any backend; slow).
@@ -241,35 +240,35 @@ def dispatch(query, key, value, scale, segment_ids, forget_gate, *, attend_curre
     if cross:
       raise ValueError("implementation='pallas_mosaic_gpu' has no cross-chunk mode yet.")
     return pallas_mosaic_gpu.stick_breaking_attention(
-        query, key, value, scale, segment_ids, attend_current=attend_current,
+        query, key, value, scale, segment_ids, forget_gate, attend_current=attend_current,
         block_sizes=block_sizes, skip_tolerance=skip_tolerance, interpret=interpret)
   if (implementation == "pallas" and block_sizes is None and not cross and on_hopper()
-      and pallas_mosaic_gpu.unsupported(query, value, forget_gate=forget_gate) is None):
-    return _mosaic_forward_triton_gradients(query, key, value, scale, segment_ids,
+      and pallas_mosaic_gpu.unsupported(query, value) is None):
+    return _mosaic_forward_triton_gradients(query, key, value, scale, forget_gate, segment_ids,
                                             (attend_current, skip_tolerance, interpret))
   return pallas_triton.stick_breaking_attention(
       query, key, value, scale, segment_ids, forget_gate, attend_current=attend_current,
       block_sizes=block_sizes, skip_tolerance=skip_tolerance, interpret=interpret, **cross)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _mosaic_forward_triton_gradients(q, k, v, scale, segment_ids, static):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _mosaic_forward_triton_gradients(q, k, v, scale, gate, segment_ids, static):
   """``implementation="pallas"`` on Hopper: ``(out, rem)`` of the Mosaic GPU forward, the faster
   one (experiments/results/benchmark_mosaic_h100.json), when not differentiated; under
   differentiation the Triton forward and its backward, so that the gradients belong to the
   forward they were computed with (the Mosaic kernels have no backward yet)."""
   attend_current, skip_tolerance, interpret = static
   return pallas_mosaic_gpu.stick_breaking_attention(
-      q, k, v, scale, segment_ids, attend_current=attend_current, skip_tolerance=skip_tolerance,
-      interpret=interpret)
-
-
-def _triton_vjp(q, k, v, scale, segment_ids, static):
-  attend_current, skip_tolerance, interpret = static
-  triton = lambda q, k, v, scale: pallas_triton.stick_breaking_attention(
-      q, k, v, scale, segment_ids, None, attend_current=attend_current,
+      q, k, v, scale, segment_ids, gate, attend_current=attend_current,
       skip_tolerance=skip_tolerance, interpret=interpret)
-  out, vjp = jax.vjp(triton, q, k, v, scale)
+
+
+def _triton_vjp(q, k, v, scale, gate, segment_ids, static):
+  attend_current, skip_tolerance, interpret = static
+  triton = lambda q, k, v, scale, gate: pallas_triton.stick_breaking_attention(
+      q, k, v, scale, segment_ids, gate, attend_current=attend_current,
+      skip_tolerance=skip_tolerance, interpret=interpret)
+  out, vjp = jax.vjp(triton, q, k, v, scale, gate)
   return out, vjp  # the vjp function is a pytree of the Triton residuals
 
 

@@ -185,6 +185,36 @@ def test_skip_tolerance_bounds_the_error(block_sizes):
   assert rem_d.min() > 2.0 ** -152  # exact skipping could not have ended any walk
 
 
+def _gate(shape, seed=2):
+  """Forget-gate logits ``[B, T, K]``: N(1, 3^2), with some at +-inf (the ungated stick; a key
+  that takes nothing) and +-30."""
+  g = np.random.default_rng(seed).normal(size=(shape.b, shape.t, shape.k)) * 3.0 + 1.0
+  flat = g.reshape(-1)
+  flat[1::7], flat[3::11], flat[4::13], flat[5::17] = np.inf, -np.inf, 30.0, -30.0
+  return jnp.asarray(g, jnp.float32)
+
+
+@pytest.mark.parametrize("block_sizes", [ONE_WG, TWO_WGS, DEFAULT], ids=_ids)
+def test_forget_gate_matches_float64(block_sizes):
+  """``beta_ji = sigmoid(g_i) sigmoid(z_ji)`` with infinite and large gates, GQA, against float64
+  under the tolerance rule; exact skipping (a gate only slows the stick) equals the dense walk
+  bit for bit."""
+  shape = Shape(1, 330, 4, 2, 64)
+  q, k, v, _ = random_inputs(8, shape, jnp.bfloat16, logit_scale=2.0)
+  gate = _gate(shape)
+  run = jax.jit(lambda q, k, v, g, sizes: sbjax.stick_breaking_attention(
+      q, k, v, scale=0.3, forget_gate=g, implementation="pallas_mosaic_gpu", interpret=INTERPRET,
+      block_sizes=sizes, return_remainder=True), static_argnums=4)
+  got = run(q, k, v, gate, block_sizes)
+  for name, x in zip(("out", "rem"), got):
+    assert np.isfinite(np.asarray(x, np.float32)).all(), name
+  want = float64_result(q, k, v, None, 0.3, False, gate)
+  same = jax.jit(lambda q, k, v, g: reference.stick_breaking_attention(
+      q, k, v, jnp.bfloat16(0.3), None, g, dtype=q.dtype))(q, k, v, gate)
+  assert_gradients_within_tolerance(got, want, same, q.dtype, names=("out", "rem"))
+  chex.assert_trees_all_equal(got, run(q, k, v, gate, _dense(block_sizes)))
+
+
 @pytest.mark.skipif(INTERPRET, reason="compiled kernel only (interpret mode is too slow)")
 @pytest.mark.parametrize(
     "block_sizes", [ONE_WG, TWO_WGS, MosaicBlockSizes(operands_in_registers=False), ONE_WG_PIPE,
@@ -303,12 +333,13 @@ def _lowered_for_hopper(dtype, head_dim, block_sizes):
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("block_sizes", [ONE_WG, TWO_WGS_FA3], ids=_ids)
-def test_segment_ids_lower_for_hopper(block_sizes):
-  """The segment-id loads (GMEM, row and column layouts) pass the Mosaic GPU lowering."""
+@pytest.mark.parametrize("block_sizes", [ONE_WG, TWO_WGS_FA3, DEFAULT], ids=_ids)
+def test_segment_ids_and_gate_lower_for_hopper(block_sizes):
+  """The segment-id and gate loads (GMEM, row and column layouts) pass the Mosaic GPU lowering."""
   sd = jax.ShapeDtypeStruct
   args = (sd((2, 200, 4, 128), jnp.bfloat16), sd((2, 200, 2, 128), jnp.bfloat16),
-          sd((2, 200, 2, 128), jnp.bfloat16), sd((), jnp.float32), sd((2, 200), jnp.int32))
+          sd((2, 200, 2, 128), jnp.bfloat16), sd((), jnp.float32), sd((2, 200), jnp.int32),
+          sd((2, 200, 2), jnp.float32))
   fn = functools.partial(pallas_mosaic_gpu.stick_breaking_attention, attend_current=True,
                          block_sizes=block_sizes)
   with jax.sharding.use_abstract_mesh(_H200):
@@ -345,18 +376,21 @@ def test_pallas_on_hopper_runs_mosaic_forward_and_triton_gradients(monkeypatch):
       "stick_breaking_fwd", "stick_breaking_bwd_dq", "stick_breaking_bwd_dkv"}
   chex.assert_trees_all_equal(grads("pallas")(q, k, v), grads("pallas_triton")(q, k, v))
   assert _kernels(run("pallas", block_sizes=sbjax.BlockSizes()), q, k, v) == {"stick_breaking_fwd"}
-  gate = jnp.zeros(q.shape[:2] + (1,), jnp.float32)
-  assert _kernels(run("pallas", forget_gate=gate), q, k, v) == {"stick_breaking_fwd"}
+  gate = jnp.asarray(np.random.default_rng(2).normal(size=q.shape[:2] + (1,)), jnp.float32)
+  assert _kernels(run("pallas", forget_gate=gate), q, k, v) == {"stick_breaking_fwd_mosaic_gpu"}
+  gated_loss = lambda impl: lambda q, k, v, g: run(impl, forget_gate=g)(q, k, v)[0].astype(
+      jnp.float32).sum()
+  gated = lambda impl: jax.jit(jax.grad(gated_loss(impl), argnums=(0, 1, 2, 3)))
+  chex.assert_trees_all_equal(gated("pallas")(q, k, v, gate), gated("pallas_triton")(q, k, v, gate))
   assert _kernels(run("pallas"), *(x.astype(jnp.float32) for x in (q, k, v))) == {
       "stick_breaking_fwd"}
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(forget_gate=jnp.zeros((1, 64, 1))), "does not take forget_gate yet"),
     (dict(dtype=jnp.float32), "supports bfloat16 and float16"),
     (dict(head_dim=80), "supports head dims"),
     (dict(block_sizes=sbjax.BlockSizes()), "takes a MosaicBlockSizes"),
-], ids=["forget_gate", "float32", "head_dim", "block_sizes"])
+], ids=["float32", "head_dim", "block_sizes"])
 def test_rejects_what_it_does_not_take(kwargs, match):
   dtype, h = kwargs.pop("dtype", jnp.bfloat16), kwargs.pop("head_dim", 64)
   q, k, v, _ = random_inputs(0, Shape(1, 64, 1, 1, h), dtype)

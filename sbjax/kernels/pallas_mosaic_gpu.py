@@ -21,7 +21,7 @@ SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 HEAD_DIMS = (64, 128)
 
 
-def unsupported(query, value, *, forget_gate=None) -> str | None:
+def unsupported(query, value) -> str | None:
   """Why the Mosaic GPU kernel cannot take these inputs, or None if it can."""
   if query.dtype not in SUPPORTED_DTYPES:
     return (f"supports bfloat16 and float16 inputs (float32 stays on the Triton kernels), got "
@@ -29,36 +29,36 @@ def unsupported(query, value, *, forget_gate=None) -> str | None:
   if query.shape[-1] not in HEAD_DIMS or value.shape[-1] != query.shape[-1]:
     return (f"supports head dims {HEAD_DIMS} with value's equal to query's (wgmma tiles of 64), "
             f"got query.shape={query.shape}, value.shape={value.shape}")
-  if forget_gate is not None:
-    return "does not take forget_gate yet"
   return None
 
 
-def stick_breaking_attention(query, key, value, scale, segment_ids=None, *, attend_current=False,
-                             block_sizes: MosaicBlockSizes | None = None,
+def stick_breaking_attention(query, key, value, scale, segment_ids=None, forget_gate=None, *,
+                             attend_current=False, block_sizes: MosaicBlockSizes | None = None,
                              skip_tolerance: float = 0.0, interpret: bool = False):
   """``(out [B, T, N, H], rem [B, T, N] float32)`` for inputs that ``unsupported`` accepts;
-  arguments are checked by ``sbjax.ops``. ``segment_ids``: ``[B, T]`` integers or None.
+  arguments are checked by ``sbjax.ops``. ``segment_ids``: ``[B, T]`` integers or None;
+  ``forget_gate``: ``[B, T, K]`` float logits or None.
   ``skip_tolerance``: see ``sbjax.stick_breaking_attention``. ``interpret``: Mosaic GPU
   interpret mode (CPU, slow). Not differentiable yet: ``jax.grad`` through it raises
   ``NotImplementedError``."""
   block_sizes = block_sizes or MosaicBlockSizes.get_default(query.shape[-1], query.dtype)
   static = (attend_current, block_sizes, float(skip_tolerance), interpret)
   out, rem = _attention(query, key, value, jnp.reshape(scale, (1,)).astype(jnp.float32),
-                        segment_ids, static)
+                        segment_ids, forget_gate, static)
   return out, rem.transpose(0, 2, 1)  # rem [B, N, T] -> [B, T, N]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(q, k, v, scale, segment_ids, static):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attention(q, k, v, scale, segment_ids, forget_gate, static):
   attend_current, block_sizes, skip_tolerance, interpret = static
   return pallas_mosaic_gpu_fwd.forward(
-      q, k, v, scale, segment_ids, attend_current=attend_current, block_sizes=block_sizes,
-      skip_tolerance=skip_tolerance, interpret=plgpu.InterpretGPUParams() if interpret else False)
+      q, k, v, scale, segment_ids, forget_gate, attend_current=attend_current,
+      block_sizes=block_sizes, skip_tolerance=skip_tolerance,
+      interpret=plgpu.InterpretGPUParams() if interpret else False)
 
 
-def _attention_fwd(q, k, v, scale, segment_ids, static):
-  return _attention(q, k, v, scale, segment_ids, static), None
+def _attention_fwd(q, k, v, scale, segment_ids, forget_gate, static):
+  return _attention(q, k, v, scale, segment_ids, forget_gate, static), None
 
 
 def _attention_bwd(static, residuals, cotangents):

@@ -63,11 +63,34 @@ def _row_bcast(x, shape):
   return lax.broadcast_in_dim(x, shape, [0])
 
 
-def _stick_terms(x):
-  """``(log2 beta, log2(1 - beta))`` of base-2 logits ``x``; see ``pallas_triton_tiles.stick_terms``
-  (the jnp branch: ``log2(1 + 2^x)``, cut above ``SOFTPLUS_CUT`` and clamped)."""
-  sp = jnp.where(x > SOFTPLUS_CUT, jnp.minimum(x, SOFTPLUS_MAX), jnp.log2(1.0 + jnp.exp2(x)))
-  return jnp.minimum(x - sp, 0.0), -sp
+def _softplus2(x):
+  """``log2(1 + 2^x)``, cut above ``SOFTPLUS_CUT`` (``pallas_triton_tiles.stick_terms``'s jnp
+  branch)."""
+  return jnp.where(x > SOFTPLUS_CUT, x, jnp.log2(1.0 + jnp.exp2(x)))
+
+
+def _stick_terms(x, gate=None):
+  """``(log2 beta, log2(1 - beta))`` of base-2 logits ``x`` (see ``pallas_triton_tiles``; the
+  softplus clamped at ``SOFTPLUS_MAX``). ``gate``: ``(log2 f, log2(1 - f))``, ``[Q, S]`` each, or
+  None: ``beta = f sigmoid(z)``, ``log2(1 - beta) = logaddexp2(log2(1 - f), log2 f + log2(1 - s))``
+  (every exponent <= 0)."""
+  sp = jnp.minimum(_softplus2(x), SOFTPLUS_MAX)
+  log_s, log_1m_s = jnp.minimum(x - sp, 0.0), -sp
+  if gate is None:
+    return log_s, log_1m_s
+  log_f, log_1mf = gate
+  b = log_f + log_1m_s
+  hi = jnp.maximum(log_1mf, b)
+  return log_f + log_s, hi + jnp.log2(1.0 + jnp.exp2(jnp.minimum(log_1mf, b) - hi))
+
+
+def _key_gate(gate_ref, shape):
+  """``(log2 f, log2(1 - f))`` broadcast to ``shape [Q, S]`` from a tile's gate logits
+  ``gate_ref [S]`` (natural log, fp32, GMEM): not clamped, so ``g = +inf`` gives the ungated
+  stick exactly and ``g = -inf`` a key that takes nothing."""
+  g = plgpu.load(gate_ref, layout=_COL, optimized=False) * LOG2E  # [block_k]
+  cols = lambda x: lax.broadcast_in_dim(x, shape, [1])
+  return cols(-_softplus2(-g)), cols(-_softplus2(g))
 
 
 def _build_triangle(tri_smem):
@@ -101,7 +124,7 @@ def _meet(barrier):
 
 
 def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready, *, scale_ref,
-          seg_ref, q_start, n_full, n_total, block_k, num_buffers, lag, cumsum_parts, registers,
+          seg_ref, gate_ref, q_start, n_full, n_total, block_k, num_buffers, lag, cumsum_parts, registers,
           pipeline_qk=False, schedule=None, in_place=False, before_tile=None, k_done=None,
           v_done=None, goes_on=None, report=None):
   """One warpgroup's walk over key-block steps ``t = 0 .. n_total - 1`` (key block
@@ -115,7 +138,8 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
   stick update, before ``v_done``.
 
   ``seg_ref``: this batch row's segment ids ``[T]`` int32 in GMEM, or None; with them every
-  tile is masked (keys of another segment can lie in any block).
+  tile is masked (keys of another segment can lie in any block). ``gate_ref``: this batch row
+  and kv head's forget-gate logits ``[T]`` fp32 in GMEM, or None.
   ``k_ready``/``v_ready``: the slots' load barriers. ``before_tile(t)`` runs first in a step (the
   one-warpgroup kernel's prefetch); ``k_done(slot)``/``v_done(slot)`` after the last read of a
   step's K/V (the two-warpgroup kernel's "consumed" arrivals). ``registers``: the left operands
@@ -169,11 +193,11 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
     plgpu.commit_smem()  # make the register stores visible to the wgmma (async proxy)
     return smem
 
-  def stick_terms(x, mask):
+  def stick_terms(x, mask, gate):
     """``(log2 beta, log2(1 - beta), nearer)``: ``nearer`` the in-block sums of log2(1 - beta)
     over the nearer keys, in bf16 parts (hi + lo + ...) each multiplied by the triangle on the
     tensor cores."""
-    log_beta, log_1m_beta = _stick_terms(x)
+    log_beta, log_1m_beta = _stick_terms(x, gate)
     if mask is not None:
       log_1m_beta = jnp.where(mask, log_1m_beta, 0.0)
     nearer, rest = None, log_1m_beta
@@ -204,6 +228,9 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
       if seg_ref is not None:
         k_seg = plgpu.load(seg_ref.at[keys], layout=_COL, optimized=False)  # [block_k]
         mask = mask & (_row_bcast(q_seg, shape) == lax.broadcast_in_dim(k_seg, shape, [1]))
+    gate = None
+    if gate_ref is not None:
+      gate = _key_gate(gate_ref.at[_step_keys(step, n_total, block_k)], shape)
     if pipeline_qk:
       has_next = wait_next(step, log_stick)
       # The last step recomputes its own logits (its K slot is intact), discarded, so that every
@@ -215,7 +242,7 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
         meet()
         # The triangle wgmma's read waits for the next logits too (wgmma groups retire in
         # order); by then they are done.
-        return stick_terms(x, mask), read_logits(s_ref)
+        return stick_terms(x, mask, gate), read_logits(s_ref)
 
       (log_beta, log_1m_beta, nearer), x_next = pl.run_scoped(
           overlapped, plgpu.ACC(shape, jnp.float32))
@@ -223,7 +250,7 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
     else:  # K of this step was waited for by the previous step (or before the walk)
       x, x_next = logits(step, rendezvous=True), None
       k_done(slot)
-      log_beta, log_1m_beta, nearer = stick_terms(x, mask)
+      log_beta, log_1m_beta, nearer = stick_terms(x, mask, gate)
     a = jnp.exp2(log_beta + nearer + _row_bcast(log_stick, shape))  # [block_q, block_k]
     if masked:
       a = jnp.where(mask, a, 0.0)
@@ -294,7 +321,8 @@ def _store(acc, log_stick, o_smem, rem_smem, out_ref, rem_ref):
   plgpu.wait_smem_to_gmem(0)
 
 
-def _fwd_kernel(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *, block_q,
+def _fwd_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *,
+                block_q,
                 block_k, num_buffers, group, attend_current, cumsum_parts, registers, pipeline_qk,
                 schedule_barrier, in_place, consumer_registers, num_q_blocks, heavy_first, stop):
   """One warpgroup: it issues the TMA copies of the ring itself, ``num_buffers - 1`` ahead, and
@@ -339,7 +367,8 @@ def _fwd_kernel(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scrat
   acc, log_stick, steps = _walk(
       q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_barriers, v_barriers,
       scale_ref=scale_ref, seg_ref=None if seg_ref is None else seg_ref.at[batch],
-      q_start=q_start, n_full=n_full, n_total=n_total, block_k=block_k,
+      gate_ref=None if gate_ref is None else gate_ref.at[batch, kv_head], q_start=q_start,
+      n_full=n_full, n_total=n_total, block_k=block_k,
       num_buffers=num_buffers, lag=lag, cumsum_parts=cumsum_parts, registers=registers,
       pipeline_qk=pipeline_qk, in_place=in_place, before_tile=prefetch, goes_on=goes_on)
   if stop is not None:  # the copies prefetched past the walk's end land before the kernel exits
@@ -353,7 +382,7 @@ def _fwd_kernel(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scrat
          rem_ref.at[batch, head, pl.ds(q_start, block_q)])
 
 
-def _fwd_kernel_ws(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *,
+def _fwd_kernel_ws(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *,
                    block_q, block_k, num_buffers, group, attend_current, cumsum_parts, registers,
                    pipeline_qk, schedule_barrier, in_place, consumer_registers, num_q_blocks,
                    heavy_first, stop):
@@ -378,6 +407,7 @@ def _fwd_kernel_ws(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, sc
   q_barriers, k_barriers, v_barriers = barriers
   k_consumed, v_consumed = consumed
   q_block, head, batch = _program_ids(num_q_blocks, heavy_first)
+  kv_head = lax.div(head, jnp.array(group, head.dtype))
   wg = lax.axis_index("wg")
   lag = 0 if attend_current else 1
   _, n_total = _key_blocks(q_block * 2 * block_q, 2 * block_q, block_k=block_k, lag=lag)
@@ -418,7 +448,8 @@ def _fwd_kernel_ws(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, sc
         q_wg, k_smem, v_smem, tri_smem, *(None if r is None else r.at[wg]
                                                  for r in (part_smem, p_smem)), k_barriers,
         v_barriers, scale_ref=scale_ref, seg_ref=None if seg_ref is None else seg_ref.at[batch],
-        q_start=q_start, n_full=jnp.minimum(n_full, n_total),
+        gate_ref=None if gate_ref is None else gate_ref.at[batch, kv_head], q_start=q_start,
+        n_full=jnp.minimum(n_full, n_total),
         n_total=n_total, block_k=block_k, num_buffers=num_buffers, lag=lag,
         cumsum_parts=cumsum_parts, registers=registers, pipeline_qk=pipeline_qk,
         schedule=schedule if schedule_barrier else None, in_place=in_place,
@@ -433,7 +464,6 @@ def _fwd_kernel_ws(scale_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, sc
   @pl.when(wg == 2)
   def _producer():
     plgpu.set_max_registers(PRODUCER_REGISTERS[consumer_registers], action="decrease")
-    kv_head = lax.div(head, jnp.array(group, head.dtype))
 
     def load(step, slot, ref, smem, ready):
       keys = (batch, _step_keys(step, n_total, block_k), kv_head)
@@ -502,7 +532,7 @@ def _cumsum_parts(dtype) -> int:
   return 2 if jnp.dtype(dtype) == jnp.float16 else 1
 
 
-def forward(q, k, v, scale, segment_ids=None, *, attend_current: bool,
+def forward(q, k, v, scale, segment_ids=None, forget_gate=None, *, attend_current: bool,
             block_sizes: MosaicBlockSizes, skip_tolerance: float = 0.0, interpret=False):
   """Launches the forward kernel.
 
@@ -510,6 +540,7 @@ def forward(q, k, v, scale, segment_ids=None, *, attend_current: bool,
     q: ``[B, T, N, H]``; k, v: ``[B, T, K, H]``; bf16 or fp16, H in {64, 128}, any T.
     scale: ``[1]`` float32 (traced).
     segment_ids: ``[B, T]`` int32 or None; keys of another segment are invisible.
+    forget_gate: ``[B, T, K]`` float32 logits or None (``beta_ji = sigmoid(g_i) sigmoid(z_ji)``).
     skip_tolerance: 0 (exact skipping) or the stick below which a query block stops walking
       (with ``block_sizes.skip_used_stick``; see ``sbjax.stick_breaking_attention``).
     interpret: False, or ``plgpu.InterpretGPUParams()`` for Mosaic GPU interpret mode (CPU).
@@ -528,6 +559,8 @@ def forward(q, k, v, scale, segment_ids=None, *, attend_current: bool,
     q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
     if segment_ids is not None:  # padded rows are discarded, padded keys hidden by causality
       segment_ids = jnp.pad(segment_ids, ((0, 0), (0, tp - t)))
+    if forget_gate is not None:
+      forget_gate = jnp.pad(forget_gate, ((0, 0), (0, tp - t), (0, 0)))
   dtype = q.dtype
   skip = block_sizes.skip_used_stick
   # 64 bf16/fp16 elements are one 128-byte row: the widest swizzle, which wgmma reads best.
@@ -564,12 +597,16 @@ def forward(q, k, v, scale, segment_ids=None, *, attend_current: bool,
       in_place=block_sizes.accumulate_in_place and not interpret,
       consumer_registers=block_sizes.consumer_registers, num_q_blocks=tp // rows,
       heavy_first=block_sizes.heavy_first, stop=_stop_log2(skip_tolerance) if skip else None)
-  if segment_ids is None:
-    body = lambda scale_ref, *refs: kernel(scale_ref, None, *refs[:5], refs[5:])
-    inputs = (q, k, v)
-  else:
-    body = lambda *refs: kernel(*refs[:7], refs[7:])
-    inputs = (segment_ids.astype(jnp.int32), q, k, v)
+  # Optional inputs: segment ids [B, T] and the gate as [B, K, T] (a contiguous row per kv head).
+  optional = (None if segment_ids is None else segment_ids.astype(jnp.int32),
+              None if forget_gate is None else forget_gate.astype(jnp.float32).transpose(0, 2, 1))
+  given = [x for x in optional if x is not None]
+
+  def body(scale_ref, *refs):
+    it = iter(refs[:len(given)])
+    seg_ref, gate_ref = (None if x is None else next(it) for x in optional)
+    refs = refs[len(given):]
+    kernel(scale_ref, seg_ref, gate_ref, *refs[:5], refs[5:])
   scale_rows = jnp.broadcast_to(jnp.reshape(scale, ()).astype(jnp.float32), (bq,))
   out, rem = plgpu.kernel(
       body,
@@ -582,5 +619,5 @@ def forward(q, k, v, scale, segment_ids=None, *, attend_current: bool,
       interpret=interpret,
       kernel_name=NAME,
       **threads,
-  )(scale_rows, *inputs)
+  )(scale_rows, *given, q, k, v)
   return out[:, :t], rem[:, :, :t]
