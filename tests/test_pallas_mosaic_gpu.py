@@ -310,7 +310,7 @@ def test_no_block_sizes_means_the_tuned_tiling(monkeypatch):
   assert DEFAULT.num_compute_warpgroups == 2 and DEFAULT.pipeline_qk and DEFAULT.heavy_first
   seen = []
 
-  def launch(q, k, v, scale, segment_ids, static):  # records the kernel's static arguments
+  def launch(q, k, v, scale, segment_ids, forget_gate, static):  # records the static arguments
     seen.append(static)
     b, t, n, _ = q.shape
     return jnp.zeros_like(q), jnp.zeros((b, n, t), jnp.float32)
