@@ -407,8 +407,10 @@ def _fwd_kernel_ws(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, r
   q_barriers, k_barriers, v_barriers = barriers
   k_consumed, v_consumed = consumed
   q_block, head, batch = _program_ids(num_q_blocks, heavy_first)
-  kv_head = lax.div(head, jnp.array(group, head.dtype))
   wg = lax.axis_index("wg")
+  # Computed in each warpgroup's branch: computed once out here, before the branches, it makes
+  # the Mosaic GPU interpreter (JAX 0.11.2) hang on the next kernel of the same process.
+  kv_head = lambda: lax.div(head, jnp.array(group, head.dtype))
   lag = 0 if attend_current else 1
   _, n_total = _key_blocks(q_block * 2 * block_q, 2 * block_q, block_k=block_k, lag=lag)
 
@@ -448,7 +450,7 @@ def _fwd_kernel_ws(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, r
         q_wg, k_smem, v_smem, tri_smem, *(None if r is None else r.at[wg]
                                                  for r in (part_smem, p_smem)), k_barriers,
         v_barriers, scale_ref=scale_ref, seg_ref=None if seg_ref is None else seg_ref.at[batch],
-        gate_ref=None if gate_ref is None else gate_ref.at[batch, kv_head], q_start=q_start,
+        gate_ref=None if gate_ref is None else gate_ref.at[batch, kv_head()], q_start=q_start,
         n_full=jnp.minimum(n_full, n_total),
         n_total=n_total, block_k=block_k, num_buffers=num_buffers, lag=lag,
         cumsum_parts=cumsum_parts, registers=registers, pipeline_qk=pipeline_qk,
@@ -464,9 +466,10 @@ def _fwd_kernel_ws(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, r
   @pl.when(wg == 2)
   def _producer():
     plgpu.set_max_registers(PRODUCER_REGISTERS[consumer_registers], action="decrease")
+    kv = kv_head()
 
     def load(step, slot, ref, smem, ready):
-      keys = (batch, _step_keys(step, n_total, block_k), kv_head)
+      keys = (batch, _step_keys(step, n_total, block_k), kv)
       plgpu.copy_gmem_to_smem(ref.at[keys], smem.at[slot], ready.at[slot])
 
     def wait_consumed(step, slot, consumed):  # the slot's previous tile read by both consumers
