@@ -21,10 +21,12 @@ FlashAttention-3's scheduling, opt-in (``MosaicBlockSizes``; timings in docs/des
 
 Key blocks are walked from the diagonal leftwards (nearest first), the row's log2-stick carried
 in fp32, as the Triton forward (``pallas_triton_fwd``) does; only the diagonal blocks are masked
-(every block with ``segment_ids``). No skipping yet: every visible key block is walked (the
-Triton kernels' dense walk). T that is not a multiple of the rows per program is padded by the
-launcher (zeros, so the padding is finite; padded keys lie after every real query and the
-causal mask hides them).
+(every block with ``segment_ids``). The walk ends once every row's stick is used up (below
+2^-152, exactly, or ``skip_tolerance``; ``MosaicBlockSizes.skip_used_stick``): the one-warpgroup
+kernel tests its own rows, the two-warpgroup kernel's producer decides for both consumers. An
+optional forget gate scales each key's ``beta``. T that is not a multiple of the rows per
+program is padded by the launcher (zeros, so the padding is finite; padded keys lie after every
+real query and the causal mask hides them).
 """
 
 from __future__ import annotations
@@ -124,9 +126,9 @@ def _meet(barrier):
 
 
 def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready, *, scale_ref,
-          seg_ref, gate_ref, q_start, n_full, n_total, block_k, num_buffers, lag, cumsum_parts, registers,
-          pipeline_qk=False, schedule=None, in_place=False, before_tile=None, k_done=None,
-          v_done=None, goes_on=None, report=None):
+          seg_ref, gate_ref, q_start, n_full, n_total, block_k, num_buffers, lag, cumsum_parts,
+          registers, pipeline_qk=False, schedule=None, in_place=False, before_tile=None,
+          k_done=None, v_done=None, goes_on=None, report=None):
   """One warpgroup's walk over key-block steps ``t = 0 .. n_total - 1`` (key block
   ``n_total - 1 - t``, in slot ``t % num_buffers``): ``(acc [Q, H], log_stick [Q], steps)`` in
   fp32, ``steps`` the number of steps walked.
@@ -322,9 +324,9 @@ def _store(acc, log_stick, o_smem, rem_smem, out_ref, rem_ref):
 
 
 def _fwd_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *,
-                block_q,
-                block_k, num_buffers, group, attend_current, cumsum_parts, registers, pipeline_qk,
-                schedule_barrier, in_place, consumer_registers, num_q_blocks, heavy_first, stop):
+                block_q, block_k, num_buffers, group, attend_current, cumsum_parts, registers,
+                pipeline_qk, schedule_barrier, in_place, consumer_registers, num_q_blocks,
+                heavy_first, stop):
   """One warpgroup: it issues the TMA copies of the ring itself, ``num_buffers - 1`` ahead, and
   with ``stop`` (a log2-stick, or None) ends its walk once every row's stick is below it (the
   test sees the stick before a step: one step late)."""
