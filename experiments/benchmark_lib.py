@@ -114,7 +114,7 @@ def _compiled(attn, mode, args):
   return compiled, peak
 
 
-def _tolerance_errors(out, dense, v, dtype):
+def errors_beyond_ulp(out, dense, v, dtype):
   """``max_err``: max|out - dense| / max|v|; ``max_err_beyond_ulp``: the same after taking one
   ulp of ``dense`` off each difference (the two outputs are rounded to ``dtype`` separately, so
   they may differ by an ulp whatever the tolerance); the latter is what the bound covers."""
@@ -169,7 +169,7 @@ def run(shapes, regimes, impls, modes, dtype, iters, *, block_sizes=None, skip_t
               if impl.endswith("_dense"):
                 dense_out[impl, regime] = out
               elif (dense := dense_out.get((impl.replace("_tol", "_dense"), regime))) is not None:
-                rec.update(_tolerance_errors(out, dense, v, dtype))
+                rec.update(errors_beyond_ulp(out, dense, v, dtype))
           except Exception as e:  # pylint: disable=broad-except
             rec["error"] = f"{type(e).__name__}: {e}"[:300]
           log(json.dumps(rec))

@@ -33,6 +33,7 @@ import sbjax
 from sbjax import testing
 from sbjax.testing import Shape, random_inputs
 
+from benchmark_lib import errors_beyond_ulp
 import logs
 
 _OUT = flags.DEFINE_string("out", None, "Write the results here as JSON.")
@@ -202,9 +203,8 @@ def check_mosaic_skipping(name, shape, block_sizes, *, tolerance, shift):
     record["differing_elements"] = dict(out=int(np.sum(out != out_d)), rem=int(np.sum(rem != rem_d)))
     record["ok"] = not any(record["differing_elements"].values()) and float(rem.min()) == 0.0
   else:
-    ulp = np.exp2(np.floor(np.log2(np.maximum(np.abs(out_d), 1e-30))) - 7)  # bf16: 7 bits
-    v_max = float(np.abs(np.asarray(v, np.float64)).max())
-    record["max_err_beyond_ulp"] = float(np.max(np.maximum(np.abs(out - out_d) - ulp, 0)) / v_max)
+    record["max_err_beyond_ulp"] = errors_beyond_ulp(out, out_d, v, jnp.bfloat16)[
+        "max_err_beyond_ulp"]
     record["ok"] = bool(record["max_err_beyond_ulp"] <= tolerance and np.isfinite(out).all()
                         and (rem >= rem_d - 1e-6).all() and (rem - rem_d <= tolerance).all()
                         and record["rows_stopped_early"] > 0.1)

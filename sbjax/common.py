@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+# Once a row's stick is below 2^SKIP_LOG2, every farther key's weight exp2(log2 beta + stick) is
+# below 2^-152 and rounds to exactly 0 in fp32: stopping the walk there changes no bit of the result.
+SKIP_LOG2 = -152.0
+
+
+def stop_log2(skip_tolerance: float) -> float:
+  """The log2-stick below which a kernel's walk stops: ``SKIP_LOG2`` (exact) for a tolerance of
+  0, else ``log2(skip_tolerance)`` (farther keys then change the output by at most
+  ``skip_tolerance * max|v|``)."""
+  return max(math.log2(skip_tolerance), SKIP_LOG2) if skip_tolerance > 0 else SKIP_LOG2
 
 
 def compute_dtype(dtype) -> jnp.dtype:

@@ -91,7 +91,7 @@ def test_tolerance_errors_discount_one_ulp():
   dense = np.array([1.0, -3.0, 0.5], np.float32)
   ulp = np.array([2.0**-7, 2.0**-6, 2.0**-8], np.float32)  # bf16 ulps at these magnitudes
   v = jnp.full((3,), 2.0, jnp.bfloat16)
-  errors = benchmark._tolerance_errors(dense + ulp, dense, v, jnp.bfloat16)
+  errors = benchmark.errors_beyond_ulp(dense + ulp, dense, v, jnp.bfloat16)
   assert errors["max_err"] == 2.0**-6 / 2.0 and errors["max_err_beyond_ulp"] == 0.0
-  errors = benchmark._tolerance_errors(dense + 3 * ulp, dense, v, jnp.bfloat16)
+  errors = benchmark.errors_beyond_ulp(dense + 3 * ulp, dense, v, jnp.bfloat16)
   assert errors["max_err_beyond_ulp"] == 2 * 2.0**-6 / 2.0

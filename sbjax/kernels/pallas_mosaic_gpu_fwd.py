@@ -40,6 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
+from sbjax.common import stop_log2
 from sbjax.kernels.pallas_mosaic_gpu_config import PRODUCER_REGISTERS, MosaicBlockSizes
 
 LOG2E = math.log2(math.e)
@@ -47,9 +48,6 @@ LOG2E = math.log2(math.e)
 # pallas_triton_tiles (SOFTPLUS_CUT, SOFTPLUS_MAX), restated here so backends stay independent.
 SOFTPLUS_CUT = 15.0 * LOG2E
 SOFTPLUS_MAX = 2.0**20
-# Below a log2-stick of -152 every farther weight is exactly 0 in fp32 (pallas_triton_tiles's
-# SKIP_LOG2): a walk may stop there and give the dense walk's result bit for bit.
-SKIP_LOG2 = -152.0
 NAME = "stick_breaking_fwd_mosaic_gpu"
 
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # a [block_q] vector laid out like the rows of a wgmma tile
@@ -525,12 +523,6 @@ def _fwd_kernel_ws(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, r
       plgpu.barrier_wait(v_consumed.at[lax.rem(step, jnp.int32(num_buffers))])
 
 
-def _stop_log2(skip_tolerance: float) -> float:
-  """The log2-stick below which a walk ends: ``SKIP_LOG2`` (exact) for a tolerance of 0, else
-  ``log2(skip_tolerance)`` (``pallas_triton_tiles.stop_log2``'s rule)."""
-  return max(math.log2(skip_tolerance), SKIP_LOG2) if skip_tolerance > 0 else SKIP_LOG2
-
-
 def _cumsum_parts(dtype) -> int:
   """bf16 parts of the in-block sums: 1 for bf16, 2 for fp16 (``pallas_triton_tiles.cumsum_parts``
   gives the error analysis)."""
@@ -601,7 +593,7 @@ def forward(q, k, v, scale, segment_ids=None, forget_gate=None, *, attend_curren
       pipeline_qk=block_sizes.pipeline_qk, schedule_barrier=block_sizes.schedule_barrier,
       in_place=block_sizes.accumulate_in_place and not interpret,
       consumer_registers=block_sizes.consumer_registers, num_q_blocks=tp // rows,
-      heavy_first=block_sizes.heavy_first, stop=_stop_log2(skip_tolerance) if skip else None)
+      heavy_first=block_sizes.heavy_first, stop=stop_log2(skip_tolerance) if skip else None)
   # Optional inputs: segment ids [B, T] and the gate as [B, K, T] (a contiguous row per kv head).
   optional = (None if segment_ids is None else segment_ids.astype(jnp.int32),
               None if forget_gate is None else forget_gate.astype(jnp.float32).transpose(0, 2, 1))

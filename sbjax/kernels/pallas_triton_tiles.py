@@ -18,11 +18,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from sbjax import common
+from sbjax.common import SKIP_LOG2, stop_log2  # the kernels' skip rule, shared with Mosaic GPU
 
 LOG2E = math.log2(math.e)
-# Once a row's stick is below 2^SKIP_LOG2, every farther key's weight exp2(log2 beta + stick) is
-# below 2^-152 and rounds to exactly 0 in fp32: stopping the walk there changes no bit of the result.
-SKIP_LOG2 = -152.0
 # softplus(z) = z above 15 nats (exact to fp32 rounding there: log(1 + e^-15) = 3e-7 < ulp(15)).
 SOFTPLUS_CUT = 15.0 * LOG2E
 # softplus is clamped here (base 2), so that an infinite logit (an infinite query or key element)
@@ -290,13 +288,6 @@ def stick_weights(x, log_stick, *, mask, gate: KeyGate | None, nearer, parts: in
   if mask is not None:
     a = jnp.where(mask, a, 0.0)
   return StickTile(a, log_beta, log_s, log_1m_s, log_1m_beta, jnp.sum(log_1m_beta, axis=1))
-
-
-def stop_log2(skip_tolerance: float) -> float:
-  """The log2-stick below which a row block stops walking: ``SKIP_LOG2`` (exact) for a tolerance of
-  0, else ``log2(skip_tolerance)`` (farther keys then change the output by at most
-  ``skip_tolerance * max|v|``)."""
-  return max(math.log2(skip_tolerance), SKIP_LOG2) if skip_tolerance > 0 else SKIP_LOG2
 
 
 def walk_right_to_left(tile, carry, log_stick, *, n_full, n_total, skip: bool,
