@@ -41,80 +41,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from sbjax.common import stop_log2
+from sbjax.kernels import pallas_mosaic_gpu_tiles as tiles
 from sbjax.kernels.pallas_mosaic_gpu_config import PRODUCER_REGISTERS, MosaicBlockSizes
 
-LOG2E = math.log2(math.e)
-# softplus(z) = z above 15 nats, clamped at 2^20 (base 2): the constants and reasons of
-# pallas_triton_tiles (SOFTPLUS_CUT, SOFTPLUS_MAX), restated here so backends stay independent.
-SOFTPLUS_CUT = 15.0 * LOG2E
-SOFTPLUS_MAX = 2.0**20
 NAME = "stick_breaking_fwd_mosaic_gpu"
-
-_ROW = plgpu.Layout.WGMMA.reduce(1)  # a [block_q] vector laid out like the rows of a wgmma tile
-_COL = plgpu.Layout.WGMMA.reduce(0)  # a [block_k] vector laid out like the columns of one
-
-
-def _cdiv(a: int, b: int) -> int:
-  return -(-a // b)
-
-
-def _row_bcast(x, shape):
-  """``x [Q]`` (row layout) broadcast along the keys to ``shape [Q, S]``."""
-  return lax.broadcast_in_dim(x, shape, [0])
-
-
-def _softplus2(x):
-  """``log2(1 + 2^x)``, cut above ``SOFTPLUS_CUT`` (``pallas_triton_tiles.stick_terms``'s jnp
-  branch)."""
-  return jnp.where(x > SOFTPLUS_CUT, x, jnp.log2(1.0 + jnp.exp2(x)))
-
-
-def _stick_terms(x, gate=None):
-  """``(log2 beta, log2(1 - beta))`` of base-2 logits ``x`` (see ``pallas_triton_tiles``; the
-  softplus clamped at ``SOFTPLUS_MAX``). ``gate``: ``(log2 f, log2(1 - f))``, ``[Q, S]`` each, or
-  None: ``beta = f sigmoid(z)``, ``log2(1 - beta) = logaddexp2(log2(1 - f), log2 f + log2(1 - s))``
-  (every exponent <= 0)."""
-  sp = jnp.minimum(_softplus2(x), SOFTPLUS_MAX)
-  log_s, log_1m_s = jnp.minimum(x - sp, 0.0), -sp
-  if gate is None:
-    return log_s, log_1m_s
-  log_f, log_1mf = gate
-  b = log_f + log_1m_s
-  hi = jnp.maximum(log_1mf, b)
-  return log_f + log_s, hi + jnp.log2(1.0 + jnp.exp2(jnp.minimum(log_1mf, b) - hi))
-
-
-def _key_gate(gate_ref, shape):
-  """``(log2 f, log2(1 - f))`` broadcast to ``shape [Q, S]`` from a tile's gate logits
-  ``gate_ref [S]`` (natural log, fp32, GMEM): not clamped, so ``g = +inf`` gives the ungated
-  stick exactly and ``g = -inf`` a key that takes nothing."""
-  g = plgpu.load(gate_ref, layout=_COL, optimized=False) * LOG2E  # [block_k]
-  cols = lambda x: lax.broadcast_in_dim(x, shape, [1])
-  return cols(-_softplus2(-g)), cols(-_softplus2(g))
-
-
-def _build_triangle(tri_smem):
-  """``tri [S, S]`` bf16 in SMEM with ``tri[m, i] = 1`` for ``m > i``: ``(x @ tri)[r, i]`` sums
-  ``x[r, m]`` over the nearer keys ``m`` of a tile. Mosaic GPU has no cumsum lowering, so the
-  in-block suffix sum is a wgmma against this matrix."""
-  block_k = tri_smem.shape[0]
-  m_ids = plgpu.broadcasted_iota(jnp.int32, (block_k, block_k), 0, layout=plgpu.Layout.WGMMA)
-  i_ids = plgpu.broadcasted_iota(jnp.int32, (block_k, block_k), 1, layout=plgpu.Layout.WGMMA)
-  tri_smem[...] = (m_ids > i_ids).astype(jnp.bfloat16)
-  plgpu.commit_smem()  # register stores, then a wgmma (async proxy) reads them
-
-
-def _key_blocks(q_start, rows: int, *, block_k: int, lag: int):
-  """``(n_full, n_total)`` for query rows ``[q_start, q_start + rows)``: key blocks ``[0, n_full)``
-  are visible to every row, ``[n_full, n_total)`` need the causal mask."""
-  first_last_key = q_start - lag  # the last key the first row sees
-  n_total = lax.div(first_last_key + rows - 1 + block_k, jnp.int32(block_k))
-  return jnp.minimum(lax.div(first_last_key + 1, jnp.int32(block_k)), n_total), n_total
-
-
-def _step_keys(step, n_total, block_k: int):
-  """The keys walk step ``step`` reads (nearest first): key block ``n_total - 1 - step``."""
-  return pl.ds((n_total - 1 - step) * block_k, block_k)
 
 
 def _meet(barrier):
@@ -154,28 +84,22 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
   block_q, head_dim = q_smem.shape
   shape = (block_q, block_k)
   # [block_q]: the scale in every row. An optimized (vectorised) load from GMEM does not lower.
-  scale2 = plgpu.load(scale_ref, layout=_ROW, optimized=False) * LOG2E
+  scale2 = plgpu.load(scale_ref, layout=tiles.ROW, optimized=False) * tiles.LOG2E
   nothing = lambda *_: None
   before_tile, k_done, v_done = (f or nothing for f in (before_tile, k_done, v_done))
   slot_of = lambda step: lax.rem(step, jnp.int32(num_buffers))
   if seg_ref is not None:  # [block_q] int32: the rows' segments (non-vectorised GMEM loads)
-    q_seg = plgpu.load(seg_ref.at[pl.ds(q_start, block_q)], layout=_ROW, optimized=False)
+    q_seg = plgpu.load(seg_ref.at[pl.ds(q_start, block_q)], layout=tiles.ROW, optimized=False)
 
   def meet():
     if schedule is not None:
       _meet(schedule)
 
-  def matmul(a, b_smem, out_shape):  # a: an SMEM ref, or a WGMMA-layout array in registers
-    def body(acc_ref):
-      plgpu.wgmma(acc_ref, a, b_smem)
-      return acc_ref[...]  # waits for every wgmma in flight
-    return pl.run_scoped(body, plgpu.ACC(out_shape, jnp.float32))
-
   def issue_logits(s_ref, step):  # asynchronous: s_ref[...] waits for it
     plgpu.wgmma(s_ref, q_smem, k_smem.at[slot_of(step)].T)  # [block_q, block_k]
 
   def read_logits(s_ref):  # base-2 logits [block_q, block_k]
-    return s_ref[...] * _row_bcast(scale2, shape)
+    return s_ref[...] * tiles.row_bcast(scale2, shape)
 
   def logits(step, *, rendezvous: bool):  # issued, then waited for
     def body(s_ref):
@@ -185,25 +109,17 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
       return read_logits(s_ref)
     return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
-  def lhs(x, smem):
-    """``x`` as a wgmma left operand: itself in registers, or stored to ``smem``."""
-    if registers:
-      return x
-    smem[...] = x
-    plgpu.commit_smem()  # make the register stores visible to the wgmma (async proxy)
-    return smem
-
   def stick_terms(x, mask, gate):
     """``(log2 beta, log2(1 - beta), nearer)``: ``nearer`` the in-block sums of log2(1 - beta)
     over the nearer keys, in bf16 parts (hi + lo + ...) each multiplied by the triangle on the
     tensor cores."""
-    log_beta, log_1m_beta = _stick_terms(x, gate)
+    log_beta, log_1m_beta = tiles.stick_terms(x, gate)
     if mask is not None:
       log_1m_beta = jnp.where(mask, log_1m_beta, 0.0)
     nearer, rest = None, log_1m_beta
     for _ in range(cumsum_parts):
       part = rest.astype(jnp.bfloat16)
-      term = matmul(lhs(part, part_smem), tri_smem, shape)
+      term = tiles.matmul(tiles.lhs(part, part_smem, registers), tri_smem, shape)
       nearer = term if nearer is None else nearer + term
       rest = rest - part.astype(jnp.float32)
     return log_beta, log_1m_beta, nearer
@@ -222,15 +138,15 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
     mask = None
     if masked:
       q_pos = q_start + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-      keys = _step_keys(step, n_total, block_k)
+      keys = tiles.step_keys(step, n_total, block_k)
       k_pos = keys.start + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
       mask = k_pos <= q_pos - lag
       if seg_ref is not None:
-        k_seg = plgpu.load(seg_ref.at[keys], layout=_COL, optimized=False)  # [block_k]
-        mask = mask & (_row_bcast(q_seg, shape) == lax.broadcast_in_dim(k_seg, shape, [1]))
+        k_seg = plgpu.load(seg_ref.at[keys], layout=tiles.COL, optimized=False)  # [block_k]
+        mask = mask & (tiles.row_bcast(q_seg, shape) == lax.broadcast_in_dim(k_seg, shape, [1]))
     gate = None
     if gate_ref is not None:
-      gate = _key_gate(gate_ref.at[_step_keys(step, n_total, block_k)], shape)
+      gate = tiles.key_gate(gate_ref.at[tiles.step_keys(step, n_total, block_k)], shape)
     if pipeline_qk:
       has_next = wait_next(step, log_stick)
       # The last step recomputes its own logits (its K slot is intact), discarded, so that every
@@ -251,11 +167,11 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
       x, x_next = logits(step, rendezvous=True), None
       k_done(slot)
       log_beta, log_1m_beta, nearer = stick_terms(x, mask, gate)
-    a = jnp.exp2(log_beta + nearer + _row_bcast(log_stick, shape))  # [block_q, block_k]
+    a = jnp.exp2(log_beta + nearer + tiles.row_bcast(log_stick, shape))  # [block_q, block_k]
     if masked:
       a = jnp.where(mask, a, 0.0)
 
-    p = lhs(a.astype(q_smem.dtype), p_smem)
+    p = tiles.lhs(a.astype(q_smem.dtype), p_smem, registers)
     if schedule is not None:
       plgpu.barrier_arrive(schedule)  # done with the elementwise work
     plgpu.barrier_wait(v_ready.at[slot])
@@ -265,7 +181,7 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
       acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p, v_smem.at[slot]))(
           plgpu.ACC.init(acc))  # [block_q, H]
     else:
-      acc = acc + matmul(p, v_smem.at[slot], acc.shape)  # [block_q, H]
+      acc = acc + tiles.matmul(p, v_smem.at[slot], acc.shape)  # [block_q, H]
     log_stick_next = log_stick + jnp.sum(log_1m_beta, axis=1)
     if report is not None:
       report(step, log_stick_next)
@@ -275,7 +191,7 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
     return (acc, log_stick_next, x_next), has_next
 
   acc = plgpu.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-  log_stick = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), _ROW)
+  log_stick = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), tiles.ROW)
   x = None
   plgpu.barrier_wait(k_ready.at[0])
   if pipeline_qk:  # the first step's logits, before the loop
@@ -302,16 +218,6 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
   return acc, log_stick, steps
 
 
-def _program_ids(num_q_blocks: int, heavy_first: bool):
-  """``(q_block, head, batch)``. The grid's first axis, the query block, varies fastest, so the
-  programs in flight share one head's K/V in L2; ``heavy_first`` reverses it so that the longest
-  causal walks start first and the last wave holds the shortest."""
-  q_block = lax.axis_index("q")
-  if heavy_first:
-    q_block = num_q_blocks - 1 - q_block
-  return q_block, lax.axis_index("heads"), lax.axis_index("batch")
-
-
 def _store(acc, log_stick, o_smem, rem_smem, out_ref, rem_ref):
   o_smem[...] = acc.astype(o_smem.dtype)
   rem_smem[...] = jnp.exp2(log_stick)
@@ -330,17 +236,17 @@ def _fwd_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, rem_
   test sees the stick before a step: one step late)."""
   q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, rem_smem, barriers = scratch
   q_barrier, k_barriers, v_barriers = barriers
-  q_block, head, batch = _program_ids(num_q_blocks, heavy_first)
+  q_block, head, batch = tiles.program_ids(num_q_blocks, heavy_first)
   kv_head = lax.div(head, jnp.array(group, head.dtype))
   q_start = q_block * block_q
   rows = (batch, pl.ds(q_start, block_q), head)
   plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_barrier)
   lag = 0 if attend_current else 1
-  n_full, n_total = _key_blocks(q_start, block_q, block_k=block_k, lag=lag)
+  n_full, n_total = tiles.key_blocks(q_start, block_q, block_k=block_k, lag=lag)
 
   def fetch(step):  # walk step t reads key block n_total - 1 - t into slot t % num_buffers
     slot = lax.rem(step, jnp.int32(num_buffers))
-    keys = (batch, _step_keys(step, n_total, block_k), kv_head)
+    keys = (batch, tiles.step_keys(step, n_total, block_k), kv_head)
     plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_barriers.at[slot])
     plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_barriers.at[slot])
 
@@ -362,7 +268,7 @@ def _fwd_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, rem_
       pl.when(has_next)(lambda: plgpu.barrier_wait(k_barriers.at[lax.rem(step + 1, num_buffers)]))
       return has_next
 
-  _build_triangle(tri_smem)
+  tiles.build_triangle(tri_smem)
   plgpu.barrier_wait(q_barrier)
   acc, log_stick, steps = _walk(
       q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_barriers, v_barriers,
@@ -406,13 +312,13 @@ def _fwd_kernel_ws(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, r
    tri_barrier, schedule, skip_scratch) = scratch
   q_barriers, k_barriers, v_barriers = barriers
   k_consumed, v_consumed = consumed
-  q_block, head, batch = _program_ids(num_q_blocks, heavy_first)
+  q_block, head, batch = tiles.program_ids(num_q_blocks, heavy_first)
   wg = lax.axis_index("wg")
   # Computed in each warpgroup's branch: computed once out here, before the branches, it makes
   # the Mosaic GPU interpreter (JAX 0.11.2) hang on the next kernel of the same process.
   kv_head = lambda: lax.div(head, jnp.array(group, head.dtype))
   lag = 0 if attend_current else 1
-  _, n_total = _key_blocks(q_block * 2 * block_q, 2 * block_q, block_k=block_k, lag=lag)
+  _, n_total = tiles.key_blocks(q_block * 2 * block_q, 2 * block_q, block_k=block_k, lag=lag)
 
   @pl.when(wg < 2)
   def _consumer():
@@ -421,11 +327,11 @@ def _fwd_kernel_ws(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, r
     rows = (batch, pl.ds(q_start, block_q), head)
     q_wg = q_smem.at[wg]
     plgpu.copy_gmem_to_smem(q_ref.at[rows], q_wg, q_barriers.at[wg])
-    n_full, _ = _key_blocks(q_start, block_q, block_k=block_k, lag=lag)
+    n_full, _ = tiles.key_blocks(q_start, block_q, block_k=block_k, lag=lag)
 
     @pl.when(wg == 0)  # one triangle for both consumers (SMEM is short at block_k = 128)
     def _():
-      _build_triangle(tri_smem)
+      tiles.build_triangle(tri_smem)
       plgpu.barrier_arrive(tri_barrier)
 
     plgpu.barrier_wait(tri_barrier)
@@ -469,7 +375,7 @@ def _fwd_kernel_ws(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, r
     kv = kv_head()
 
     def load(step, slot, ref, smem, ready):
-      keys = (batch, _step_keys(step, n_total, block_k), kv)
+      keys = (batch, tiles.step_keys(step, n_total, block_k), kv)
       plgpu.copy_gmem_to_smem(ref.at[keys], smem.at[slot], ready.at[slot])
 
     def wait_consumed(step, slot, consumed):  # the slot's previous tile read by both consumers
@@ -489,7 +395,7 @@ def _fwd_kernel_ws(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, r
 
       def used_up(step):  # both consumers' sticks after step - 1 - num_buffers
         ring = lax.rem(step - 1 - num_buffers, jnp.int32(num_buffers + 1))
-        sticks = [plgpu.load(stick_smem.at[c, ring], layout=_ROW, optimized=False)
+        sticks = [plgpu.load(stick_smem.at[c, ring], layout=tiles.ROW, optimized=False)
                   for c in range(2)]
         return jnp.max(jnp.maximum(*sticks)) <= stop
 
@@ -523,12 +429,6 @@ def _fwd_kernel_ws(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, r
       plgpu.barrier_wait(v_consumed.at[lax.rem(step, jnp.int32(num_buffers))])
 
 
-def _cumsum_parts(dtype) -> int:
-  """bf16 parts of the in-block sums: 1 for bf16, 2 for fp16 (``pallas_triton_tiles.cumsum_parts``
-  gives the error analysis)."""
-  return 2 if jnp.dtype(dtype) == jnp.float16 else 1
-
-
 def forward(q, k, v, scale, segment_ids=None, forget_gate=None, *, attend_current: bool,
             block_sizes: MosaicBlockSizes, skip_tolerance: float = 0.0, interpret=False):
   """Launches the forward kernel.
@@ -550,7 +450,7 @@ def forward(q, k, v, scale, segment_ids=None, forget_gate=None, *, attend_curren
   bq, bk, nb = block_sizes.block_q, block_sizes.block_k, block_sizes.num_buffers
   wgs = block_sizes.num_compute_warpgroups
   rows = wgs * bq  # query rows per program
-  tp = _cdiv(t, math.lcm(rows, bk)) * math.lcm(rows, bk)
+  tp = tiles.cdiv(t, math.lcm(rows, bk)) * math.lcm(rows, bk)
   if tp != t:  # zeros: finite padding; padded keys follow every real query, so the mask hides them
     pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
@@ -589,7 +489,7 @@ def forward(q, k, v, scale, segment_ids=None, forget_gate=None, *, attend_curren
     kernel, threads = _fwd_kernel_ws, dict(num_threads=wgs + 1, thread_name="wg")
   kernel = functools.partial(
       kernel, block_q=bq, block_k=bk, num_buffers=nb, group=group,
-      attend_current=attend_current, cumsum_parts=_cumsum_parts(dtype), registers=registers,
+      attend_current=attend_current, cumsum_parts=tiles.cumsum_parts(dtype), registers=registers,
       pipeline_qk=block_sizes.pipeline_qk, schedule_barrier=block_sizes.schedule_barrier,
       in_place=block_sizes.accumulate_in_place and not interpret,
       consumer_registers=block_sizes.consumer_registers, num_q_blocks=tp // rows,

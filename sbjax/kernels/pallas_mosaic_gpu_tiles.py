@@ -1,0 +1,122 @@
+"""Tile math and walk geometry shared by the Pallas Mosaic GPU forward and backward kernels.
+
+Logits are in base 2 (``x = z * log2(e)``), as in the Triton kernels (``pallas_triton_tiles``),
+whose constants and formulas these restate so that the backends stay independent.
+"""
+
+from __future__ import annotations
+
+import math
+
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+LOG2E = math.log2(math.e)
+# softplus(z) = z above 15 nats, clamped at 2^20 (base 2): the constants and reasons of
+# pallas_triton_tiles (SOFTPLUS_CUT, SOFTPLUS_MAX), restated here so backends stay independent.
+SOFTPLUS_CUT = 15.0 * LOG2E
+SOFTPLUS_MAX = 2.0**20
+
+ROW = plgpu.Layout.WGMMA.reduce(1)  # a [block_q] vector laid out like the rows of a wgmma tile
+COL = plgpu.Layout.WGMMA.reduce(0)  # a [block_k] vector laid out like the columns of one
+
+
+def cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def row_bcast(x, shape):
+  """``x [Q]`` (row layout) broadcast along the keys to ``shape [Q, S]``."""
+  return lax.broadcast_in_dim(x, shape, [0])
+
+
+def softplus2(x):
+  """``log2(1 + 2^x)``, cut above ``SOFTPLUS_CUT`` (``pallas_triton_tiles.stick_terms``'s jnp
+  branch)."""
+  return jnp.where(x > SOFTPLUS_CUT, x, jnp.log2(1.0 + jnp.exp2(x)))
+
+
+def stick_terms(x, gate=None):
+  """``(log2 beta, log2(1 - beta))`` of base-2 logits ``x`` (see ``pallas_triton_tiles``; the
+  softplus clamped at ``SOFTPLUS_MAX``). ``gate``: ``(log2 f, log2(1 - f))``, ``[Q, S]`` each, or
+  None: ``beta = f sigmoid(z)``, ``log2(1 - beta) = logaddexp2(log2(1 - f), log2 f + log2(1 - s))``
+  (every exponent <= 0)."""
+  sp = jnp.minimum(softplus2(x), SOFTPLUS_MAX)
+  log_s, log_1m_s = jnp.minimum(x - sp, 0.0), -sp
+  if gate is None:
+    return log_s, log_1m_s
+  log_f, log_1mf = gate
+  b = log_f + log_1m_s
+  hi = jnp.maximum(log_1mf, b)
+  return log_f + log_s, hi + jnp.log2(1.0 + jnp.exp2(jnp.minimum(log_1mf, b) - hi))
+
+
+def key_gate(gate_ref, shape):
+  """``(log2 f, log2(1 - f))`` broadcast to ``shape [Q, S]`` from a tile's gate logits
+  ``gate_ref [S]`` (natural log, fp32, GMEM): not clamped, so ``g = +inf`` gives the ungated
+  stick exactly and ``g = -inf`` a key that takes nothing."""
+  g = plgpu.load(gate_ref, layout=COL, optimized=False) * LOG2E  # [block_k]
+  cols = lambda x: lax.broadcast_in_dim(x, shape, [1])
+  return cols(-softplus2(-g)), cols(-softplus2(g))
+
+
+def build_triangle(tri_smem, keep=lambda m, i: m > i):
+  """``tri [S, S]`` bf16 in SMEM with ``tri[m, i] = keep(m, i)``: ``(x @ tri)[r, i]`` sums
+  ``x[r, m]`` over the keys ``m`` that ``keep`` pairs with ``i`` (by default ``m > i``: the nearer
+  keys of a tile). Mosaic GPU has no cumsum lowering, so in-block cumulative sums are wgmma
+  against such matrices."""
+  block_k = tri_smem.shape[0]
+  m_ids = plgpu.broadcasted_iota(jnp.int32, (block_k, block_k), 0, layout=plgpu.Layout.WGMMA)
+  i_ids = plgpu.broadcasted_iota(jnp.int32, (block_k, block_k), 1, layout=plgpu.Layout.WGMMA)
+  tri_smem[...] = keep(m_ids, i_ids).astype(jnp.bfloat16)
+  plgpu.commit_smem()  # register stores, then a wgmma (async proxy) reads them
+
+
+def key_blocks(q_start, rows: int, *, block_k: int, lag: int):
+  """``(n_full, n_total)`` for query rows ``[q_start, q_start + rows)``: key blocks ``[0, n_full)``
+  are visible to every row, ``[n_full, n_total)`` need the causal mask."""
+  first_last_key = q_start - lag  # the last key the first row sees
+  n_total = lax.div(first_last_key + rows - 1 + block_k, jnp.int32(block_k))
+  return jnp.minimum(lax.div(first_last_key + 1, jnp.int32(block_k)), n_total), n_total
+
+
+def step_keys(step, n_total, block_k: int):
+  """The keys walk step ``step`` reads (nearest first): key block ``n_total - 1 - step``."""
+  return pl.ds((n_total - 1 - step) * block_k, block_k)
+
+
+def program_ids(num_q_blocks: int, heavy_first: bool):
+  """``(q_block, head, batch)``. The grid's first axis, the query block, varies fastest, so the
+  programs in flight share one head's K/V in L2; ``heavy_first`` reverses it so that the longest
+  causal walks start first and the last wave holds the shortest."""
+  q_block = lax.axis_index("q")
+  if heavy_first:
+    q_block = num_q_blocks - 1 - q_block
+  return q_block, lax.axis_index("heads"), lax.axis_index("batch")
+
+
+def cumsum_parts(dtype) -> int:
+  """bf16 parts of the in-block sums: 1 for bf16, 2 for fp16 (``pallas_triton_tiles.cumsum_parts``
+  gives the error analysis)."""
+  return 2 if jnp.dtype(dtype) == jnp.float16 else 1
+
+
+def matmul(a, b_smem, out_shape):
+  """``a @ b_smem`` in a fresh fp32 accumulator, waited for; ``a`` an SMEM ref (optionally
+  ``.T``) or a WGMMA-layout array in registers."""
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a, b_smem)
+    return acc_ref[...]  # waits for every wgmma in flight
+  return pl.run_scoped(body, plgpu.ACC(out_shape, jnp.float32))
+
+
+def lhs(x, smem, registers: bool):
+  """``x`` as a wgmma left operand: itself in registers, or stored to ``smem`` (what interpret
+  mode can read)."""
+  if registers:
+    return x
+  smem[...] = x
+  plgpu.commit_smem()  # make the register stores visible to the wgmma (async proxy)
+  return smem
