@@ -20,6 +20,21 @@ def stop_log2(skip_tolerance: float) -> float:
   return max(math.log2(skip_tolerance), SKIP_LOG2) if skip_tolerance > 0 else SKIP_LOG2
 
 
+def live_row_end(first, block_q, num_key_blocks, num_kv_heads):
+  """``[B, K, num_key_blocks]``: rows past this never reach the key block (their stick is used up).
+
+  ``first [B, N, num_row_blocks]`` is the leftmost key block each dq row block (``block_q`` rows)
+  of a backward kernel walked. Row blocks that reach key block ``kb`` all lie before the first
+  point from which every later row block stopped right of ``kb``: where the suffix minimum of
+  ``first`` exceeds ``kb``.
+  """
+  suffix_min = jax.lax.cummin(first, axis=2, reverse=True)  # non-decreasing along row blocks
+  reach = jnp.sum(suffix_min[..., None] <= jnp.arange(num_key_blocks), axis=2)  # [B, N, nkb]
+  b, n, _ = first.shape
+  reach = reach.reshape(b, num_kv_heads, n // num_kv_heads, num_key_blocks).max(axis=2)
+  return (reach * block_q).astype(jnp.int32)
+
+
 def compute_dtype(dtype) -> jnp.dtype:
   """The dtype of the math and of ``rem``: float32, or float64 for float64 inputs."""
   return jnp.promote_types(dtype, jnp.float32)

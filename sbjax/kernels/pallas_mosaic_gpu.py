@@ -1,20 +1,17 @@
-"""Stick-breaking attention on the Pallas Mosaic GPU (Hopper) forward kernel.
-
-Forward only for now: the backward kernels do not exist yet, and differentiating raises. (The
-Triton backward is not borrowed: it recomputes the Triton forward's weights, so its gradients
-would belong to a slightly different rounding of the function than this forward's output, and a
-backend should not reach sideways into another.)
+"""Stick-breaking attention on the Pallas Mosaic GPU (Hopper) kernels, differentiable through
+``jax.custom_vjp``: the forward of ``pallas_mosaic_gpu_fwd``, the backward of
+``pallas_mosaic_gpu_bwd`` (which recomputes what it needs from the inputs: no residual beyond
+them).
 """
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from sbjax.kernels import pallas_mosaic_gpu_fwd
+from sbjax.kernels import pallas_mosaic_gpu_bwd, pallas_mosaic_gpu_fwd
 from sbjax.kernels.pallas_mosaic_gpu_config import MosaicBlockSizes
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -39,17 +36,16 @@ def stick_breaking_attention(query, key, value, scale, segment_ids=None, forget_
   arguments are checked by ``sbjax.ops``. ``segment_ids``: ``[B, T]`` integers or None;
   ``forget_gate``: ``[B, T, K]`` float logits or None.
   ``skip_tolerance``: see ``sbjax.stick_breaking_attention``. ``interpret``: Mosaic GPU
-  interpret mode (CPU, slow). Not differentiable yet: ``jax.grad`` through it raises
-  ``NotImplementedError``."""
+  interpret mode (CPU, slow)."""
   block_sizes = block_sizes or MosaicBlockSizes.get_default(query.shape[-1], query.dtype)
   static = (attend_current, block_sizes, float(skip_tolerance), interpret)
-  out, rem = _attention(query, key, value, jnp.reshape(scale, (1,)).astype(jnp.float32),
-                        segment_ids, forget_gate, static)
+  attention = _attention_interpret if interpret else _attention
+  out, rem = attention(query, key, value, jnp.reshape(scale, (1,)).astype(jnp.float32),
+                       segment_ids, forget_gate, static)
   return out, rem.transpose(0, 2, 1)  # rem [B, N, T] -> [B, T, N]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(q, k, v, scale, segment_ids, forget_gate, static):
+def _forward(q, k, v, scale, segment_ids, forget_gate, static):
   attend_current, block_sizes, skip_tolerance, interpret = static
   return pallas_mosaic_gpu_fwd.forward(
       q, k, v, scale, segment_ids, forget_gate, attend_current=attend_current,
@@ -58,13 +54,23 @@ def _attention(q, k, v, scale, segment_ids, forget_gate, static):
 
 
 def _attention_fwd(q, k, v, scale, segment_ids, forget_gate, static):
-  return _attention(q, k, v, scale, segment_ids, forget_gate, static), None
+  return (_forward(q, k, v, scale, segment_ids, forget_gate, static),
+          (q, k, v, scale, segment_ids, forget_gate))
 
 
 def _attention_bwd(static, residuals, cotangents):
-  raise NotImplementedError(
-      "implementation='pallas_mosaic_gpu' has no backward kernels yet (forward only); use "
-      "implementation='pallas' (Triton) for gradients.")
+  attend_current, block_sizes, skip_tolerance, interpret = static
+  q, k, v, scale, segment_ids, forget_gate = residuals
+  d_out, d_rem = cotangents
+  dq, dk, dv, dscale, dgate = pallas_mosaic_gpu_bwd.backward(
+      q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, attend_current=attend_current,
+      block_sizes=block_sizes, skip_tolerance=skip_tolerance, interpret=interpret)
+  return dq, dk, dv, dscale, None, dgate
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+# optimize_remat: under jax.checkpoint the forward kernel is not run twice. Interpret mode's
+# kernels have IO effects, which optimize_remat rejects: it gets a copy without.
+_attention = jax.custom_vjp(_forward, nondiff_argnums=(6,))
+_attention_interpret = jax.custom_vjp(_forward, nondiff_argnums=(6,))
+_attention_interpret.defvjp(_attention_fwd, _attention_bwd)
+_attention.defvjp(_attention_fwd, _attention_bwd, optimize_remat=True)

@@ -10,7 +10,7 @@ PRODUCER_REGISTERS = {232: 40, 240: 24}
 
 @dataclasses.dataclass(frozen=True)
 class MosaicBlockSizes:
-  """Tiling of the Mosaic GPU forward kernel.
+  """Tiling of the Mosaic GPU kernels (the forward's, and the backward's ring depth).
 
   Attributes:
     block_q: query rows per program; one warpgroup's wgmma tile has 64 rows, so a multiple of 64
@@ -61,6 +61,7 @@ class MosaicBlockSizes:
   consumer_registers: int = 232
   heavy_first: bool = False
   skip_used_stick: bool = True
+  num_buffers_bwd: int = 2
 
   def __post_init__(self):
     cls = type(self).__name__
@@ -68,8 +69,9 @@ class MosaicBlockSizes:
       raise ValueError(f"{cls}.block_q must be 64 (one warpgroup), got {self.block_q!r}.")
     if not (isinstance(self.block_k, int) and self.block_k > 0 and self.block_k % 64 == 0):
       raise ValueError(f"{cls}.block_k must be a positive multiple of 64, got {self.block_k!r}.")
-    if not (isinstance(self.num_buffers, int) and self.num_buffers >= 2):
-      raise ValueError(f"{cls}.num_buffers must be an int >= 2, got {self.num_buffers!r}.")
+    for field in ("num_buffers", "num_buffers_bwd"):
+      if not (isinstance(getattr(self, field), int) and getattr(self, field) >= 2):
+        raise ValueError(f"{cls}.{field} must be an int >= 2, got {getattr(self, field)!r}.")
     for flag in ("operands_in_registers", "pipeline_qk", "schedule_barrier",
                  "accumulate_in_place", "heavy_first", "skip_used_stick"):
       if not isinstance(getattr(self, flag), bool):

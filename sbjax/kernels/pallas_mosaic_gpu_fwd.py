@@ -116,12 +116,8 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
     log_beta, log_1m_beta = tiles.stick_terms(x, gate)
     if mask is not None:
       log_1m_beta = jnp.where(mask, log_1m_beta, 0.0)
-    nearer, rest = None, log_1m_beta
-    for _ in range(cumsum_parts):
-      part = rest.astype(jnp.bfloat16)
-      term = tiles.matmul(tiles.lhs(part, part_smem, registers), tri_smem, shape)
-      nearer = term if nearer is None else nearer + term
-      rest = rest - part.astype(jnp.float32)
+    nearer = tiles.in_block_sums(log_1m_beta, tri_smem, parts=cumsum_parts, smem=part_smem,
+                                 registers=registers)
     return log_beta, log_1m_beta, nearer
 
   def wait_next(step, log_stick):  # K of step + 1 waited for when the walk goes on to it
@@ -265,7 +261,7 @@ def _fwd_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, rem_
   if stop is not None:
     def goes_on(step, log_stick):  # until every row's stick is used up
       has_next = (step + 1 < n_total) & (jnp.max(log_stick) > stop)
-      pl.when(has_next)(lambda: plgpu.barrier_wait(k_barriers.at[lax.rem(step + 1, num_buffers)]))
+      pl.when(has_next)(lambda: plgpu.barrier_wait(k_barriers.at[lax.rem(step + 1, jnp.int32(num_buffers))]))
       return has_next
 
   tiles.build_triangle(tri_smem)

@@ -38,19 +38,28 @@ def softplus2(x):
   return jnp.where(x > SOFTPLUS_CUT, x, jnp.log2(1.0 + jnp.exp2(x)))
 
 
-def stick_terms(x, gate=None):
-  """``(log2 beta, log2(1 - beta))`` of base-2 logits ``x`` (see ``pallas_triton_tiles``; the
-  softplus clamped at ``SOFTPLUS_MAX``). ``gate``: ``(log2 f, log2(1 - f))``, ``[Q, S]`` each, or
-  None: ``beta = f sigmoid(z)``, ``log2(1 - beta) = logaddexp2(log2(1 - f), log2 f + log2(1 - s))``
-  (every exponent <= 0)."""
+def sigmoid_terms(x):
+  """``(log2 s, log2(1 - s))``, ``s = sigmoid`` of base-2 logits ``x`` (see
+  ``pallas_triton_tiles.stick_terms``; the softplus clamped at ``SOFTPLUS_MAX``)."""
   sp = jnp.minimum(softplus2(x), SOFTPLUS_MAX)
-  log_s, log_1m_s = jnp.minimum(x - sp, 0.0), -sp
-  if gate is None:
-    return log_s, log_1m_s
+  return jnp.minimum(x - sp, 0.0), -sp
+
+
+def gated_terms(log_s, log_1m_s, gate):
+  """``(log2 beta, log2(1 - beta))`` for ``beta = f s``; ``gate``: ``(log2 f, log2(1 - f))``,
+  ``[Q, S]`` each: ``log2(1 - beta) = logaddexp2(log2(1 - f), log2 f + log2(1 - s))`` (every
+  exponent <= 0)."""
   log_f, log_1mf = gate
   b = log_f + log_1m_s
   hi = jnp.maximum(log_1mf, b)
   return log_f + log_s, hi + jnp.log2(1.0 + jnp.exp2(jnp.minimum(log_1mf, b) - hi))
+
+
+def stick_terms(x, gate=None):
+  """``(log2 beta, log2(1 - beta))`` of base-2 logits ``x``, gated when ``gate`` is given (see
+  ``gated_terms``)."""
+  log_s, log_1m_s = sigmoid_terms(x)
+  return (log_s, log_1m_s) if gate is None else gated_terms(log_s, log_1m_s, gate)
 
 
 def key_gate(gate_ref, shape):
@@ -120,3 +129,25 @@ def lhs(x, smem, registers: bool):
   smem[...] = x
   plgpu.commit_smem()  # make the register stores visible to the wgmma (async proxy)
   return smem
+
+
+def in_block_sums(x, tri_smem, *, parts: int, smem, registers: bool):
+  """``x @ tri`` for fp32 ``x [Q, S]``: in-block cumulative sums (``build_triangle``), with ``x``
+  split into ``parts`` bf16 terms (hi + lo + ...) that keep about ``8 * parts`` bits. In
+  registers the parts accumulate in one accumulator, waited for once; through ``smem`` (bf16
+  ``[Q, S]``) each part is waited for before the next overwrites it."""
+  terms = []
+  for _ in range(parts):
+    terms.append(x.astype(jnp.bfloat16))
+    x = x - terms[-1].astype(jnp.float32)
+  if registers:
+    def body(acc_ref):
+      for term in terms:
+        plgpu.wgmma(acc_ref, term, tri_smem)
+      return acc_ref[...]
+    return pl.run_scoped(body, plgpu.ACC(x.shape, jnp.float32))
+  out = None
+  for term in terms:
+    y = matmul(lhs(term, smem, False), tri_smem, x.shape)
+    out = y if out is None else out + y
+  return out

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from sbjax.common import live_row_end
 from sbjax.kernels import pallas_triton_tiles as tiles
 from sbjax.kernels.pallas_triton_config import BlockSizes
 
@@ -271,20 +272,6 @@ def _dkv_kernel(scale_ref, row_end_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_re
     tiles.store(dgate_ref, dg, rows=k_rows)
 
 
-def _live_row_end(first, block_q, num_key_blocks, num_kv_heads):
-  """``[B, K, num_key_blocks]``: rows past this never reach the key block (their stick is used up).
-
-  ``first [B, N, num_row_blocks]`` is the leftmost key block each dq row block walked. Row blocks
-  that reach key block ``kb`` all lie before the first point from which every later row block
-  stopped right of ``kb``: where the suffix minimum of ``first`` exceeds ``kb``.
-  """
-  suffix_min = jax.lax.cummin(first, axis=2, reverse=True)  # non-decreasing along row blocks
-  reach = jnp.sum(suffix_min[..., None] <= jnp.arange(num_key_blocks), axis=2)  # [B, N, nkb]
-  b, n, _ = first.shape
-  reach = reach.reshape(b, num_kv_heads, n // num_kv_heads, num_key_blocks).max(axis=2)
-  return (reach * block_q).astype(jnp.int32)
-
-
 def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_current: bool,
              block_sizes: BlockSizes, skip_tolerance: float, interpret: bool, causal: bool = True,
              key_segment_ids=None):
@@ -353,7 +340,7 @@ def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_c
       name="stick_breaking_bwd_dq",
   )(scale, q, k, v, segment_ids, k_seg, forget_gate, d_out, d_rem)
 
-  row_end = _live_row_end(first, bq, nkb, num_kv_heads)
+  row_end = live_row_end(first, bq, nkb, num_kv_heads)
   group_boundary = pl.BlockSpec((None, group, None, rows_padded),
                                 lambda kb, bi, ki: (bi, ki, kb, 0))
   key_block = lambda width: pl.BlockSpec((None, bk, None, width),

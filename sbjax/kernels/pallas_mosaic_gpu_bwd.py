@@ -1,0 +1,464 @@
+"""Backward Pallas Mosaic GPU kernels (Hopper): dq with per-row boundary records, then dk/dv.
+
+The two-walk formulation of the Triton backward (``pallas_triton_bwd``; docs/design.md §1
+Gradient and §6), with ``G_ji = dL/dlog A_ji = A_ji (do_j . v_i - drem_j)`` and the exclusive
+left prefix ``P_ji = sum_{m < i} G_jm``:
+
+    ungated:  dz = G - s (P + G)                                     (s = sigmoid(z))
+    gated:    dz = (1 - s) (G - P beta / (1 - beta)),   dg_i = sum_j (1 - f_i) (G - P beta / (1 - beta))
+
+- The dq kernel (one warpgroup, 64 query rows, grid ``(T / 64, N, B)``) walks key blocks from
+  the diagonal leftwards, as the forward does, with the K/V tiles on a TMA ring it fills itself.
+  Per key block, five wgmma: ``q k^T`` and ``do v^T`` (issued together), the in-block sums of
+  ``log2(1 - beta)`` (nearer keys) and of ``G`` (farther keys, 3 bf16 parts: fp32 accuracy),
+  ``dz @ k`` and ``c @ k`` (``c`` the coefficient of ``P`` in ``dz``). ``P``'s farther-block
+  share of ``dq`` is ``sum_b g_b (sum of c @ k over the blocks nearer than b)``, ``g_b`` the
+  block's row sum of ``G``: a sum of products in walk order, with no "total minus suffix"
+  cancellation. Each step records the rows' log2-stick right of the block and ``g_b`` (TMA
+  stores of ``[64]`` rows into ``[B, N, T / 64, T]``); the walk stops where the forward's does.
+- Between the kernels, XLA turns the block sums into exclusive prefixes from the left and marks
+  the blocks a row block never walked (stick ``-1e30``, prefix 0: weights and gradients exactly
+  0 there).
+- The dk/dv kernel (one warpgroup, grid ``(T / 64, K, B)``) holds one key block of a kv head and
+  walks the query blocks (of every head of its group) whose walk reached it, with their ``q`` and
+  ``do`` tiles on a TMA ring, recomputing ``A`` and ``dz`` from the records; ``A^T @ do`` and
+  ``dz^T @ q`` take ``A`` and ``dz`` through shared memory as transposed left operands (wgmma
+  transposes 16-bit SMEM operands, not register ones).
+
+No atomics: each output block has one writer, so the gradients are bitwise deterministic.
+Interpret mode reads every left operand from SMEM and cannot run ``pl.run_state``; the compiled
+kernels keep the left operands in registers and accumulate ``dq``, ``dk`` and ``dv`` in place.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+from sbjax.common import live_row_end, stop_log2
+from sbjax.kernels import pallas_mosaic_gpu_tiles as tiles
+from sbjax.kernels.pallas_mosaic_gpu_config import MosaicBlockSizes
+
+DQ_NAME = "stick_breaking_bwd_dq_mosaic_gpu"
+DKV_NAME = "stick_breaking_bwd_dkv_mosaic_gpu"
+BLOCK = 64  # rows and keys per tile in both kernels: one warpgroup's wgmma rows
+_NO_STICK = -1e30  # log2-stick recorded for the key blocks a row block's walk never reached
+# In-block prefixes of G always get fp32 accuracy (3 bf16 parts), as in the Triton backward: G
+# spans many magnitudes, and dscale weighs its errors by q . k.
+_G_PARTS = 3
+_SHAPE = (BLOCK, BLOCK)
+
+
+class _Tile:
+  """One ``[64 rows, 64 keys]`` tile of the backward (fp32, WGMMA layout): the weights ``a``,
+  ``g = G``, the stick terms and the row sums of ``log2(1 - beta)``."""
+
+  def __init__(self, qk, do_v, log_stick, drem, *, scale2, mask, gate, tri_nearer, parts,
+               part_smem, registers):
+    x = qk * tiles.row_bcast(scale2, _SHAPE)  # base-2 logits
+    self.log_s, self.log_1m_s = tiles.sigmoid_terms(x)
+    self.log_beta, self.log_1m_beta = (
+        (self.log_s, self.log_1m_s) if gate is None
+        else tiles.gated_terms(self.log_s, self.log_1m_s, gate))
+    if mask is not None:
+      self.log_1m_beta = jnp.where(mask, self.log_1m_beta, 0.0)
+    nearer = tiles.in_block_sums(self.log_1m_beta, tri_nearer, parts=parts, smem=part_smem,
+                                 registers=registers)
+    a = jnp.exp2(self.log_beta + nearer + tiles.row_bcast(log_stick, _SHAPE))
+    self.a = a if mask is None else jnp.where(mask, a, 0.0)
+    self.g = self.a * (do_v - tiles.row_bcast(drem, _SHAPE))  # G = dL/dlog A
+    self.mask, self.gate = mask, gate
+
+  def logit_grads(self, prefix, tri_prefix, *, part_smem, registers):
+    """``(dz, dg or None)``, ``[64, 64]`` each, with ``prefix [64]`` (or None: 0) the sum of ``G``
+    over the keys left of the tile; ``tri_prefix`` pairs ``m <= i`` (ungated) or ``m < i``."""
+    in_block = tiles.in_block_sums(self.g, tri_prefix, parts=_G_PARTS, smem=part_smem,
+                                   registers=registers)
+    p = in_block if prefix is None else in_block + tiles.row_bcast(prefix, _SHAPE)
+    dg = None
+    if self.gate is None:  # bf16/fp16: dz = G - s (P + G); its cancellation where s ~ 1 is below
+      dz = self.g - jnp.exp2(self.log_s) * p  # the inputs' resolution
+    else:
+      log_odds = self.log_beta - self.log_1m_beta  # log2(beta / (1 - beta)); exponents <= 0
+      log_1mf = self.gate[1]
+      dz = jnp.exp2(self.log_1m_s) * self.g - jnp.exp2(log_odds + self.log_1m_s) * p
+      dg = jnp.exp2(log_1mf) * self.g - jnp.exp2(log_odds + log_1mf) * p
+    if self.mask is not None:
+      dz = jnp.where(self.mask, dz, 0.0)
+      dg = None if dg is None else jnp.where(self.mask, dg, 0.0)
+    return dz, dg
+
+  def prefix_coefficient(self):
+    """``c`` with ``dz = (dz at a zero left prefix) - c P``: ``sigmoid(z)``, or
+    ``beta / (1 - beta) (1 - sigmoid(z))`` gated; 0 where invisible."""
+    c = jnp.exp2(self.log_s if self.gate is None
+                 else self.log_beta - self.log_1m_beta + self.log_1m_s)
+    return c if self.mask is None else jnp.where(self.mask, c, 0.0)
+
+
+def _two_products(a_smem, b_smem, c_smem, d_smem):
+  """``(a @ b, c @ d)`` in fresh fp32 accumulators, issued together and waited for once."""
+  def body(x_ref, y_ref):
+    plgpu.wgmma(x_ref, a_smem, b_smem)
+    plgpu.wgmma(y_ref, c_smem, d_smem)
+    return x_ref[...], y_ref[...]
+  return pl.run_scoped(body, plgpu.ACC(_SHAPE, jnp.float32), plgpu.ACC(_SHAPE, jnp.float32))
+
+
+def _accumulate(pairs, *, in_place: bool):
+  """``[acc + lhs @ rhs for (acc, lhs, rhs) in pairs]``: accumulated on the tensor cores
+  (``pl.run_state``, compiled only), or in fresh accumulators added in registers."""
+  if not in_place:
+    return [acc + tiles.matmul(x, y, acc.shape) for acc, x, y in pairs]
+
+  def body(refs):
+    for ref, (_, x, y) in zip(refs, pairs):
+      plgpu.wgmma(ref, x, y)
+  return list(pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc, _, _ in pairs)))
+
+
+def _visible(q_start, k_start, q_seg, seg_ref, *, lag):
+  """``[64, 64]`` bool: causal visibility (and equal segments, ``q_seg [64]`` row layout, the
+  keys' ids read from ``seg_ref [T]``, or None)."""
+  q_pos = q_start + plgpu.broadcasted_iota(jnp.int32, _SHAPE, 0, layout=plgpu.Layout.WGMMA)
+  k_pos = k_start + plgpu.broadcasted_iota(jnp.int32, _SHAPE, 1, layout=plgpu.Layout.WGMMA)
+  mask = k_pos <= q_pos - lag
+  if q_seg is not None:
+    k_seg = plgpu.load(seg_ref.at[pl.ds(k_start, BLOCK)], layout=tiles.COL, optimized=False)
+    mask = mask & (tiles.row_bcast(q_seg, _SHAPE) == lax.broadcast_in_dim(k_seg, _SHAPE, [1]))
+  return mask
+
+
+def _rows(ref, start):
+  """``ref[start : start + 64]`` (fp32/int32 GMEM) as a row-layout vector."""
+  return plgpu.load(ref.at[pl.ds(start, BLOCK)], layout=tiles.ROW, optimized=False)
+
+
+def _dq_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, do_ref, drem_ref, dq_ref,
+               dscale_ref, first_ref, stick_ref, gsum_ref, *scratch, num_buffers, group,
+               attend_current, cumsum_parts, registers, in_place, num_q_blocks, stop):
+  (q_smem, do_smem, k_smem, v_smem, tri_nearer, tri_prefix, part_smem, p_smem, rec_smem,
+   out_rows, first_rows, barriers) = scratch
+  q_barriers, k_barriers, v_barriers = barriers
+  q_block, head, batch = tiles.program_ids(num_q_blocks, heavy_first=True)
+  kv_head = lax.div(head, jnp.array(group, head.dtype))
+  q_start = q_block * BLOCK
+  rows = (batch, pl.ds(q_start, BLOCK), head)
+  plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_barriers.at[0])
+  plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, q_barriers.at[1])
+  lag = 0 if attend_current else 1
+  n_full, n_total = tiles.key_blocks(q_start, BLOCK, block_k=BLOCK, lag=lag)
+  slot_of = lambda step: lax.rem(step, jnp.int32(num_buffers))
+
+  def fetch(step):  # walk step t reads key block n_total - 1 - t into slot t % num_buffers
+    keys = (batch, tiles.step_keys(step, n_total, BLOCK), kv_head)
+    plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot_of(step)], k_barriers.at[slot_of(step)])
+    plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot_of(step)], v_barriers.at[slot_of(step)])
+
+  for step in range(num_buffers - 1):
+    pl.when(step < n_total)(functools.partial(fetch, jnp.int32(step)))
+
+  tiles.build_triangle(tri_nearer)
+  tiles.build_triangle(tri_prefix, (lambda m, i: m <= i) if gate_ref is None else
+                       (lambda m, i: m < i))
+  scale = plgpu.load(scale_ref, layout=tiles.ROW, optimized=False)  # [64]
+  drem = _rows(drem_ref.at[batch, head], q_start)
+  q_seg = None if seg_ref is None else _rows(seg_ref.at[batch], q_start)
+  plgpu.barrier_wait(q_barriers.at[0])
+  plgpu.barrier_wait(q_barriers.at[1])
+  dt = q_smem.dtype
+
+  def record(step, kb, log_stick, g):  # [64] rows into [B, N, T / 64, T], two slots in flight
+    slot = lax.rem(step, jnp.int32(2))
+    plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the copies that read this slot are done
+    rec_smem.at[slot, 0][...] = log_stick
+    rec_smem.at[slot, 1][...] = g
+    plgpu.commit_smem()
+    for i, ref in enumerate((stick_ref, gsum_ref)):
+      plgpu.copy_smem_to_gmem(rec_smem.at[slot, i],
+                              ref.at[batch, head, kb, pl.ds(q_start, BLOCK)], commit_group=False)
+    plgpu.commit_smem_to_gmem_group()
+
+  def tile(step, carry, *, masked):
+    dq, near_ck, dscale, near_cqk, log_stick = carry
+    # The slot refilled here held step - 1, whose wgmmas were waited for.
+    nxt = step + num_buffers - 1
+    pl.when(nxt < n_total)(functools.partial(fetch, nxt))
+    slot = slot_of(step)
+    kb = n_total - 1 - step
+    mask = None
+    if masked:
+      mask = _visible(q_start, kb * BLOCK, q_seg, None if seg_ref is None else seg_ref.at[batch],
+                      lag=lag)
+    gate = None if gate_ref is None else tiles.key_gate(
+        gate_ref.at[batch, kv_head, pl.ds(kb * BLOCK, BLOCK)], _SHAPE)
+    plgpu.barrier_wait(k_barriers.at[slot])
+    plgpu.barrier_wait(v_barriers.at[slot])
+    qk, do_v = _two_products(q_smem, k_smem.at[slot].T, do_smem, v_smem.at[slot].T)
+    t = _Tile(qk, do_v, log_stick, drem, scale2=scale * tiles.LOG2E, mask=mask, gate=gate,
+              tri_nearer=tri_nearer, parts=cumsum_parts, part_smem=part_smem, registers=registers)
+    g = jnp.sum(t.g, axis=1)  # [64]: the block's row sums of G
+    record(step, kb, log_stick, g)
+    dz, _ = t.logit_grads(None, tri_prefix, part_smem=part_smem, registers=registers)
+    c = t.prefix_coefficient()
+    # dq gets dz @ k and the farther blocks' prefix share: -g times the nearer blocks' c @ k.
+    dq = dq - tiles.row_bcast(g, dq.shape) * near_ck
+    k_tile = k_smem.at[slot]
+    if registers:
+      dq, near_ck = _accumulate([(dq, dz.astype(dt), k_tile), (near_ck, c.astype(dt), k_tile)],
+                                in_place=in_place)
+    else:  # one SMEM operand buffer: each product waited for before the next store
+      dq = dq + tiles.matmul(tiles.lhs(dz.astype(dt), p_smem, False), k_tile, dq.shape)
+      near_ck = near_ck + tiles.matmul(tiles.lhs(c.astype(dt), p_smem, False), k_tile, dq.shape)
+    dscale = dscale + jnp.sum(dz * qk, axis=1) - g * near_cqk
+    near_cqk = near_cqk + jnp.sum(c * qk, axis=1)
+    return dq, near_ck, dscale, near_cqk, log_stick + jnp.sum(t.log_1m_beta, axis=1)
+
+  zeros_h = plgpu.layout_cast(jnp.zeros(q_smem.shape, jnp.float32), plgpu.Layout.WGMMA)
+  zeros = plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), tiles.ROW)
+  carry = (zeros_h, zeros_h, zeros, zeros, zeros)
+  # The diagonal blocks come first; with segments, every block is masked.
+  n_masked = n_total if seg_ref is not None else n_total - n_full
+  if stop is None:
+    for masked, lo, hi in ((True, 0, n_masked), (False, n_masked, n_total)):
+      carry = lax.fori_loop(lo, hi, functools.partial(tile, masked=masked), carry)
+    steps = n_total
+  else:  # until every row's stick (after the step) is used up, as the Triton dq walk
+    state = (jnp.int32(0), jnp.bool_(True), carry)
+    for masked, hi in ((True, n_masked), (False, n_total)):
+      def step_once(state, masked=masked):
+        step, _, carry = state
+        carry = tile(step, carry, masked=masked)
+        return step + 1, masked | (jnp.max(carry[4]) > stop), carry
+      state = lax.while_loop(lambda st, hi=hi: st[1] & (st[0] < hi), step_once, state)
+    steps, _, carry = state
+
+    @pl.loop(steps, jnp.minimum(steps + num_buffers - 1, n_total))
+    def _(step):  # the copies prefetched past the walk's end land before the kernel exits
+      plgpu.barrier_wait(k_barriers.at[slot_of(step)])
+      plgpu.barrier_wait(v_barriers.at[slot_of(step)])
+  dq, _, dscale, _, _ = carry
+  q_smem[...] = (dq * tiles.row_bcast(scale, dq.shape)).astype(dt)  # q is no longer read
+  out_rows[...] = dscale
+  first_rows[...] = plgpu.layout_cast(jnp.full((BLOCK,), n_total - steps, jnp.int32), tiles.ROW)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
+  plgpu.copy_smem_to_gmem(out_rows, dscale_ref.at[batch, head, pl.ds(q_start, BLOCK)])
+  plgpu.copy_smem_to_gmem(first_rows, first_ref.at[batch, head, pl.ds(q_start, BLOCK)])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _dkv_kernel(scale_ref, row_end_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, do_ref, drem_ref,
+                stick_ref, prefix_ref, dk_ref, dv_ref, dgate_ref, *scratch, num_buffers, group,
+                attend_current, cumsum_parts, registers, in_place, num_q_blocks):
+  (k_smem, v_smem, q_smem, do_smem, tri_nearer, tri_prefix, part_smem, a_smem, dz_smem,
+   dg_row, barriers) = scratch
+  kv_barriers, q_barriers, do_barriers = barriers
+  kb, kv_head, batch = (lax.axis_index(n) for n in ("k", "heads", "batch"))
+  k_start = kb * BLOCK
+  keys = (batch, pl.ds(k_start, BLOCK), kv_head)
+  plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, kv_barriers.at[0])
+  plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, kv_barriers.at[1])
+  lag = 0 if attend_current else 1
+  # Query blocks that see this key block: from j_first; from j_full on, every row sees every
+  # key; up to the last one whose walk reached it (row_end, from the dq kernel's records).
+  j_first = lax.div(k_start + lag, jnp.int32(BLOCK))
+  j_full = lax.div(k_start + lag + 2 * BLOCK - 2, jnp.int32(BLOCK))
+  j_end = jnp.minimum(lax.div(row_end_ref[batch, kv_head, kb] + BLOCK - 1, jnp.int32(BLOCK)),
+                      num_q_blocks)
+  per_head = jnp.maximum(j_end - j_first, 0)
+  slot_of = lambda step: lax.rem(step, jnp.int32(num_buffers))
+
+  def fetch(step):  # step -> (head of the group, query block), heads outermost
+    head = kv_head * group + lax.div(step, per_head)
+    rows = (batch, pl.ds((j_first + lax.rem(step, per_head)) * BLOCK, BLOCK), head)
+    plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot_of(step)], q_barriers.at[slot_of(step)])
+    plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot_of(step)],
+                            do_barriers.at[slot_of(step)])
+
+  total = group * per_head
+  for step in range(num_buffers - 1):
+    pl.when(step < total)(functools.partial(fetch, jnp.int32(step)))
+
+  tiles.build_triangle(tri_nearer)
+  tiles.build_triangle(tri_prefix, (lambda m, i: m <= i) if gate_ref is None else
+                       (lambda m, i: m < i))
+  scale = plgpu.load(scale_ref, layout=tiles.ROW, optimized=False)  # [64]
+  gate = None if gate_ref is None else tiles.key_gate(
+      gate_ref.at[batch, kv_head, pl.ds(k_start, BLOCK)], _SHAPE)
+  plgpu.barrier_wait(kv_barriers.at[0])
+  plgpu.barrier_wait(kv_barriers.at[1])
+  dt = k_smem.dtype
+
+  def tile(j, carry, *, h, masked):
+    dk, dv, dg = carry
+    step = h * per_head + j - j_first
+    # The slot refilled here held step - 1, whose wgmmas were waited for.
+    nxt = step + num_buffers - 1
+    pl.when(nxt < total)(functools.partial(fetch, nxt))
+    slot = slot_of(step)
+    head = kv_head * group + h
+    q_start = j * BLOCK
+    mask = None
+    if masked:
+      q_seg = None if seg_ref is None else _rows(seg_ref.at[batch], q_start)
+      mask = _visible(q_start, k_start, q_seg, None if seg_ref is None else seg_ref.at[batch],
+                      lag=lag)
+    log_stick = _rows(stick_ref.at[batch, head, kb], q_start)
+    prefix = _rows(prefix_ref.at[batch, head, kb], q_start)
+    drem = _rows(drem_ref.at[batch, head], q_start)
+    plgpu.barrier_wait(q_barriers.at[slot])
+    plgpu.barrier_wait(do_barriers.at[slot])
+    q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
+    qk, do_v = _two_products(q_tile, k_smem.T, do_tile, v_smem.T)
+    t = _Tile(qk, do_v, log_stick, drem, scale2=scale * tiles.LOG2E, mask=mask, gate=gate,
+              tri_nearer=tri_nearer, parts=cumsum_parts, part_smem=part_smem, registers=registers)
+    dz, dg_tile = t.logit_grads(prefix, tri_prefix, part_smem=part_smem, registers=registers)
+    a_smem[...] = t.a.astype(dt)
+    dz_smem[...] = dz.astype(dt)
+    plgpu.commit_smem()
+    dv, dk = _accumulate([(dv, a_smem.T, do_tile), (dk, dz_smem.T, q_tile)], in_place=in_place)
+    if dg is not None:
+      dg = dg + jnp.sum(dg_tile, axis=0)  # [64] keys
+    return dk, dv, dg
+
+  def head_loop(h, carry):
+    if seg_ref is not None:  # keys of another segment can lie anywhere: every tile masked
+      return lax.fori_loop(j_first, j_end, functools.partial(tile, h=h, masked=True), carry)
+    carry = lax.fori_loop(j_first, jnp.minimum(j_full, j_end),
+                          functools.partial(tile, h=h, masked=True), carry)
+    return lax.fori_loop(j_full, j_end,
+                         functools.partial(tile, h=h, masked=False), carry)
+
+  zeros_h = plgpu.layout_cast(jnp.zeros(k_smem.shape, jnp.float32), plgpu.Layout.WGMMA)
+  dg = None if gate_ref is None else plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), tiles.COL)
+  dk, dv, dg = lax.fori_loop(0, group, head_loop, (zeros_h, zeros_h, dg))
+  k_smem[...] = (dk * tiles.row_bcast(scale, dk.shape)).astype(dt)  # k, v are no longer read
+  v_smem[...] = dv.astype(dt)
+  if dg is not None:
+    dg_row[...] = dg
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[keys])
+  plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[keys])
+  if dg is not None:
+    plgpu.copy_smem_to_gmem(dg_row, dgate_ref.at[batch, kv_head, pl.ds(k_start, BLOCK)])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _records(first, stick, gsum, *, attend_current: bool):
+  """The dk/dv kernel's per-(row, key block) inputs from the dq kernel's records: the log2-stick
+  right of the block (``_NO_STICK`` where the row block's walk never reached it) and the exclusive
+  prefix of ``G`` from the left (0 there). ``first [B, N, T]``: each row's leftmost walked key
+  block; ``stick``, ``gsum``: ``[B, N, T / 64, T]``, written only where walked."""
+  nkb, tp = stick.shape[2], stick.shape[3]
+  lag = 0 if attend_current else 1
+  kb = jnp.arange(nkb)[:, None]  # [nkb, 1]
+  rows = jnp.arange(tp)[None, :]
+  row_block_start = rows - rows % BLOCK
+  n_total = (row_block_start - lag + BLOCK - 1 + BLOCK) // BLOCK  # tiles.key_blocks's
+  walked = (kb >= first[:, :, None, :]) & (kb < n_total)  # [B, N, nkb, T]
+  g = jnp.where(walked, gsum, 0.0)
+  prefix = jnp.concatenate([jnp.zeros_like(g[:, :, :1]), jnp.cumsum(g, axis=2)[:, :, :-1]], axis=2)
+  return jnp.where(walked, stick, _NO_STICK), prefix
+
+
+def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_current: bool,
+             block_sizes: MosaicBlockSizes, skip_tolerance: float, interpret=False):
+  """Gradients of ``pallas_mosaic_gpu_fwd.forward``.
+
+  Args:
+    q, k, v, scale, segment_ids, forget_gate, attend_current, skip_tolerance, interpret: as for
+      ``pallas_mosaic_gpu_fwd.forward``; ``block_sizes``: its ``num_buffers_bwd`` and
+      ``skip_used_stick`` apply (the tiles are 64 x 64).
+    d_out: ``[B, T, N, H]``; d_rem: ``[B, N, T]`` cotangents.
+
+  Returns:
+    ``(dq, dk, dv, dscale [1], dforget_gate [B, T, K] or None)``, in the inputs' dtypes.
+  """
+  b, t, n, h = q.shape
+  num_kv_heads = k.shape[2]
+  group = n // num_kv_heads
+  tp = tiles.cdiv(t, BLOCK) * BLOCK
+  if tp != t:  # zeros: padded rows get G = 0 and add nothing; padded keys follow every real row
+    pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
+    q, k, v, d_out = (jnp.pad(x, pad) for x in (q, k, v, d_out))
+    d_rem = jnp.pad(d_rem, ((0, 0), (0, 0), (0, tp - t)))
+    if segment_ids is not None:
+      segment_ids = jnp.pad(segment_ids, ((0, 0), (0, tp - t)))
+    if forget_gate is not None:
+      forget_gate = jnp.pad(forget_gate, ((0, 0), (0, tp - t), (0, 0)))
+  nq = tp // BLOCK
+  dtype, nb = q.dtype, block_sizes.num_buffers_bwd
+  registers = block_sizes.operands_in_registers and not interpret
+  transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=transforms)
+  operand = lambda dt: None if registers else smem(_SHAPE, dt)  # SMEM left operands (interpret)
+  common = dict(num_buffers=nb, group=group, attend_current=attend_current,
+                cumsum_parts=tiles.cumsum_parts(dtype), registers=registers,
+                in_place=registers, num_q_blocks=nq)
+  params = dict(compiler_params=plgpu.CompilerParams(approx_math=True),
+                interpret=plgpu.InterpretGPUParams() if interpret else False)
+  optional = (None if segment_ids is None else segment_ids.astype(jnp.int32),
+              None if forget_gate is None else forget_gate.astype(jnp.float32).transpose(0, 2, 1))
+  given = [x for x in optional if x is not None]
+
+  def with_optional(kernel, num_leading):
+    """``kernel`` with None for the optional inputs not given (they follow ``num_leading``)."""
+    def body(*refs):
+      it = iter(refs[num_leading:num_leading + len(given)])
+      seg_ref, gate_ref = (None if x is None else next(it) for x in optional)
+      kernel(*refs[:num_leading], seg_ref, gate_ref, *refs[num_leading + len(given):])
+    return body
+
+  scale_rows = jnp.broadcast_to(jnp.reshape(scale, ()).astype(jnp.float32), (BLOCK,))
+  d_rem = d_rem.astype(jnp.float32)
+  skip = block_sizes.skip_used_stick
+  f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  dq, dscale, first, stick, gsum = plgpu.kernel(
+      with_optional(functools.partial(_dq_kernel, stop=stop_log2(skip_tolerance) if skip else None,
+                                      **common), 1),
+      out_type=(jax.ShapeDtypeStruct(q.shape, dtype), f32((b, n, tp)),
+                jax.ShapeDtypeStruct((b, n, tp), jnp.int32), f32((b, n, nq, tp)),
+                f32((b, n, nq, tp))),
+      scratch_types=(
+          smem((BLOCK, h), dtype), smem((BLOCK, h), dtype),  # q (then dq), do
+          smem((nb, BLOCK, h), dtype), smem((nb, BLOCK, h), dtype),  # k, v rings
+          smem(_SHAPE, jnp.bfloat16), smem(_SHAPE, jnp.bfloat16),  # triangles
+          operand(jnp.bfloat16), operand(dtype),  # parts; dz and c
+          plgpu.SMEM((2, 2, BLOCK), jnp.float32),  # the records' staging (two steps in flight)
+          plgpu.SMEM((BLOCK,), jnp.float32), plgpu.SMEM((BLOCK,), jnp.int32),  # dscale, first
+          (plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=nb),
+           plgpu.Barrier(num_barriers=nb)),
+      ),
+      grid=(nq, n, b), grid_names=("q", "heads", "batch"), kernel_name=DQ_NAME, **params,
+  )(scale_rows, *given, q, k, v, d_out, d_rem)
+
+  first_blocks = first[:, :, ::BLOCK]  # [B, N, nq]: every row of a block shares its walk
+  row_end = live_row_end(first_blocks, BLOCK, nq, num_kv_heads)
+  stick, prefix = _records(first, stick, gsum, attend_current=attend_current)
+  dk, dv, dgate = plgpu.kernel(
+      with_optional(functools.partial(_dkv_kernel, **common), 2),
+      out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype),
+                f32((b, num_kv_heads, tp))),
+      scratch_types=(
+          smem((BLOCK, h), dtype), smem((BLOCK, h), dtype),  # k (then dk), v (then dv)
+          smem((nb, BLOCK, h), dtype), smem((nb, BLOCK, h), dtype),  # q, do rings
+          smem(_SHAPE, jnp.bfloat16), smem(_SHAPE, jnp.bfloat16),  # triangles
+          operand(jnp.bfloat16),  # parts
+          smem(_SHAPE, dtype), smem(_SHAPE, dtype),  # a and dz: transposed left operands
+          plgpu.SMEM((BLOCK,), jnp.float32),  # dgate
+          (plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=nb),
+           plgpu.Barrier(num_barriers=nb)),
+      ),
+      grid=(nq, num_kv_heads, b), grid_names=("k", "heads", "batch"), kernel_name=DKV_NAME,
+      **params,
+  )(scale_rows, row_end, *given, q, k, v, d_out, d_rem, stick, prefix)
+  dscale = jnp.sum(dscale[:, :, :t]).reshape(1)
+  dgate = None if forget_gate is None else dgate[:, :, :t].transpose(0, 2, 1)
+  return dq[:, :t], dk[:, :t], dv[:, :t], dscale, dgate
