@@ -12,7 +12,7 @@ Implementations: ``pallas`` (the Triton kernels, forced, with their default exac
 walked), ``pallas_tol`` (``skip_tolerance``, default 1e-3; its forward error against
 ``pallas_dense``, ``max_err`` = max|out - out_dense| / max|v|, and ``max_err_beyond_ulp``, the same
 less one ulp of the output dtype, are recorded), ``mosaic``, ``mosaic_dense`` and ``mosaic_tol``
-(the same three for the Mosaic GPU forward; it has no backward yet), ``cudnn`` (softmax) and
+(the same three for the Mosaic GPU kernels), ``cudnn`` (softmax) and
 ``scan``; softmax and scan do not depend on the regime and run once per shape ("any").
 
 Forward and forward+backward, warm-up excluded, medians; TFLOP/s count 4*B*N*T^2*H/2 per forward

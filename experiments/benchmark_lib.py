@@ -139,8 +139,8 @@ def run(shapes, regimes, impls, modes, dtype, iters, *, block_sizes=None, skip_t
       flops = 4 * b * n * t * t * h / 2 * (1 if mode == "fwd" else 3.5)
       dense_out = {}
       for impl in impls:
-        if (impl == "scan" and t > max_scan_t) or (impl.startswith("mosaic") and mode != "fwd"):
-          continue  # the Mosaic GPU kernels have no backward yet
+        if impl == "scan" and t > max_scan_t:
+          continue
         # Softmax and the scan path cost the same on any logits: one regime ("any").
         impl_regimes = regimes if impl.startswith(tuple(_KERNELS)) else ["any"]
         compiled = None

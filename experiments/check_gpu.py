@@ -8,9 +8,11 @@ infinite query/key elements and forget gates (normal, saturated, +-inf), with gr
 where float64's are; long sequences (T=65536 forward and backward on one head, T=131072
 forward); exact skipping (the default kernels bitwise equal to the dense walk); 20 backward runs
 compared bitwise. The decode kernel (one step, ragged caches up to S=32768) against the float64
-portable path, and its exact skipping bitwise equal to its dense walk. The Mosaic GPU forward
-(both structures) against float64 at T=4096 (far logits too), saturated logits, T=65536, and 20
-forward runs compared bitwise. Prints a PASS/FAIL table and exits non-zero on any failure.
+portable path, and its exact skipping bitwise equal to its dense walk. The Mosaic GPU kernels:
+the forward (both structures) against float64 at T=4096 (far logits too), saturated logits and
+T=65536, and its skipping; forward and gradients of the default the same way, plus infinities,
+exact skipping and ``skip_tolerance`` of the gradients, and 20 backward runs compared bitwise.
+Prints a PASS/FAIL table and exits non-zero on any failure.
 
   python experiments/check_gpu.py --out=experiments/results/check_gpu_h100.json
   python experiments/check_gpu.py --only=decode --quick
@@ -109,7 +111,7 @@ def check_accuracy(name, shape, dtype, *, segments=False, attend_current=False, 
   return _record(name, shape, dtype, got, want, same)
 
 
-def check_infinities(name, shape, dtype, *, where):
+def check_infinities(name, shape, dtype, *, where, implementation="pallas"):
   """Infinite inputs (``where="inputs"``: a key element at -inf, one at +inf, a query element at
   +inf, all in head dim 3) or gates (``"forget_gate"``): outputs finite and within tolerance,
   gradients NaN only where float64's are and equal to its infinities."""
@@ -124,7 +126,8 @@ def check_infinities(name, shape, dtype, *, where):
     q, k = jnp.asarray(q, dtype), jnp.asarray(k, dtype)
   scale = shape.h**-0.5
   d_out, d_rem = _cotangents(q, v)
-  got = jax.jit(functools.partial(testing.gradients, _pallas(None, False)))(
+  got = jax.jit(functools.partial(testing.gradients, _pallas(None, False,
+                                                             implementation=implementation)))(
       q, k, v, jnp.float32(scale), d_out, d_rem, gate)
   want = testing.float64_gradients(q, k, v, None, scale, False, d_out, d_rem, gate,
                                    implementation="scan")
@@ -135,47 +138,56 @@ def check_infinities(name, shape, dtype, *, where):
   return record
 
 
-def check_skip_tolerance(name, shape, dtype, *, tolerance, shift):
+def check_skip_tolerance(name, shape, dtype, *, tolerance, shift, implementation="pallas"):
   """``skip_tolerance`` on long sticks (logits ``shift + N(0, 1)``): every output and gradient
-  element within ``testing.skip_tolerance_bounds`` of float64 (plus 1e-5 of the largest value for
-  fp32 rounding), ``rem`` an upper bound of the exact one, and some rows really stopped early."""
+  element within ``testing.skip_tolerance_bounds`` of float64, on top of the kernels' own error
+  (their dense walk's against float64, at least 1e-5 of the largest value), ``rem`` an upper
+  bound of the dense walk's, and some rows really stopped early."""
   q, k, v, _ = random_inputs(shape.t, shape, dtype)
   q, k = _far(q, k, shift)
   scale = shape.h**-0.5
   d_out, d_rem = _cotangents(q, v)
-  attn = lambda q, k, v, s, g: sbjax.stick_breaking_attention(
-      q, k, v, scale=s, implementation="pallas", skip_tolerance=tolerance, return_remainder=True)
-  got = jax.jit(functools.partial(testing.gradients, attn))(q, k, v, jnp.float32(scale), d_out,
-                                                             d_rem)
+  config = sbjax.MosaicBlockSizes if implementation == "pallas_mosaic_gpu" else sbjax.BlockSizes
+  dense_sizes = dataclasses.replace(config.get_default(shape.h, dtype), skip_used_stick=False)
+  runs = []
+  for tol, sizes in ((tolerance, None), (0.0, dense_sizes)):
+    attn = lambda q, k, v, s, g, tol=tol, sizes=sizes: sbjax.stick_breaking_attention(
+        q, k, v, scale=s, implementation=implementation, skip_tolerance=tol, block_sizes=sizes,
+        return_remainder=True)
+    runs.append([np.asarray(x, np.float64) for x in jax.jit(functools.partial(
+        testing.gradients, attn))(q, k, v, jnp.float32(scale), d_out, d_rem)])
+  got, dense = runs
   want = testing.float64_gradients(q, k, v, None, scale, False, d_out, d_rem,
                                    implementation="scan")
   bounds = testing.skip_tolerance_bounds(q, k, v, scale, d_out, d_rem, tolerance)
   record = dict(check=name, shape=str(shape), dtype=jnp.dtype(dtype).name, ok=True,
                 error_over_bound={})
-  for result, g, w, bound in zip(testing.RESULT_NAMES, got, want, bounds):
-    g = np.asarray(g, np.float64)
-    excess = np.abs(g - w) - bound - 1e-5 * np.abs(w).max()
-    record["error_over_bound"][result] = float(np.max(np.abs(g - w) / (bound + 1e-30)))
+  for result, g, d, w, bound in zip(testing.RESULT_NAMES, got, dense, want, bounds):
+    own = max(1e-5 * np.abs(w).max(), np.abs(d - w).max())
+    excess = np.abs(g - w) - bound - own
+    record["error_over_bound"][result] = float(np.max(np.abs(g - w) / (bound + own + 1e-30)))
     if not (np.isfinite(g).all() and excess.max() <= 0):
       record["ok"], record["failure"] = False, f"{result}: above its bound by {excess.max():.3g}"
-  rem, rem64 = np.asarray(got[1], np.float64), want[1]
-  record["rows_stopped_early"] = float(np.mean(rem > 2.0 * rem64))
-  if not ((rem >= rem64 - 1e-6).all() and record["rows_stopped_early"] > 0.1):
+  rem, rem_dense = got[1], dense[1]
+  record["rows_stopped_early"] = float(np.mean(rem > 2.0 * rem_dense))
+  if not ((rem >= rem_dense - 1e-6).all() and record["rows_stopped_early"] > 0.1):
     record["ok"], record["failure"] = False, "rem not an upper bound, or too few rows stopped"
   return record
 
 
-def check_skipping_is_exact(name, shape, dtype, *, gated=False):
+def check_skipping_is_exact(name, shape, dtype, *, gated=False, implementation="pallas"):
   """Strong positive logits use every stick up early: the default (skipping) kernels must equal
   the dense walk bit for bit, forward and backward (the compiled kernels, not interpret mode)."""
   q, k, v, _ = random_inputs(shape.t, shape, jnp.float32, logit_scale=4.0)
   q, k, v = (q + 3.0).astype(dtype), (k + 1.0).astype(dtype), v.astype(dtype)
   gate = _gate(shape, infinite=True) if gated else None
   d_out, d_rem = _cotangents(q, v)
-  default = sbjax.BlockSizes.get_default(shape.h, dtype)
+  config = sbjax.MosaicBlockSizes if implementation == "pallas_mosaic_gpu" else sbjax.BlockSizes
+  default = config.get_default(shape.h, dtype)
   results = []
   for block_sizes in (default, dataclasses.replace(default, skip_used_stick=False)):
-    fn = jax.jit(functools.partial(testing.gradients, _pallas(None, False, block_sizes)))
+    fn = jax.jit(functools.partial(testing.gradients,
+                                   _pallas(None, False, block_sizes, implementation)))
     results.append([np.asarray(x) for x in fn(q, k, v, jnp.float32(0.25), d_out, d_rem, gate)])
   differ = {n: int(np.sum(a != b)) for n, a, b in zip(testing.RESULT_NAMES, *results)}
   ok = not any(differ.values()) and float(np.min(results[0][1])) == 0.0
@@ -212,24 +224,19 @@ def check_mosaic_skipping(name, shape, block_sizes, *, tolerance, shift):
 
 
 def check_determinism(name, runs=20, implementation="pallas", block_sizes=None):
-  """``runs`` backward runs (``pallas``: segments and a gate too) or, for the forward-only Mosaic
-  GPU kernel, forward runs, compared bit for bit."""
+  """``runs`` backward runs with segments and a gate, compared bit for bit."""
   shape = Shape(2, 4096, 8, 2, 128)
-  mosaic = implementation == "pallas_mosaic_gpu"
-  q, k, v, seg = random_inputs(0, shape, jnp.bfloat16, segments=not mosaic)
-  gate = None if mosaic else _gate(shape)
+  q, k, v, seg = random_inputs(0, shape, jnp.bfloat16, segments=True)
+  gate = _gate(shape)
   d_out, d_rem = _cotangents(q, v)
-  attn = _pallas(seg, False, block_sizes, implementation)
-  if mosaic:
-    fn = jax.jit(lambda q, k, v, s, *_: attn(q, k, v, s, None))
-  else:
-    fn = jax.jit(functools.partial(testing.gradients, attn))
+  fn = jax.jit(functools.partial(testing.gradients,
+                                 _pallas(seg, False, block_sizes, implementation)))
   first = [np.asarray(x) for x in fn(q, k, v, jnp.float32(0.1), d_out, d_rem, gate)]
   same = all(
       all(np.array_equal(a, np.asarray(b))
           for a, b in zip(first, fn(q, k, v, jnp.float32(0.1), d_out, d_rem, gate)))
       for _ in range(runs - 1))
-  return dict(check=name, shape=str(shape), dtype="bfloat16", gated=not mosaic, ok=bool(same))
+  return dict(check=name, shape=str(shape), dtype="bfloat16", gated=True, ok=bool(same))
 
 
 def _decode_inputs(b, s, n, k, h, dtype, *, logit_scale=1.0):
@@ -333,15 +340,20 @@ def checks(quick: bool):
 
 
 def mosaic_checks(quick: bool):
-  """The Mosaic GPU forward (``pallas_mosaic_gpu``, forward only) in both of its structures: one
-  warpgroup, and the op's default (two consumer warpgroups with a producer, FA3's scheduling)."""
-  bf16 = jnp.bfloat16
+  """The Mosaic GPU kernels (``pallas_mosaic_gpu``): the forward in both of its structures (one
+  warpgroup, and the op's default: two consumer warpgroups with a producer, FA3's scheduling)
+  and its skipping; forward and backward with the default against float64 (far and saturated
+  logits, infinities, segments, gate, T=65536), exact skipping bitwise, ``skip_tolerance``
+  within its bounds, and 20 backward runs bitwise."""
+  bf16, impl = jnp.bfloat16, "pallas_mosaic_gpu"
   structures = {"1wg": sbjax.MosaicBlockSizes(),
                 "default": sbjax.MosaicBlockSizes.get_default(128, bf16)}
   for tag, sizes in structures.items():
-    acc = lambda name, *a, **kw: (f"mosaic {tag} {name}", functools.partial(
-        check_accuracy, f"mosaic {tag} {name}", *a, with_grads=False,
-        implementation="pallas_mosaic_gpu", block_sizes=sizes, **kw))
+    grads = tag == "default"  # the backward kernels are the same for both structures
+    acc = lambda name, *a, sizes=sizes, grads=grads, tag=tag, **kw: (
+        f"mosaic {tag} {name}", functools.partial(
+            check_accuracy, f"mosaic {tag} {name}", *a, with_grads=grads, implementation=impl,
+            block_sizes=sizes, **kw))
     yield acc("H128 T4096", Shape(2, 4096, 4, 2, 128), bf16)
     yield acc("H64 T3000 cur fp16", Shape(1, 3000, 4, 1, 64), jnp.float16, attend_current=True)
     yield acc("far H128 T4096", Shape(2, 4096, 4, 2, 128), bf16, shift=-5.0)
@@ -354,9 +366,17 @@ def mosaic_checks(quick: bool):
                                     sizes, tolerance=tol, shift=shift)
     if not quick:
       yield acc("T65536 one head", Shape(1, 65536, 1, 1, 64), bf16, same_precision=False)
-      name = f"mosaic {tag} determinism x20"
-      yield name, functools.partial(check_determinism, name, implementation="pallas_mosaic_gpu",
-                                    block_sizes=sizes)
+  named = lambda fn, name, *a, **kw: (f"mosaic {name}", functools.partial(
+      fn, f"mosaic {name}", *a, implementation=impl, **kw))
+  yield named(check_infinities, "inf q/k bf16", Shape(2, 1000, 4, 2, 64), bf16, where="inputs")
+  yield named(check_infinities, "inf gate bf16", Shape(2, 1000, 4, 2, 64), bf16,
+              where="forget_gate")
+  yield named(check_skipping_is_exact, "skip exact bf16 gate", Shape(1, 2000, 2, 1, 64), bf16,
+              gated=True)
+  yield named(check_skip_tolerance, "skip_tolerance 1e-3 gradients", Shape(1, 4096, 2, 1, 64),
+              bf16, tolerance=1e-3, shift=-5.0)
+  if not quick:
+    yield named(check_determinism, "determinism x20")
 
 
 def main(argv):

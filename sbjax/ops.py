@@ -117,7 +117,7 @@ def check_inputs(query, key, value, scale, segment_ids, implementation, interpre
 
 
 def _check_mosaic_gpu(query, value, interpret, block_sizes):
-  """``check_inputs`` for ``implementation="pallas_mosaic_gpu"`` (forward only, Hopper)."""
+  """``check_inputs`` for ``implementation="pallas_mosaic_gpu"`` (Hopper)."""
   if block_sizes is not None and not isinstance(block_sizes, MosaicBlockSizes):
     raise TypeError("implementation='pallas_mosaic_gpu' takes a MosaicBlockSizes, got "
                     f"{type(block_sizes).__name__}.")
@@ -184,10 +184,11 @@ def stick_breaking_attention(
     implementation: ``None`` (auto: ``"pallas"`` on an NVIDIA GPU for inputs it supports, else
       ``"scan"``), ``"pallas"`` (the fastest Pallas kernels for this GPU and these inputs: on a
       Hopper GPU, for inputs the Mosaic GPU forward takes and no ``block_sizes``, that forward
-      when not differentiated and the Triton kernels under differentiation; else the Triton
-      ones), ``"pallas_triton"`` (the Pallas Triton kernels, forced),
-      ``"pallas_mosaic_gpu"`` (the Mosaic GPU forward kernel for Hopper: bf16/fp16, head dims
-      64/128, segment_ids, forget_gate, skipping and skip_tolerance; not differentiable yet),
+      when not differentiated and the Triton kernels under differentiation, whose backward is
+      the faster one so far; else the Triton ones), ``"pallas_triton"`` (the Pallas Triton
+      kernels, forced), ``"pallas_mosaic_gpu"`` (the Mosaic GPU kernels for Hopper, forward and
+      backward: bf16/fp16, head dims 64/128, segment_ids, forget_gate, skipping and
+      skip_tolerance),
       ``"scan"`` (pure JAX, query blocks and an associative scan) or ``"xla"`` (the dense
       reference, O(T^2) memory).
     interpret: run the Pallas kernels in interpret mode (any backend; slow).
@@ -236,7 +237,7 @@ def dispatch(query, key, value, scale, segment_ids, forget_gate, *, attend_curre
   if implementation == "scan":
     return scan.stick_breaking_attention(
         query, key, value, scale, segment_ids, forget_gate, attend_current=attend_current, **cross)
-  if implementation == "pallas_mosaic_gpu":  # forward only: gradients raise
+  if implementation == "pallas_mosaic_gpu":
     if cross:
       raise ValueError("implementation='pallas_mosaic_gpu' has no cross-chunk mode yet.")
     return pallas_mosaic_gpu.stick_breaking_attention(
@@ -256,7 +257,8 @@ def _mosaic_forward_triton_gradients(q, k, v, scale, gate, segment_ids, static):
   """``implementation="pallas"`` on Hopper: ``(out, rem)`` of the Mosaic GPU forward, the faster
   one (experiments/results/benchmark_mosaic_h100.json), when not differentiated; under
   differentiation the Triton forward and its backward, so that the gradients belong to the
-  forward they were computed with (the Mosaic kernels have no backward yet)."""
+  forward they were computed with (the Mosaic backward is still slower than Triton's:
+  experiments/results/benchmark_mosaic_bwd_h100.json)."""
   attend_current, skip_tolerance, interpret = static
   return pallas_mosaic_gpu.stick_breaking_attention(
       q, k, v, scale, segment_ids, gate, attend_current=attend_current,

@@ -7,6 +7,7 @@ import functools
 import numpy as np
 
 import sbjax
+from sbjax.platform import on_nvidia_gpu
 # Re-exported for the test files that import them from here.
 from sbjax.testing import Shape, assert_within_tolerance, float64_result, random_inputs, rel_rms
 
@@ -60,10 +61,13 @@ SMALL_BLOCKS = sbjax.BlockSizes(block_q=32, block_k=16, block_q_dq=16, block_k_b
 
 
 def attention_fn(implementation: str, **fixed):
-  """``f(q, k, v, **kw) -> (out, rem)`` for one implementation (``"pallas"`` runs interpreted)."""
+  """``f(q, k, v, **kw) -> (out, rem)`` for one implementation (``"pallas"`` runs interpreted,
+  ``"pallas_mosaic_gpu"`` interpreted unless on an NVIDIA GPU)."""
   if implementation == "pallas":
     fixed.setdefault("interpret", True)
     fixed.setdefault("block_sizes", SMALL_BLOCKS)
+  if implementation == "pallas_mosaic_gpu":
+    fixed.setdefault("interpret", not on_nvidia_gpu())
   return functools.partial(
       sbjax.stick_breaking_attention, implementation=implementation, return_remainder=True, **fixed)
 

@@ -60,14 +60,14 @@ def test_run_records_timings_and_errors():
   assert "ms" in benchmark.format_table(records) and "ERROR" in benchmark.format_table(records)
 
 
-def test_mosaic_runs_per_regime_and_forward_only():
-  """The Mosaic forward skips as the Triton kernels do (one record per regime) and has no
-  backward to time."""
+def test_mosaic_runs_per_regime_and_both_passes():
+  """The Mosaic kernels skip as the Triton kernels do (one record per regime), forward and
+  forward+backward."""
   records = benchmark.run([(1, 2, 64, 64)], ["local", "far"], ["mosaic", "mosaic_tol"],
                           ["fwd", "fwd+bwd"], jnp.bfloat16, iters=1, log=lambda _: None)
   assert [(r["implementation"], r["regime"], r["pass"]) for r in records] == [
-      ("mosaic", "local", "fwd"), ("mosaic", "far", "fwd"), ("mosaic_tol", "local", "fwd"),
-      ("mosaic_tol", "far", "fwd")]
+      (impl, regime, mode) for mode in ("fwd", "fwd+bwd") for impl in ("mosaic", "mosaic_tol")
+      for regime in ("local", "far")]
   assert all("needs an NVIDIA Hopper GPU" in r["error"] for r in records)
   assert records[2]["skip_tolerance"] == 1e-3
 

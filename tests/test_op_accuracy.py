@@ -67,22 +67,22 @@ def gradient_case(dtype, shape, segments, attend_current, gated):
 
 
 @functools.cache
-def infinity_case(where: str):
+def infinity_case(where: str, dtype=jnp.float32, head_dim: int = 16):
   """``((q, k, v, g, d_out, d_rem), want, same)`` for ``test_infinities`` (scale 0.25).
 
   ``where="inputs"``: batch 0 has a key element at -inf, batch 1 one at +inf and, at another
   position, a query element at +inf (all in head dim 3, so no dot product meets inf - inf).
   ``where="forget_gate"``: finite inputs, gates at +-inf and +-1e4 among normal ones.
   """
-  shape = Shape(2, 40, 4, 2, 16)
-  q, k, v, _ = random_inputs(8, shape, jnp.float32)
+  shape = Shape(2, 40, 4, 2, head_dim)
+  q, k, v, _ = random_inputs(8, shape, dtype)
   g = None
   if where == "forget_gate":
     g = jnp.asarray(with_infinite_gates(random_gate(8, shape)))
   else:
-    q, k = np.array(q), np.array(k)
+    q, k = np.array(q, np.float32), np.array(k, np.float32)
     k[0, 20, 1, 3], k[1, 12, 0, 3], q[1, 30, 2, 3] = -np.inf, np.inf, np.inf
-    q, k = jnp.asarray(q), jnp.asarray(k)
+    q, k = jnp.asarray(q, dtype), jnp.asarray(k, dtype)
   rng = np.random.default_rng(5)
   d_out, d_rem = rng.normal(size=q.shape), rng.normal(size=q.shape[:3])
   want = float64_gradients(q, k, v, None, 0.25, False, d_out, d_rem, g)
@@ -91,9 +91,15 @@ def infinity_case(where: str):
 
 
 class OpSuite:
-  """Tests every implementation must pass; subclasses set ``IMPLEMENTATION``."""
+  """Tests every implementation must pass; subclasses set ``IMPLEMENTATION`` (and, for kernels
+  that take only some inputs, the dtype and smallest head dim of the fixed-input tests)."""
 
   IMPLEMENTATION: str
+  DTYPE = jnp.float32  # inputs of the fixed-input tests below
+  MIN_HEAD_DIM = 1
+
+  def head_dim(self, h: int) -> int:
+    return max(h, self.MIN_HEAD_DIM)
 
   def attention(self, **fixed):
     """``f(q, k, v, **kw) -> (out, rem)`` of this implementation, jitted (one compile instead of
@@ -125,17 +131,17 @@ class OpSuite:
     """sigmoid(+inf) = 1 and sigmoid(-inf) = 0 keep the stick well defined: outputs stay finite
     and agree with float64; gradients are NaN only where float64's are (an infinite input times
     a zero cotangent is NaN in any precision) and equal its infinities."""
-    (q, k, v, g, d_out, d_rem), want, same = infinity_case(where)
+    (q, k, v, g, d_out, d_rem), want, same = infinity_case(where, self.DTYPE, self.head_dim(16))
     got = self.gradients(q, k, v, 0.25, d_out, d_rem, g)
     assert np.isfinite(got[0]).all() and np.isfinite(got[1]).all()
-    assert_gradients_within_tolerance(got, want, same, jnp.float32, nonfinite_like_reference=True)
+    assert_gradients_within_tolerance(got, want, same, self.DTYPE, nonfinite_like_reference=True)
     if g is not None:  # an open gate (g = +inf, f = 1) gets no gradient at all
       np.testing.assert_array_equal(np.asarray(got[-1])[np.asarray(g) == np.inf], 0.0)
 
   def test_open_gate_is_the_ungated_op(self):
     """``g = +inf`` gives ``f = 1``: the ungated op, bit for bit."""
-    shape = Shape(1, 40, 4, 2, 16)
-    q, k, v, seg = random_inputs(9, shape, jnp.float32, segments=True)
+    shape = Shape(1, 40, 4, 2, self.head_dim(16))
+    q, k, v, seg = random_inputs(9, shape, self.DTYPE, segments=True)
     open_gate = jnp.full((shape.b, shape.t, shape.k), jnp.inf)
     ungated = self.attention()(q, k, v, segment_ids=seg)
     gated = self.attention()(q, k, v, segment_ids=seg, forget_gate=open_gate)
@@ -145,13 +151,13 @@ class OpSuite:
   def test_saturated_logits(self):
     """All logits very positive: out_j = v_{j-1}, rem = 0 (rem_0 = 1); very negative: out = 0,
     rem = 1."""
-    b, t, h = 1, 12, 8
+    b, t, h = 1, 12, self.head_dim(8)
     rng = np.random.default_rng(6)
     u = np.ones(h, np.float32) / np.sqrt(h)
-    k = jnp.asarray(np.broadcast_to(u, (b, t, 1, h)))
-    v = jnp.asarray(rng.normal(size=(b, t, 1, h)).astype(np.float32))
+    k = jnp.asarray(np.broadcast_to(u, (b, t, 1, h)), self.DTYPE)
+    v = jnp.asarray(rng.normal(size=(b, t, 1, h)), self.DTYPE)
     for sign in (1.0, -1.0):
-      q = jnp.asarray(np.broadcast_to(sign * 1e4 * u, (b, t, 1, h)))
+      q = jnp.asarray(np.broadcast_to(sign * 1e4 * u, (b, t, 1, h)), self.DTYPE)
       out, rem = self.attention()(q, k, v, scale=1.0)
       assert np.isfinite(out).all() and np.isfinite(rem).all()
       if sign > 0:
@@ -169,16 +175,21 @@ class OpSuite:
 
   def check_constant_logit_closed_form(self, t, c):
     """Long sequences stay finite and follow the closed form (a far key's weight underflows to 0)."""
-    h = 8
+    h = self.head_dim(8)
     rng = np.random.default_rng(7)
     u = np.ones(h) / np.sqrt(h)
-    q = jnp.asarray(np.broadcast_to(c * u, (1, t, 1, h)), jnp.float32)
-    k = jnp.asarray(np.broadcast_to(u, (1, t, 1, h)), jnp.float32)
-    v = rng.normal(size=(1, t, 1, h)).astype(np.float32)
-    out, rem = self.attention()(q, k, jnp.asarray(v), scale=1.0)
-    want_out, want_rem = constant_logit_closed_form(v[0, :, 0].astype(np.float64), c)
+    q = jnp.asarray(np.broadcast_to(c * u, (1, t, 1, h)), self.DTYPE)
+    k = jnp.asarray(np.broadcast_to(u, (1, t, 1, h)), self.DTYPE)
+    v = jnp.asarray(rng.normal(size=(1, t, 1, h)), self.DTYPE)
+    out, rem = self.attention()(q, k, v, scale=1.0)
+    qk = np.asarray(q[0, 0, 0], np.float64) @ np.asarray(k[0, 0, 0], np.float64)
+    want_out, want_rem = constant_logit_closed_form(np.asarray(v, np.float64)[0, :, 0], qk)
     assert np.isfinite(out).all() and np.isfinite(rem).all()
-    np.testing.assert_allclose(out[0, :, 0], want_out, atol=2e-5, rtol=0)
+    # float32: the kernels' own error; bf16/fp16: out is rounded to the input dtype (4 ulps of
+    # max|v|, the weights' rounding in the a @ v product included).
+    out_atol = 2e-5 if self.DTYPE == jnp.float32 else 4 * float(jnp.finfo(self.DTYPE).eps) * float(
+        np.abs(np.asarray(v, np.float32)).max())
+    np.testing.assert_allclose(np.asarray(out[0, :, 0], np.float64), want_out, atol=out_atol, rtol=0)
     np.testing.assert_allclose(rem[0, :, 0], want_rem, atol=2e-6, rtol=1e-4)
 
 
@@ -301,3 +312,27 @@ class TestPallasInterpret(OpSuite):
   above cross several query and key blocks; T=8192 is left to experiments/check_gpu.py."""
 
   IMPLEMENTATION = "pallas"
+
+
+# Mosaic GPU takes bf16/fp16 with head dims 64 and 128: odd T, GQA with several query and key
+# blocks; segments, gate and attend_current; MQA at head dim 128.
+MOSAIC_CASES = [(jnp.bfloat16, Shape(2, 100, 4, 2, 64), False, False, False),
+                (jnp.float16, Shape(1, 77, 3, 1, 64), True, True, True),
+                (jnp.bfloat16, Shape(1, 130, 2, 1, 128), True, False, True)]
+
+
+class TestPallasMosaicInterpret(OpSuite):
+  """The Mosaic GPU kernels (forward and backward) in Mosaic GPU interpret mode, with the op's
+  default tiling, on the inputs they take (bf16 for the fixed-input tests, head dim 64 at least);
+  their other structures are in test_pallas_mosaic_gpu.py."""
+
+  IMPLEMENTATION = "pallas_mosaic_gpu"
+  DTYPE = jnp.bfloat16
+  MIN_HEAD_DIM = 64
+
+  @pytest.mark.parametrize(
+      "dtype,shape,segments,attend_current,gated", MOSAIC_CASES,
+      ids=[f"{jnp.dtype(d).name}-{s}-seg{int(g)}-cur{int(c)}-gate{int(f)}"
+           for d, s, g, c, f in MOSAIC_CASES])
+  def test_gradient_accuracy(self, dtype, shape, segments, attend_current, gated):
+    super().test_gradient_accuracy(dtype, shape, segments, attend_current, gated)

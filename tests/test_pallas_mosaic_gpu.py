@@ -23,10 +23,12 @@ import pytest
 
 import sbjax
 from sbjax import reference
-from sbjax.kernels import pallas_mosaic_gpu, pallas_mosaic_gpu_fwd
+from sbjax.kernels import pallas_mosaic_gpu, pallas_mosaic_gpu_bwd, pallas_mosaic_gpu_fwd
 from sbjax.kernels.pallas_mosaic_gpu_config import MosaicBlockSizes
 from sbjax.platform import on_nvidia_gpu
-from sbjax.testing import Shape, assert_gradients_within_tolerance, float64_result, random_inputs
+from sbjax.testing import (
+    RESULT_NAMES, Shape, assert_gradients_within_tolerance, float64_gradients, float64_result,
+    gradients, random_inputs, same_precision_gradients, skip_tolerance_bounds)
 
 from helpers import far_inputs
 
@@ -185,6 +187,108 @@ def test_skip_tolerance_bounds_the_error(block_sizes):
   assert rem_d.min() > 2.0 ** -152  # exact skipping could not have ended any walk
 
 
+def _cotangents(shape_like, seed=1):
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.normal(size=shape_like.shape), jnp.float32),
+          jnp.asarray(rng.normal(size=shape_like.shape[:3]), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("attend_current", "block_sizes", "skip_tolerance"))
+def _mosaic_gradients(q, k, v, scale, d_out, d_rem, segment_ids=None, forget_gate=None, *,
+                      attend_current=False, block_sizes=ONE_WG, skip_tolerance=0.0):
+  """``(out, rem, dq, dk, dv, dscale[, dforget_gate])`` of the op on the Mosaic GPU kernels."""
+  fn = lambda q, k, v, s, g: sbjax.stick_breaking_attention(
+      q, k, v, scale=s, segment_ids=segment_ids, forget_gate=g, attend_current=attend_current,
+      implementation="pallas_mosaic_gpu", interpret=INTERPRET, return_remainder=True,
+      block_sizes=block_sizes, skip_tolerance=skip_tolerance)
+  return gradients(fn, q, k, v, scale, d_out, d_rem, forget_gate)
+
+
+# (dtype, shape, attend_current, segments, block sizes): the backward's 64 x 64 tiles with T not a
+# multiple of 64, GQA and MQA, both head dims, fp16's two stick parts, segment ids in any order
+# (shuffled, so other segments' keys lie inside every block), a deeper TMA ring.
+GRADIENT_CASES = [
+    (jnp.bfloat16, Shape(1, 200, 4, 2, 64), False, None, ONE_WG),
+    (jnp.float16, Shape(1, 130, 2, 1, 128), True, None, MosaicBlockSizes(num_buffers_bwd=3)),
+    (jnp.bfloat16, Shape(2, 130, 2, 1, 64), False, "shuffled", DEFAULT),
+]
+
+
+@pytest.mark.parametrize(
+    "dtype,shape,attend_current,segments,block_sizes", GRADIENT_CASES,
+    ids=[f"{jnp.dtype(d).name}-{s}-cur{int(c)}-seg{g}-bwdbuf{b.num_buffers_bwd}"
+         for d, s, c, g, b in GRADIENT_CASES])
+def test_gradients_match_float64(dtype, shape, attend_current, segments, block_sizes):
+  """Output, remainder and the gradients of q, k, v and the scale, under random cotangents on
+  both outputs, against float64 under the tolerance rule."""
+  q, k, v, seg = random_inputs(3, shape, dtype, segments=segments is not None, logit_scale=2.0)
+  if segments == "shuffled":
+    seg = jnp.asarray(np.random.default_rng(0).permutation(np.asarray(seg).T).T)
+  d_out, d_rem = _cotangents(q)
+  got = _mosaic_gradients(q, k, v, jnp.float32(0.3), d_out, d_rem, seg,
+                          attend_current=attend_current, block_sizes=block_sizes)
+  for name, x in zip(RESULT_NAMES, got):
+    assert np.isfinite(np.asarray(x, np.float32)).all(), name
+  want = float64_gradients(q, k, v, seg, 0.3, attend_current, d_out, d_rem)
+  same = same_precision_gradients(q, k, v, seg, 0.3, attend_current, d_out, d_rem)
+  assert_gradients_within_tolerance(got, want, same, dtype)
+
+
+def test_backward_skipping_is_exact():
+  """The dq walk ends where every row's stick is below 2^-152 and the dk/dv kernel visits only
+  the query blocks whose walk reached its key block: the gradients equal the dense walk's bit
+  for bit (the far inputs of test_skipping_a_used_stick_is_exact: the late query blocks end
+  four or five key blocks early)."""
+  q, k, v = far_inputs(6, Shape(1, 640, 2, 1, 64), shift=-1.0, dtype=jnp.bfloat16)
+  d_out, d_rem = _cotangents(q)
+  skipped = _mosaic_gradients(q, k, v, jnp.float32(0.25), d_out, d_rem)
+  full = _mosaic_gradients(q, k, v, jnp.float32(0.25), d_out, d_rem, block_sizes=_dense(ONE_WG))
+  assert float(jnp.max(skipped[1][:, 400:])) == 0.0  # the late rows' sticks really are used up
+  chex.assert_trees_all_equal(skipped, full)
+  want = float64_gradients(q, k, v, None, 0.25, False, d_out, d_rem)
+  same = same_precision_gradients(q, k, v, None, 0.25, False, d_out, d_rem)
+  assert_gradients_within_tolerance(skipped, want, same, q.dtype)
+
+
+def test_backward_skip_tolerance_within_its_bounds():
+  """With ``skip_tolerance`` the gradients are those of the truncated sum: within
+  ``testing.skip_tolerance_bounds`` of float64, element by element, on top of the dense walk's
+  own bf16 error (measured against float64 the same way)."""
+  tolerance = 1e-2
+  q, k, v = far_inputs(0, Shape(1, 640, 2, 1, 64), shift=-3.5, dtype=jnp.bfloat16)
+  d_out, d_rem = _cotangents(q)
+  got = _mosaic_gradients(q, k, v, jnp.float32(0.25), d_out, d_rem, skip_tolerance=tolerance)
+  dense = _mosaic_gradients(q, k, v, jnp.float32(0.25), d_out, d_rem, block_sizes=_dense(ONE_WG))
+  want = float64_gradients(q, k, v, None, 0.25, False, d_out, d_rem)
+  bounds = skip_tolerance_bounds(q, k, v, 0.25, d_out, d_rem, tolerance)
+  for name, g, d, w, bound in zip(RESULT_NAMES, got, dense, want, bounds):
+    g, d = np.asarray(g, np.float64), np.asarray(d, np.float64)
+    assert np.isfinite(g).all(), name
+    excess = np.abs(g - w) - bound - np.abs(d - w).max()
+    assert excess.max() <= 0, f"{name}: error above the bound by {excess.max():.3g}"
+  stopped = np.asarray(got[1]) > 2.0 * np.asarray(dense[1])  # rows whose walk ended early
+  assert stopped.mean() >= 0.1, stopped.mean()
+
+
+def test_gate_gradients_match_float64():
+  """The gate's gradient (and the others) with infinite and large gates, GQA, attend_current, T
+  not a multiple of 64, against float64 under the tolerance rule; an open gate (+inf) gets no
+  gradient."""
+  shape = Shape(1, 150, 4, 2, 64)
+  q, k, v, _ = random_inputs(8, shape, jnp.bfloat16, logit_scale=2.0)
+  gate = _gate(shape)
+  d_out, d_rem = _cotangents(q)
+  got = _mosaic_gradients(q, k, v, jnp.float32(0.3), d_out, d_rem, None, gate,
+                          attend_current=True)
+  for name, x in zip(RESULT_NAMES + ("dforget_gate",), got):
+    assert np.isfinite(np.asarray(x, np.float32)).all(), name
+  want = float64_gradients(q, k, v, None, 0.3, True, d_out, d_rem, gate)
+  same = same_precision_gradients(q, k, v, None, 0.3, True, d_out, d_rem, gate)
+  assert_gradients_within_tolerance(got, want, same, q.dtype,
+                                    names=RESULT_NAMES + ("dforget_gate",))
+  np.testing.assert_array_equal(np.asarray(got[-1])[np.asarray(gate) == np.inf], 0.0)
+
+
 def _gate(shape, seed=2):
   """Forget-gate logits ``[B, T, K]``: N(1, 3^2), with some at +-inf (the ungated stick; a key
   that takes nothing) and +-30."""
@@ -279,6 +383,28 @@ def test_tma_ring_has_no_races(block_sizes, walk_ends):
   assert not mgpu_interpret.get_races().races_found
 
 
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter's race detector: runs on the CPU")
+@pytest.mark.parametrize("walk_ends", [False, True], ids=["full-walks", "walks-end"])
+def test_backward_rings_have_no_races(walk_ends):
+  """The backward kernels' TMA rings (K/V in the dq kernel, q/do and the records in the dk/dv
+  kernel, over the heads of a GQA group) and the dq kernel's record stores, under the
+  interpreter's race detector and barrier checks; with ``walk_ends`` the dq walks end early and
+  the copies prefetched past the end are waited for."""
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as mgpu_interpret
+  if walk_ends:
+    q, k, v = _strong_inputs(3, Shape(1, 384, 2, 1, 64))
+  else:
+    q, k, v, _ = random_inputs(3, Shape(1, 256, 2, 1, 64), jnp.bfloat16)
+  d_out, d_rem = _cotangents(q)
+  mgpu_interpret.reset_gpu_interpret_mode_state()
+  grads = pallas_mosaic_gpu_bwd.backward(
+      q, k, v, jnp.float32([0.0625 if walk_ends else 0.125]), None, None, d_out.astype(q.dtype),
+      d_rem.transpose(0, 2, 1), attend_current=False, block_sizes=ONE_WG, skip_tolerance=0.0,
+      interpret=plgpu.InterpretGPUParams(detect_races=True))
+  jax.block_until_ready(grads[:3])
+  assert not mgpu_interpret.get_races().races_found
+
+
 @pytest.mark.parametrize("dtype,head_dim,block_sizes", [
     (jnp.bfloat16, 64, ONE_WG), (jnp.float16, 128, ONE_WG), (jnp.bfloat16, 128, TWO_WGS),
     (jnp.float16, 64, TWO_WGS), (jnp.bfloat16, 128, MosaicBlockSizes(operands_in_registers=False)),
@@ -331,6 +457,28 @@ def _lowered_for_hopper(dtype, head_dim, block_sizes):
       return_remainder=True, block_sizes=block_sizes)
   with jax.sharding.use_abstract_mesh(_H200):
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("dtype,head_dim,extras", [
+    (jnp.bfloat16, 128, False), (jnp.float16, 64, True)], ids=["bf16-128", "fp16-64-seg-gate"])
+def test_backward_lowers_for_hopper(dtype, head_dim, extras):
+  """The forward and both backward kernels under ``jax.value_and_grad`` pass the Mosaic GPU
+  lowering for an H200 (with segment ids and a gate: their loads in both backward kernels)."""
+  sd = jax.ShapeDtypeStruct
+  args = (sd((2, 200, 4, head_dim), dtype), sd((2, 200, 2, head_dim), dtype),
+          sd((2, 200, 2, head_dim), dtype), sd((2, 200), jnp.int32) if extras else None,
+          sd((2, 200, 2), jnp.float32) if extras else None)
+
+  def loss(q, k, v, seg, gate):
+    out, rem = pallas_mosaic_gpu.stick_breaking_attention(q, k, v, 0.1, seg, gate)
+    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(rem)
+  fn = jax.value_and_grad(loss, argnums=(0, 1, 2, 4) if extras else (0, 1, 2))
+  with jax.sharding.use_abstract_mesh(_H200):
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert len(re.findall(r"custom_call @mosaic_gpu_v2", text)) == 3
+  for name in (pallas_mosaic_gpu_fwd.NAME, pallas_mosaic_gpu_bwd.DQ_NAME,
+               pallas_mosaic_gpu_bwd.DKV_NAME):
+    assert name in text
 
 
 @pytest.mark.parametrize("block_sizes", [ONE_WG, TWO_WGS_FA3, DEFAULT], ids=_ids)
@@ -399,14 +547,6 @@ def test_rejects_what_it_does_not_take(kwargs, match):
                                    **kwargs)
 
 
-def test_gradients_raise():
-  q, k, v, _ = random_inputs(0, Shape(1, 64, 1, 1, 64), jnp.bfloat16)
-  loss = lambda q: sbjax.stick_breaking_attention(
-      q, k, v, implementation="pallas_mosaic_gpu", interpret=True).astype(jnp.float32).sum()
-  with pytest.raises(NotImplementedError, match="no backward kernels yet"):
-    jax.eval_shape(jax.grad(loss), q)
-
-
 @pytest.mark.skipif(not INTERPRET, reason="on a GPU the kernel runs compiled")
 def test_needs_a_gpu_or_interpret():
   q, k, v, _ = random_inputs(0, Shape(1, 64, 1, 1, 64), jnp.bfloat16)
@@ -415,7 +555,7 @@ def test_needs_a_gpu_or_interpret():
 
 
 @pytest.mark.parametrize("kwargs", [dict(block_q=128), dict(block_k=96), dict(num_buffers=1),
-                                    dict(num_compute_warpgroups=3),
+                                    dict(num_buffers_bwd=1), dict(num_compute_warpgroups=3),
                                     dict(operands_in_registers=1), dict(pipeline_qk=1),
                                     dict(schedule_barrier=True), dict(accumulate_in_place=1),
                                     dict(heavy_first=1), dict(skip_used_stick=0),

@@ -6,6 +6,8 @@ them).
 
 from __future__ import annotations
 
+import dataclasses
+
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +56,16 @@ def _forward(q, k, v, scale, segment_ids, forget_gate, static):
 
 
 def _attention_fwd(q, k, v, scale, segment_ids, forget_gate, static):
+  attend_current, block_sizes, skip_tolerance, interpret = static
+  if interpret and block_sizes.num_compute_warpgroups != 1:
+    # The Mosaic GPU interpreter (JAX 0.11.2) deadlocks on a program that holds kernels of
+    # different warpgroup counts (its simulated shared memory is set up once, apparently for
+    # the first kernel's thread count). The backward's kernels have one warpgroup, so the
+    # forward they follow takes the one-warpgroup structure here (the same maths per row).
+    # Compiled kernels keep the given structure.
+    block_sizes = dataclasses.replace(block_sizes, num_compute_warpgroups=1,
+                                      schedule_barrier=False)
+    static = (attend_current, block_sizes, skip_tolerance, interpret)
   return (_forward(q, k, v, scale, segment_ids, forget_gate, static),
           (q, k, v, scale, segment_ids, forget_gate))
 
@@ -64,7 +76,8 @@ def _attention_bwd(static, residuals, cotangents):
   d_out, d_rem = cotangents
   dq, dk, dv, dscale, dgate = pallas_mosaic_gpu_bwd.backward(
       q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, attend_current=attend_current,
-      block_sizes=block_sizes, skip_tolerance=skip_tolerance, interpret=interpret)
+      block_sizes=block_sizes, skip_tolerance=skip_tolerance,
+      interpret=plgpu.InterpretGPUParams() if interpret else False)
   return dq, dk, dv, dscale, None, dgate
 
 

@@ -123,12 +123,14 @@ def _accumulate(pairs, *, in_place: bool):
   return list(pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc, _, _ in pairs)))
 
 
-def _visible(q_start, k_start, q_seg, seg_ref, *, lag):
+def _visible(q_start, k_start, q_seg, seg_ref, *, lag, seq_len=None):
   """``[64, 64]`` bool: causal visibility (and equal segments, ``q_seg [64]`` row layout, the
-  keys' ids read from ``seg_ref [T]``, or None)."""
+  keys' ids read from ``seg_ref [T]``, or None), for the rows before ``seq_len`` (None: all)."""
   q_pos = q_start + plgpu.broadcasted_iota(jnp.int32, _SHAPE, 0, layout=plgpu.Layout.WGMMA)
   k_pos = k_start + plgpu.broadcasted_iota(jnp.int32, _SHAPE, 1, layout=plgpu.Layout.WGMMA)
   mask = k_pos <= q_pos - lag
+  if seq_len is not None:
+    mask = mask & (q_pos < seq_len)
   if q_seg is not None:
     k_seg = plgpu.load(seg_ref.at[pl.ds(k_start, BLOCK)], layout=tiles.COL, optimized=False)
     mask = mask & (tiles.row_bcast(q_seg, _SHAPE) == lax.broadcast_in_dim(k_seg, _SHAPE, [1]))
@@ -142,7 +144,7 @@ def _rows(ref, start):
 
 def _dq_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, do_ref, drem_ref, dq_ref,
                dscale_ref, first_ref, stick_ref, gsum_ref, *scratch, num_buffers, group,
-               attend_current, cumsum_parts, registers, in_place, num_q_blocks, stop):
+               attend_current, cumsum_parts, registers, in_place, num_q_blocks, stop, seq_len):
   (q_smem, do_smem, k_smem, v_smem, tri_nearer, tri_prefix, part_smem, p_smem, rec_smem,
    out_rows, first_rows, barriers) = scratch
   q_barriers, k_barriers, v_barriers = barriers
@@ -223,6 +225,7 @@ def _dq_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, do_ref, drem_r
   zeros_h = plgpu.layout_cast(jnp.zeros(q_smem.shape, jnp.float32), plgpu.Layout.WGMMA)
   zeros = plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), tiles.ROW)
   carry = (zeros_h, zeros_h, zeros, zeros, zeros)
+  padding = tiles.padding_rows(q_start, BLOCK, seq_len)
   # The diagonal blocks come first; with segments, every block is masked.
   n_masked = n_total if seg_ref is not None else n_total - n_full
   if stop is None:
@@ -235,7 +238,7 @@ def _dq_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, do_ref, drem_r
       def step_once(state, masked=masked):
         step, _, carry = state
         carry = tile(step, carry, masked=masked)
-        return step + 1, masked | (jnp.max(carry[4]) > stop), carry
+        return step + 1, masked | (jnp.max(tiles.live(carry[4], padding)) > stop), carry
       state = lax.while_loop(lambda st, hi=hi: st[1] & (st[0] < hi), step_once, state)
     steps, _, carry = state
 
@@ -255,11 +258,11 @@ def _dq_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, do_ref, drem_r
 
 
 def _dkv_kernel(scale_ref, row_end_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, do_ref, drem_ref,
-                stick_ref, prefix_ref, dk_ref, dv_ref, dgate_ref, *scratch, num_buffers, group,
-                attend_current, cumsum_parts, registers, in_place, num_q_blocks):
-  (k_smem, v_smem, q_smem, do_smem, tri_nearer, tri_prefix, part_smem, a_smem, dz_smem,
-   dg_row, barriers) = scratch
-  kv_barriers, q_barriers, do_barriers = barriers
+                rec_ref, dk_ref, dv_ref, dgate_ref, *scratch, num_buffers, group, attend_current,
+                cumsum_parts, registers, in_place, num_q_blocks, seq_len):
+  (k_smem, v_smem, q_smem, do_smem, rec_smem, drem_smem, tri_nearer, tri_prefix, part_smem,
+   a_smem, dz_smem, dg_row, barriers) = scratch
+  kv_barriers, q_barriers, do_barriers, rec_barriers, drem_barriers = barriers
   kb, kv_head, batch = (lax.axis_index(n) for n in ("k", "heads", "batch"))
   k_start = kb * BLOCK
   keys = (batch, pl.ds(k_start, BLOCK), kv_head)
@@ -277,10 +280,14 @@ def _dkv_kernel(scale_ref, row_end_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, 
 
   def fetch(step):  # step -> (head of the group, query block), heads outermost
     head = kv_head * group + lax.div(step, per_head)
-    rows = (batch, pl.ds((j_first + lax.rem(step, per_head)) * BLOCK, BLOCK), head)
-    plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot_of(step)], q_barriers.at[slot_of(step)])
-    plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot_of(step)],
-                            do_barriers.at[slot_of(step)])
+    q_rows = pl.ds((j_first + lax.rem(step, per_head)) * BLOCK, BLOCK)
+    slot = slot_of(step)
+    for src, dst, barriers in (
+        (q_ref.at[batch, q_rows, head], q_smem, q_barriers),
+        (do_ref.at[batch, q_rows, head], do_smem, do_barriers),
+        (rec_ref.at[batch, head, kb, :, q_rows], rec_smem, rec_barriers),  # stick, prefix
+        (drem_ref.at[batch, head, q_rows], drem_smem, drem_barriers)):
+      plgpu.copy_gmem_to_smem(src, dst.at[slot], barriers.at[slot])
 
   total = group * per_head
   for step in range(num_buffers - 1):
@@ -309,12 +316,12 @@ def _dkv_kernel(scale_ref, row_end_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, 
     if masked:
       q_seg = None if seg_ref is None else _rows(seg_ref.at[batch], q_start)
       mask = _visible(q_start, k_start, q_seg, None if seg_ref is None else seg_ref.at[batch],
-                      lag=lag)
-    log_stick = _rows(stick_ref.at[batch, head, kb], q_start)
-    prefix = _rows(prefix_ref.at[batch, head, kb], q_start)
-    drem = _rows(drem_ref.at[batch, head], q_start)
-    plgpu.barrier_wait(q_barriers.at[slot])
-    plgpu.barrier_wait(do_barriers.at[slot])
+                      lag=lag, seq_len=seq_len)
+    for barriers in (q_barriers, do_barriers, rec_barriers, drem_barriers):
+      plgpu.barrier_wait(barriers.at[slot])
+    row = lambda smem: plgpu.load(smem, layout=tiles.ROW, optimized=False)  # [64]
+    log_stick, prefix = row(rec_smem.at[slot, 0]), row(rec_smem.at[slot, 1])
+    drem = row(drem_smem.at[slot])
     q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
     qk, do_v = _two_products(q_tile, k_smem.T, do_tile, v_smem.T)
     t = _Tile(qk, do_v, log_stick, drem, scale2=scale * tiles.LOG2E, mask=mask, gate=gate,
@@ -328,13 +335,20 @@ def _dkv_kernel(scale_ref, row_end_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, 
       dg = dg + jnp.sum(dg_tile, axis=0)  # [64] keys
     return dk, dv, dg
 
+  # The launcher's padded rows (zeros) are masked in the last query block: zeros times an
+  # infinite key are NaN, which a transposed product would spread over the whole key block.
+  j_whole = num_q_blocks if seq_len is None else seq_len // BLOCK
+
   def head_loop(h, carry):
+    masked = functools.partial(tile, h=h, masked=True)
     if seg_ref is not None:  # keys of another segment can lie anywhere: every tile masked
-      return lax.fori_loop(j_first, j_end, functools.partial(tile, h=h, masked=True), carry)
-    carry = lax.fori_loop(j_first, jnp.minimum(j_full, j_end),
-                          functools.partial(tile, h=h, masked=True), carry)
-    return lax.fori_loop(j_full, j_end,
-                         functools.partial(tile, h=h, masked=False), carry)
+      return lax.fori_loop(j_first, j_end, masked, carry)
+    carry = lax.fori_loop(j_first, jnp.minimum(j_full, j_end), masked, carry)
+    carry = lax.fori_loop(j_full, jnp.minimum(j_end, j_whole),
+                          functools.partial(tile, h=h, masked=False), carry)
+    if seq_len is not None:
+      carry = lax.fori_loop(jnp.maximum(j_full, j_whole), j_end, masked, carry)
+    return carry
 
   zeros_h = plgpu.layout_cast(jnp.zeros(k_smem.shape, jnp.float32), plgpu.Layout.WGMMA)
   dg = None if gate_ref is None else plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), tiles.COL)
@@ -352,10 +366,11 @@ def _dkv_kernel(scale_ref, row_end_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, 
 
 
 def _records(first, stick, gsum, *, attend_current: bool):
-  """The dk/dv kernel's per-(row, key block) inputs from the dq kernel's records: the log2-stick
-  right of the block (``_NO_STICK`` where the row block's walk never reached it) and the exclusive
-  prefix of ``G`` from the left (0 there). ``first [B, N, T]``: each row's leftmost walked key
-  block; ``stick``, ``gsum``: ``[B, N, T / 64, T]``, written only where walked."""
+  """``[B, N, T / 64, 2, T]``: the dk/dv kernel's per-(row, key block) inputs from the dq kernel's
+  records, the log2-stick right of the block (``_NO_STICK`` where the row block's walk never
+  reached it) and the exclusive prefix of ``G`` from the left (0 there). ``first [B, N, T]``: each
+  row's leftmost walked key block; ``stick``, ``gsum``: ``[B, N, T / 64, T]``, written only where
+  walked."""
   nkb, tp = stick.shape[2], stick.shape[3]
   lag = 0 if attend_current else 1
   kb = jnp.arange(nkb)[:, None]  # [nkb, 1]
@@ -365,7 +380,7 @@ def _records(first, stick, gsum, *, attend_current: bool):
   walked = (kb >= first[:, :, None, :]) & (kb < n_total)  # [B, N, nkb, T]
   g = jnp.where(walked, gsum, 0.0)
   prefix = jnp.concatenate([jnp.zeros_like(g[:, :, :1]), jnp.cumsum(g, axis=2)[:, :, :-1]], axis=2)
-  return jnp.where(walked, stick, _NO_STICK), prefix
+  return jnp.stack([jnp.where(walked, stick, _NO_STICK), prefix], axis=3)
 
 
 def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_current: bool,
@@ -374,8 +389,8 @@ def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_c
 
   Args:
     q, k, v, scale, segment_ids, forget_gate, attend_current, skip_tolerance, interpret: as for
-      ``pallas_mosaic_gpu_fwd.forward``; ``block_sizes``: its ``num_buffers_bwd`` and
-      ``skip_used_stick`` apply (the tiles are 64 x 64).
+      ``pallas_mosaic_gpu_fwd.forward`` (``interpret``: False or ``plgpu.InterpretGPUParams``).
+    block_sizes: its ``num_buffers_bwd`` and ``skip_used_stick`` apply (the tiles are 64 x 64).
     d_out: ``[B, T, N, H]``; d_rem: ``[B, N, T]`` cotangents.
 
   Returns:
@@ -401,9 +416,8 @@ def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_c
   operand = lambda dt: None if registers else smem(_SHAPE, dt)  # SMEM left operands (interpret)
   common = dict(num_buffers=nb, group=group, attend_current=attend_current,
                 cumsum_parts=tiles.cumsum_parts(dtype), registers=registers,
-                in_place=registers, num_q_blocks=nq)
-  params = dict(compiler_params=plgpu.CompilerParams(approx_math=True),
-                interpret=plgpu.InterpretGPUParams() if interpret else False)
+                in_place=registers, num_q_blocks=nq, seq_len=t if tp != t else None)
+  params = dict(compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)
   optional = (None if segment_ids is None else segment_ids.astype(jnp.int32),
               None if forget_gate is None else forget_gate.astype(jnp.float32).transpose(0, 2, 1))
   given = [x for x in optional if x is not None]
@@ -441,7 +455,7 @@ def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_c
 
   first_blocks = first[:, :, ::BLOCK]  # [B, N, nq]: every row of a block shares its walk
   row_end = live_row_end(first_blocks, BLOCK, nq, num_kv_heads)
-  stick, prefix = _records(first, stick, gsum, attend_current=attend_current)
+  records = _records(first, stick, gsum, attend_current=attend_current)
   dk, dv, dgate = plgpu.kernel(
       with_optional(functools.partial(_dkv_kernel, **common), 2),
       out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype),
@@ -449,16 +463,17 @@ def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_c
       scratch_types=(
           smem((BLOCK, h), dtype), smem((BLOCK, h), dtype),  # k (then dk), v (then dv)
           smem((nb, BLOCK, h), dtype), smem((nb, BLOCK, h), dtype),  # q, do rings
+          plgpu.SMEM((nb, 2, BLOCK), jnp.float32),  # (stick, prefix) ring
+          plgpu.SMEM((nb, BLOCK), jnp.float32),  # drem ring
           smem(_SHAPE, jnp.bfloat16), smem(_SHAPE, jnp.bfloat16),  # triangles
           operand(jnp.bfloat16),  # parts
           smem(_SHAPE, dtype), smem(_SHAPE, dtype),  # a and dz: transposed left operands
           plgpu.SMEM((BLOCK,), jnp.float32),  # dgate
-          (plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=nb),
-           plgpu.Barrier(num_barriers=nb)),
+          (plgpu.Barrier(num_barriers=2),) + (plgpu.Barrier(num_barriers=nb),) * 4,
       ),
       grid=(nq, num_kv_heads, b), grid_names=("k", "heads", "batch"), kernel_name=DKV_NAME,
       **params,
-  )(scale_rows, row_end, *given, q, k, v, d_out, d_rem, stick, prefix)
+  )(scale_rows, row_end, *given, q, k, v, d_out, d_rem, records)
   dscale = jnp.sum(dscale[:, :, :t]).reshape(1)
   dgate = None if forget_gate is None else dgate[:, :, :t].transpose(0, 2, 1)
   return dq[:, :t], dk[:, :t], dv[:, :t], dscale, dgate

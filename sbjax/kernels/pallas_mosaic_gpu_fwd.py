@@ -56,7 +56,7 @@ def _meet(barrier):
 def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready, *, scale_ref,
           seg_ref, gate_ref, q_start, n_full, n_total, block_k, num_buffers, lag, cumsum_parts,
           registers, pipeline_qk=False, schedule=None, in_place=False, before_tile=None,
-          k_done=None, v_done=None, goes_on=None, report=None):
+          k_done=None, v_done=None, goes_on=None, report=None, seq_len=None):
   """One warpgroup's walk over key-block steps ``t = 0 .. n_total - 1`` (key block
   ``n_total - 1 - t``, in slot ``t % num_buffers``): ``(acc [Q, H], log_stick [Q], steps)`` in
   fp32, ``steps`` the number of steps walked.
@@ -65,7 +65,8 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
   K of step ``step + 1`` if the walk goes on to it and returns whether it does (a traced bool;
   ``log_stick`` is the rows' stick before step ``step`` with ``pipeline_qk``, after it without),
   so the walk may end before ``n_total``. ``report(step, log_stick)`` runs after each step's
-  stick update, before ``v_done``.
+  stick update, before ``v_done``. Both see the rows past ``seq_len`` (the padding; None: none)
+  at -inf.
 
   ``seg_ref``: this batch row's segment ids ``[T]`` int32 in GMEM, or None; with them every
   tile is masked (keys of another segment can lie in any block). ``gate_ref``: this batch row
@@ -88,6 +89,7 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
   nothing = lambda *_: None
   before_tile, k_done, v_done = (f or nothing for f in (before_tile, k_done, v_done))
   slot_of = lambda step: lax.rem(step, jnp.int32(num_buffers))
+  padding = tiles.padding_rows(q_start, block_q, seq_len)
   if seg_ref is not None:  # [block_q] int32: the rows' segments (non-vectorised GMEM loads)
     q_seg = plgpu.load(seg_ref.at[pl.ds(q_start, block_q)], layout=tiles.ROW, optimized=False)
 
@@ -125,7 +127,7 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
     if goes_on is None:
       pl.when(exists)(lambda: plgpu.barrier_wait(k_ready.at[slot_of(step + 1)]))
       return exists
-    return goes_on(step, log_stick)
+    return goes_on(step, tiles.live(log_stick, padding))
 
   def tile(step, carry, *, masked):
     acc, log_stick, x = carry  # [block_q, H], [block_q] fp32; x: this step's logits if pipelined
@@ -180,7 +182,7 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
       acc = acc + tiles.matmul(p, v_smem.at[slot], acc.shape)  # [block_q, H]
     log_stick_next = log_stick + jnp.sum(log_1m_beta, axis=1)
     if report is not None:
-      report(step, log_stick_next)
+      report(step, tiles.live(log_stick_next, padding))
     v_done(slot)
     if not pipeline_qk:
       has_next = wait_next(step, log_stick_next)
@@ -226,7 +228,7 @@ def _store(acc, log_stick, o_smem, rem_smem, out_ref, rem_ref):
 def _fwd_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *,
                 block_q, block_k, num_buffers, group, attend_current, cumsum_parts, registers,
                 pipeline_qk, schedule_barrier, in_place, consumer_registers, num_q_blocks,
-                heavy_first, stop):
+                heavy_first, stop, seq_len):
   """One warpgroup: it issues the TMA copies of the ring itself, ``num_buffers - 1`` ahead, and
   with ``stop`` (a log2-stick, or None) ends its walk once every row's stick is below it (the
   test sees the stick before a step: one step late)."""
@@ -272,7 +274,8 @@ def _fwd_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, rem_
       gate_ref=None if gate_ref is None else gate_ref.at[batch, kv_head], q_start=q_start,
       n_full=n_full, n_total=n_total, block_k=block_k,
       num_buffers=num_buffers, lag=lag, cumsum_parts=cumsum_parts, registers=registers,
-      pipeline_qk=pipeline_qk, in_place=in_place, before_tile=prefetch, goes_on=goes_on)
+      pipeline_qk=pipeline_qk, in_place=in_place, before_tile=prefetch, goes_on=goes_on,
+      seq_len=seq_len)
   if stop is not None:  # the copies prefetched past the walk's end land before the kernel exits
     @pl.loop(steps, jnp.minimum(steps + num_buffers - 1, n_total))
     def _(step):
@@ -287,7 +290,7 @@ def _fwd_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, rem_
 def _fwd_kernel_ws(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *,
                    block_q, block_k, num_buffers, group, attend_current, cumsum_parts, registers,
                    pipeline_qk, schedule_barrier, in_place, consumer_registers, num_q_blocks,
-                   heavy_first, stop):
+                   heavy_first, stop, seq_len):
   """Warp-specialised (FA3's structure): warpgroups 0 and 1 each compute ``block_q`` rows of a
   ``2 * block_q`` query block; warpgroup 2 issues the TMA copies of the K/V ring, which both
   consumers read, refilling a slot once both have arrived on its "consumed" barrier.
@@ -359,7 +362,7 @@ def _fwd_kernel_ws(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, r
         schedule=schedule if schedule_barrier else None, in_place=in_place,
         k_done=lambda slot: plgpu.barrier_arrive(k_consumed.at[slot]),
         v_done=lambda slot: plgpu.barrier_arrive(v_consumed.at[slot]), goes_on=goes_on,
-        report=report)
+        report=report, seq_len=seq_len)
     if schedule_barrier:  # consumer 1's first rendezvous, matched
       pl.when(wg == 0)(functools.partial(_meet, schedule))
     _store(acc, log_stick, q_wg, rem_smem.at[wg], out_ref.at[rows],
@@ -489,7 +492,8 @@ def forward(q, k, v, scale, segment_ids=None, forget_gate=None, *, attend_curren
       pipeline_qk=block_sizes.pipeline_qk, schedule_barrier=block_sizes.schedule_barrier,
       in_place=block_sizes.accumulate_in_place and not interpret,
       consumer_registers=block_sizes.consumer_registers, num_q_blocks=tp // rows,
-      heavy_first=block_sizes.heavy_first, stop=stop_log2(skip_tolerance) if skip else None)
+      heavy_first=block_sizes.heavy_first, stop=stop_log2(skip_tolerance) if skip else None,
+      seq_len=t if tp != t else None)
   # Optional inputs: segment ids [B, T] and the gate as [B, K, T] (a contiguous row per kv head).
   optional = (None if segment_ids is None else segment_ids.astype(jnp.int32),
               None if forget_gate is None else forget_gate.astype(jnp.float32).transpose(0, 2, 1))

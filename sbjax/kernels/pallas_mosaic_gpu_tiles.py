@@ -6,6 +6,7 @@ whose constants and formulas these restate so that the backends stay independent
 
 from __future__ import annotations
 
+import functools
 import math
 
 from jax import lax
@@ -83,6 +84,24 @@ def build_triangle(tri_smem, keep=lambda m, i: m > i):
   plgpu.commit_smem()  # register stores, then a wgmma (async proxy) reads them
 
 
+def padding_rows(q_start, rows: int, seq_len):
+  """``[rows]`` fp32 (row layout): 0 for the rows before ``seq_len``, -inf for the launcher's
+  padding after it; None when ``seq_len`` is None (no padding). Built from a 2-D iota reduced
+  along the keys: a 1-D row-layout iota defeats layout inference in the two-consumer kernel."""
+  if seq_len is None:
+    return None
+  shape = (rows, 64)
+  pos = q_start + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+  return jnp.max(jnp.where(pos < seq_len, jnp.float32(0), jnp.float32(-jnp.inf)), axis=1)
+
+
+def live(log_stick, padding):
+  """``log_stick [Q]`` with the padded rows (``padding_rows``, or None: none) at -inf, for the
+  skipping tests: padded rows of zeros meet an infinite key as ``0 * inf = NaN``, which must not
+  decide when the real rows stop."""
+  return log_stick if padding is None else jnp.where(padding == 0.0, log_stick, padding)
+
+
 def key_blocks(q_start, rows: int, *, block_k: int, lag: int):
   """``(n_full, n_total)`` for query rows ``[q_start, q_start + rows)``: key blocks ``[0, n_full)``
   are visible to every row, ``[n_full, n_total)`` need the causal mask."""
@@ -133,19 +152,22 @@ def lhs(x, smem, registers: bool):
 
 def in_block_sums(x, tri_smem, *, parts: int, smem, registers: bool):
   """``x @ tri`` for fp32 ``x [Q, S]``: in-block cumulative sums (``build_triangle``), with ``x``
-  split into ``parts`` bf16 terms (hi + lo + ...) that keep about ``8 * parts`` bits. In
-  registers the parts accumulate in one accumulator, waited for once; through ``smem`` (bf16
-  ``[Q, S]``) each part is waited for before the next overwrites it."""
+  split into ``parts`` bf16 terms (hi + lo + ...) that keep about ``8 * parts`` bits, each
+  multiplied in its own accumulator and the products added in fp32 registers, hi first, as the
+  Triton kernels add theirs (not inside the tensor cores' accumulation). In registers the parts
+  are issued together and waited for once; through ``smem`` (bf16 ``[Q, S]``) each is waited
+  for before the next overwrites it."""
   terms = []
   for _ in range(parts):
     terms.append(x.astype(jnp.bfloat16))
     x = x - terms[-1].astype(jnp.float32)
   if registers:
-    def body(acc_ref):
-      for term in terms:
+    def body(*acc_refs):
+      for acc_ref, term in zip(acc_refs, terms):
         plgpu.wgmma(acc_ref, term, tri_smem)
-      return acc_ref[...]
-    return pl.run_scoped(body, plgpu.ACC(x.shape, jnp.float32))
+      products = [acc_ref[...] for acc_ref in acc_refs]
+      return functools.reduce(lambda a, b: a + b, products)
+    return pl.run_scoped(body, *[plgpu.ACC(x.shape, jnp.float32)] * parts)
   out = None
   for term in terms:
     y = matmul(lhs(term, smem, False), tri_smem, x.shape)
