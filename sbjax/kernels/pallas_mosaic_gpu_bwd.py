@@ -142,6 +142,16 @@ def _rows(ref, start):
   return plgpu.load(ref.at[pl.ds(start, BLOCK)], layout=tiles.ROW, optimized=False)
 
 
+def _prologue(fetch, total, scale_ref, tri_nearer, tri_prefix, *, num_buffers, gated):
+  """A kernel's start: the ring's first ``num_buffers - 1`` copies (of ``total`` steps), the two
+  triangles (nearer keys; ``G``'s prefix: ``m <= i``, or ``m < i`` gated), the scale row [64]."""
+  for step in range(num_buffers - 1):
+    pl.when(step < total)(functools.partial(fetch, jnp.int32(step)))
+  tiles.build_triangle(tri_nearer)
+  tiles.build_triangle(tri_prefix, (lambda m, i: m < i) if gated else (lambda m, i: m <= i))
+  return plgpu.load(scale_ref, layout=tiles.ROW, optimized=False)
+
+
 def _dq_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, do_ref, drem_ref, dq_ref,
                dscale_ref, first_ref, stick_ref, gsum_ref, *scratch, num_buffers, group,
                attend_current, cumsum_parts, registers, in_place, num_q_blocks, stop, seq_len):
@@ -163,13 +173,8 @@ def _dq_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, do_ref, drem_r
     plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot_of(step)], k_barriers.at[slot_of(step)])
     plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot_of(step)], v_barriers.at[slot_of(step)])
 
-  for step in range(num_buffers - 1):
-    pl.when(step < n_total)(functools.partial(fetch, jnp.int32(step)))
-
-  tiles.build_triangle(tri_nearer)
-  tiles.build_triangle(tri_prefix, (lambda m, i: m <= i) if gate_ref is None else
-                       (lambda m, i: m < i))
-  scale = plgpu.load(scale_ref, layout=tiles.ROW, optimized=False)  # [64]
+  scale = _prologue(fetch, n_total, scale_ref, tri_nearer, tri_prefix,
+                    num_buffers=num_buffers, gated=gate_ref is not None)
   drem = _rows(drem_ref.at[batch, head], q_start)
   q_seg = None if seg_ref is None else _rows(seg_ref.at[batch], q_start)
   plgpu.barrier_wait(q_barriers.at[0])
@@ -290,13 +295,8 @@ def _dkv_kernel(scale_ref, row_end_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, 
       plgpu.copy_gmem_to_smem(src, dst.at[slot], barriers.at[slot])
 
   total = group * per_head
-  for step in range(num_buffers - 1):
-    pl.when(step < total)(functools.partial(fetch, jnp.int32(step)))
-
-  tiles.build_triangle(tri_nearer)
-  tiles.build_triangle(tri_prefix, (lambda m, i: m <= i) if gate_ref is None else
-                       (lambda m, i: m < i))
-  scale = plgpu.load(scale_ref, layout=tiles.ROW, optimized=False)  # [64]
+  scale = _prologue(fetch, total, scale_ref, tri_nearer, tri_prefix, num_buffers=num_buffers,
+                    gated=gate_ref is not None)
   gate = None if gate_ref is None else tiles.key_gate(
       gate_ref.at[batch, kv_head, pl.ds(k_start, BLOCK)], _SHAPE)
   plgpu.barrier_wait(kv_barriers.at[0])
