@@ -322,9 +322,10 @@ MOSAIC_CASES = [(jnp.bfloat16, Shape(2, 100, 4, 2, 64), False, False, False),
 
 
 class TestPallasMosaicInterpret(OpSuite):
-  """The Mosaic GPU kernels (forward and backward) in Mosaic GPU interpret mode, with the op's
-  default tiling, on the inputs they take (bf16 for the fixed-input tests, head dim 64 at least);
-  their other structures are in test_pallas_mosaic_gpu.py."""
+  """The Mosaic GPU kernels (forward and backward) in Mosaic GPU interpret mode (the
+  one-warpgroup forward; compiled on a GPU, the op's default tiling), on the inputs they take
+  (bf16 for the fixed-input tests, head dim 64 at least); their other structures are in
+  test_pallas_mosaic_gpu.py."""
 
   IMPLEMENTATION = "pallas_mosaic_gpu"
   DTYPE = jnp.bfloat16
