@@ -33,7 +33,6 @@ kernels keep the left operands in registers and accumulate ``dq``, ``dk`` and ``
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 from jax import lax
