@@ -151,9 +151,14 @@ def train_and_score(run_cfg: dict, workdir: str, progress_bar: bool = True) -> d
   with jax.set_mesh(mesh):
     model = models.DecoderLM(lm_config, rngs=nnx.Rngs(run_cfg["seed"]))
 
+  # Under jax.distributed each process supplies its rows of every global batch (all of them in
+  # a single-process run); every process draws the same global batch from the same seed.
+  rows = training.process_batch_rows(run_cfg["batch_size"], mesh)
+  local = lambda batch: {name: x[rows] for name, x in batch.items()}
+
   def batches(step):  # a function of the step, so a resumed run sees the same data
     rng = np.random.default_rng((run_cfg["seed"], _TRAIN_STREAM, step))
-    return make_batch(run_cfg, rng, run_cfg["seq_len"])
+    return local(make_batch(run_cfg, rng, run_cfg["seq_len"]))
 
   start = time.perf_counter()
   result = training.train(model, train_config, batches, workdir, mesh=mesh)
@@ -167,7 +172,8 @@ def train_and_score(run_cfg: dict, workdir: str, progress_bar: bool = True) -> d
   records = []
   for seq_len in run_cfg["eval_seq_lens"]:
     rng = np.random.default_rng((run_cfg["seed"], _EVAL_STREAM, seq_len))
-    eval_batches = [make_batch(run_cfg, rng, seq_len) for _ in range(run_cfg["eval_batches"])]
+    eval_batches = [local(make_batch(run_cfg, rng, seq_len))
+                    for _ in range(run_cfg["eval_batches"])]
     scores = training.evaluate(eval_step, params, eval_batches, batch_sharding(mesh))
     chance, key_match = baselines(run_cfg["vocab_size"], run_cfg["num_keys"], seq_len,
                                   run_cfg["reassign_prob"])

@@ -11,6 +11,7 @@ import shutil
 import pathlib
 import sys
 
+import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -112,6 +113,38 @@ def test_changed_config_is_never_answered_with_old_results(trained, tmp_path, ca
   run_dirs = sorted(os.listdir(tmp_path / "runs"))
   assert len(run_dirs) == 4 and {old[0]["run"], new[0]["run"]} < set(run_dirs)
   assert sorted(os.listdir(tmp_path / "runs" / new[0]["run"] / "checkpoints")) == ["2"]
+
+
+def test_each_process_supplies_its_rows(monkeypatch, tmp_path):
+  """Training and evaluation batches are this process's rows of each global batch
+  (``training.process_batch_rows``, as under ``jax.distributed``): with the rows reversed, the
+  run trains and scores on the reversed global batches."""
+  config = _shrunken_config()
+  config.num_steps, config.eval_seq_lens = 2, (32,)
+  asked, seen = [], {"train": [], "eval": []}
+  monkeypatch.setattr(mqrar_lib.training, "process_batch_rows",
+                      lambda b, mesh: asked.append(b) or np.arange(b)[::-1])
+  train, evaluate = mqrar_lib.training.train, mqrar_lib.training.evaluate
+
+  def spy_train(model, train_config, batches, workdir, **kw):
+    seen["train"].append(batches(0))
+    return train(model, train_config, batches, workdir, **kw)
+
+  def spy_evaluate(eval_step, params, batches, sharding):
+    seen["eval"].append(batches[0])
+    return evaluate(eval_step, params, batches, sharding)
+  monkeypatch.setattr(mqrar_lib.training, "train", spy_train)
+  monkeypatch.setattr(mqrar_lib.training, "evaluate", spy_evaluate)
+  mqrar_lib.train_and_evaluate(config, str(tmp_path))
+  assert asked and set(asked) == {config.batch_size}
+  run_cfg = mqrar_lib.run_config(config, next(iter(mqrar_lib.runs(config))))  # trained first
+  rng = np.random.default_rng((run_cfg["seed"], mqrar_lib._TRAIN_STREAM, 0))
+  want = mqrar_lib.make_batch(run_cfg, rng, run_cfg["seq_len"])
+  for name, x in want.items():
+    np.testing.assert_array_equal(seen["train"][0][name], x[::-1])
+  rng = np.random.default_rng((run_cfg["seed"], mqrar_lib._EVAL_STREAM, 32))
+  np.testing.assert_array_equal(seen["eval"][0]["inputs"],
+                                mqrar_lib.make_batch(run_cfg, rng, 32)["inputs"][::-1])
 
 
 def test_run_identity_covers_the_whole_config():
