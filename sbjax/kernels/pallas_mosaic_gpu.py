@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 
-
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -47,12 +46,16 @@ def stick_breaking_attention(query, key, value, scale, segment_ids=None, forget_
   return out, rem.transpose(0, 2, 1)  # rem [B, N, T] -> [B, T, N]
 
 
+def _interpret_params(interpret: bool):
+  return plgpu.InterpretGPUParams() if interpret else False
+
+
 def _forward(q, k, v, scale, segment_ids, forget_gate, static):
   attend_current, block_sizes, skip_tolerance, interpret = static
   return pallas_mosaic_gpu_fwd.forward(
       q, k, v, scale, segment_ids, forget_gate, attend_current=attend_current,
       block_sizes=block_sizes, skip_tolerance=skip_tolerance,
-      interpret=plgpu.InterpretGPUParams() if interpret else False)
+      interpret=_interpret_params(interpret))
 
 
 def _attention_fwd(q, k, v, scale, segment_ids, forget_gate, static):
@@ -77,7 +80,7 @@ def _attention_bwd(static, residuals, cotangents):
   dq, dk, dv, dscale, dgate = pallas_mosaic_gpu_bwd.backward(
       q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, attend_current=attend_current,
       block_sizes=block_sizes, skip_tolerance=skip_tolerance,
-      interpret=plgpu.InterpretGPUParams() if interpret else False)
+      interpret=_interpret_params(interpret))
   return dq, dk, dv, dscale, None, dgate
 
 

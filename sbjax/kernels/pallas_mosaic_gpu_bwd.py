@@ -144,8 +144,7 @@ def _rows(ref, start):
 def _prologue(fetch, total, scale_ref, tri_nearer, tri_prefix, *, num_buffers, gated):
   """A kernel's start: the ring's first ``num_buffers - 1`` copies (of ``total`` steps), the two
   triangles (nearer keys; ``G``'s prefix: ``m <= i``, or ``m < i`` gated), the scale row [64]."""
-  for step in range(num_buffers - 1):
-    pl.when(step < total)(functools.partial(fetch, jnp.int32(step)))
+  tiles.prefetch_first(fetch, total, num_buffers)
   tiles.build_triangle(tri_nearer)
   tiles.build_triangle(tri_prefix, (lambda m, i: m < i) if gated else (lambda m, i: m <= i))
   return plgpu.load(scale_ref, layout=tiles.ROW, optimized=False)
@@ -167,11 +166,9 @@ def _dq_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, do_ref, drem_r
   n_full, n_total = tiles.key_blocks(q_start, BLOCK, block_k=BLOCK, lag=lag)
   slot_of = lambda step: lax.rem(step, jnp.int32(num_buffers))
 
-  def fetch(step):  # walk step t reads key block n_total - 1 - t into slot t % num_buffers
-    keys = (batch, tiles.step_keys(step, n_total, BLOCK), kv_head)
-    plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot_of(step)], k_barriers.at[slot_of(step)])
-    plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot_of(step)], v_barriers.at[slot_of(step)])
-
+  fetch = tiles.kv_ring_fetch(k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers, batch=batch,
+                              kv_head=kv_head, n_total=n_total, block_k=BLOCK,
+                              num_buffers=num_buffers)
   scale = _prologue(fetch, n_total, scale_ref, tri_nearer, tri_prefix,
                     num_buffers=num_buffers, gated=gate_ref is not None)
   drem = _rows(drem_ref.at[batch, head], q_start)
@@ -245,11 +242,7 @@ def _dq_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, do_ref, drem_r
         return step + 1, masked | (jnp.max(tiles.live(carry[4], padding)) > stop), carry
       state = lax.while_loop(lambda st, hi=hi: st[1] & (st[0] < hi), step_once, state)
     steps, _, carry = state
-
-    @pl.loop(steps, jnp.minimum(steps + num_buffers - 1, n_total))
-    def _(step):  # the copies prefetched past the walk's end land before the kernel exits
-      plgpu.barrier_wait(k_barriers.at[slot_of(step)])
-      plgpu.barrier_wait(v_barriers.at[slot_of(step)])
+    tiles.drain_ring(steps, n_total, num_buffers, k_barriers, v_barriers)
   dq, _, dscale, _, _ = carry
   q_smem[...] = (dq * tiles.row_bcast(scale, dq.shape)).astype(dt)  # q is no longer read
   out_rows[...] = dscale
@@ -373,9 +366,8 @@ def _records(first, stick, gsum, *, attend_current: bool):
   nkb, tp = stick.shape[2], stick.shape[3]
   lag = 0 if attend_current else 1
   kb = jnp.arange(nkb)[:, None]  # [nkb, 1]
-  rows = jnp.arange(tp)[None, :]
-  row_block_start = rows - rows % BLOCK
-  n_total = (row_block_start - lag + BLOCK - 1 + BLOCK) // BLOCK  # tiles.key_blocks's
+  rows = jnp.arange(tp, dtype=jnp.int32)[None, :]
+  _, n_total = tiles.key_blocks(rows - rows % BLOCK, BLOCK, block_k=BLOCK, lag=lag)  # [1, T]
   walked = (kb >= first[:, :, None, :]) & (kb < n_total)  # [B, N, nkb, T]
   g = jnp.where(walked, gsum, 0.0)
   prefix = jnp.concatenate([jnp.zeros_like(g[:, :, :1]), jnp.cumsum(g, axis=2)[:, :, :-1]], axis=2)
@@ -399,14 +391,11 @@ def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_c
   num_kv_heads = k.shape[2]
   group = n // num_kv_heads
   tp = tiles.cdiv(t, BLOCK) * BLOCK
-  if tp != t:  # zeros: padded rows get G = 0 and add nothing; padded keys follow every real row
-    pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
-    q, k, v, d_out = (jnp.pad(x, pad) for x in (q, k, v, d_out))
-    d_rem = jnp.pad(d_rem, ((0, 0), (0, 0), (0, tp - t)))
-    if segment_ids is not None:
-      segment_ids = jnp.pad(segment_ids, ((0, 0), (0, tp - t)))
-    if forget_gate is not None:
-      forget_gate = jnp.pad(forget_gate, ((0, 0), (0, tp - t), (0, 0)))
+  # Zeros: padded rows get G = 0 and add nothing (the dk/dv kernel masks them: zeros times an
+  # infinite key are NaN); padded keys follow every real row.
+  q, k, v, d_out, segment_ids, forget_gate = (
+      tiles.pad_time(x, tp) for x in (q, k, v, d_out, segment_ids, forget_gate))
+  d_rem = tiles.pad_time(d_rem, tp, axis=2)
   nq = tp // BLOCK
   dtype, nb = q.dtype, block_sizes.num_buffers_bwd
   registers = block_sizes.operands_in_registers and not interpret
@@ -417,17 +406,7 @@ def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_c
                 cumsum_parts=tiles.cumsum_parts(dtype), registers=registers,
                 in_place=registers, num_q_blocks=nq, seq_len=t if tp != t else None)
   params = dict(compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)
-  optional = (None if segment_ids is None else segment_ids.astype(jnp.int32),
-              None if forget_gate is None else forget_gate.astype(jnp.float32).transpose(0, 2, 1))
-  given = [x for x in optional if x is not None]
-
-  def with_optional(kernel, num_leading):
-    """``kernel`` with None for the optional inputs not given (they follow ``num_leading``)."""
-    def body(*refs):
-      it = iter(refs[num_leading:num_leading + len(given)])
-      seg_ref, gate_ref = (None if x is None else next(it) for x in optional)
-      kernel(*refs[:num_leading], seg_ref, gate_ref, *refs[num_leading + len(given):])
-    return body
+  given, with_optional = tiles.optional_inputs(segment_ids, forget_gate)
 
   scale_rows = jnp.broadcast_to(jnp.reshape(scale, ()).astype(jnp.float32), (BLOCK,))
   d_rem = d_rem.astype(jnp.float32)

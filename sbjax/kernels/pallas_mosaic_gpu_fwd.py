@@ -225,7 +225,7 @@ def _store(acc, log_stick, o_smem, rem_smem, out_ref, rem_ref):
   plgpu.wait_smem_to_gmem(0)
 
 
-def _fwd_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *,
+def _fwd_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, *scratch,
                 block_q, block_k, num_buffers, group, attend_current, cumsum_parts, registers,
                 pipeline_qk, schedule_barrier, in_place, consumer_registers, num_q_blocks,
                 heavy_first, stop, seq_len):
@@ -242,14 +242,10 @@ def _fwd_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, rem_
   lag = 0 if attend_current else 1
   n_full, n_total = tiles.key_blocks(q_start, block_q, block_k=block_k, lag=lag)
 
-  def fetch(step):  # walk step t reads key block n_total - 1 - t into slot t % num_buffers
-    slot = lax.rem(step, jnp.int32(num_buffers))
-    keys = (batch, tiles.step_keys(step, n_total, block_k), kv_head)
-    plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_barriers.at[slot])
-    plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_barriers.at[slot])
-
-  for step in range(num_buffers - 1):
-    pl.when(step < n_total)(functools.partial(fetch, jnp.int32(step)))
+  fetch = tiles.kv_ring_fetch(k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers, batch=batch,
+                              kv_head=kv_head, n_total=n_total, block_k=block_k,
+                              num_buffers=num_buffers)
+  tiles.prefetch_first(fetch, n_total, num_buffers)
 
   del schedule_barrier, consumer_registers  # one warpgroup: nothing to order or to share
 
@@ -263,7 +259,8 @@ def _fwd_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, rem_
   if stop is not None:
     def goes_on(step, log_stick):  # until every row's stick is used up
       has_next = (step + 1 < n_total) & (jnp.max(log_stick) > stop)
-      pl.when(has_next)(lambda: plgpu.barrier_wait(k_barriers.at[lax.rem(step + 1, jnp.int32(num_buffers))]))
+      slot = lax.rem(step + 1, jnp.int32(num_buffers))
+      pl.when(has_next)(lambda: plgpu.barrier_wait(k_barriers.at[slot]))
       return has_next
 
   tiles.build_triangle(tri_smem)
@@ -276,18 +273,14 @@ def _fwd_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, rem_
       num_buffers=num_buffers, lag=lag, cumsum_parts=cumsum_parts, registers=registers,
       pipeline_qk=pipeline_qk, in_place=in_place, before_tile=prefetch, goes_on=goes_on,
       seq_len=seq_len)
-  if stop is not None:  # the copies prefetched past the walk's end land before the kernel exits
-    @pl.loop(steps, jnp.minimum(steps + num_buffers - 1, n_total))
-    def _(step):
-      slot = lax.rem(step, jnp.int32(num_buffers))
-      plgpu.barrier_wait(k_barriers.at[slot])
-      plgpu.barrier_wait(v_barriers.at[slot])
+  if stop is not None:
+    tiles.drain_ring(steps, n_total, num_buffers, k_barriers, v_barriers)
   # q is no longer read: its buffer stages the output.
   _store(acc, log_stick, q_smem, rem_smem, out_ref.at[rows],
          rem_ref.at[batch, head, pl.ds(q_start, block_q)])
 
 
-def _fwd_kernel_ws(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, scratch, *,
+def _fwd_kernel_ws(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, *scratch,
                    block_q, block_k, num_buffers, group, attend_current, cumsum_parts, registers,
                    pipeline_qk, schedule_barrier, in_place, consumer_registers, num_q_blocks,
                    heavy_first, stop, seq_len):
@@ -450,13 +443,10 @@ def forward(q, k, v, scale, segment_ids=None, forget_gate=None, *, attend_curren
   wgs = block_sizes.num_compute_warpgroups
   rows = wgs * bq  # query rows per program
   tp = tiles.cdiv(t, math.lcm(rows, bk)) * math.lcm(rows, bk)
-  if tp != t:  # zeros: finite padding; padded keys follow every real query, so the mask hides them
-    pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
-    q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-    if segment_ids is not None:  # padded rows are discarded, padded keys hidden by causality
-      segment_ids = jnp.pad(segment_ids, ((0, 0), (0, tp - t)))
-    if forget_gate is not None:
-      forget_gate = jnp.pad(forget_gate, ((0, 0), (0, tp - t), (0, 0)))
+  # Zeros: finite padding. Padded rows are discarded; padded keys follow every real query, so
+  # the causal mask hides them.
+  q, k, v, segment_ids, forget_gate = (tiles.pad_time(x, tp)
+                                       for x in (q, k, v, segment_ids, forget_gate))
   dtype = q.dtype
   skip = block_sizes.skip_used_stick
   # 64 bf16/fp16 elements are one 128-byte row: the widest swizzle, which wgmma reads best.
@@ -494,19 +484,10 @@ def forward(q, k, v, scale, segment_ids=None, forget_gate=None, *, attend_curren
       consumer_registers=block_sizes.consumer_registers, num_q_blocks=tp // rows,
       heavy_first=block_sizes.heavy_first, stop=stop_log2(skip_tolerance) if skip else None,
       seq_len=t if tp != t else None)
-  # Optional inputs: segment ids [B, T] and the gate as [B, K, T] (a contiguous row per kv head).
-  optional = (None if segment_ids is None else segment_ids.astype(jnp.int32),
-              None if forget_gate is None else forget_gate.astype(jnp.float32).transpose(0, 2, 1))
-  given = [x for x in optional if x is not None]
-
-  def body(scale_ref, *refs):
-    it = iter(refs[:len(given)])
-    seg_ref, gate_ref = (None if x is None else next(it) for x in optional)
-    refs = refs[len(given):]
-    kernel(scale_ref, seg_ref, gate_ref, *refs[:5], refs[5:])
+  given, with_optional = tiles.optional_inputs(segment_ids, forget_gate)
   scale_rows = jnp.broadcast_to(jnp.reshape(scale, ()).astype(jnp.float32), (bq,))
   out, rem = plgpu.kernel(
-      body,
+      with_optional(kernel, 1),
       out_type=(jax.ShapeDtypeStruct((b, tp, n, h), dtype),
                 jax.ShapeDtypeStruct((b, n, tp), jnp.float32)),
       scratch_types=tuple(scratch),

@@ -173,3 +173,58 @@ def in_block_sums(x, tri_smem, *, parts: int, smem, registers: bool):
     y = matmul(lhs(term, smem, False), tri_smem, x.shape)
     out = y if out is None else out + y
   return out
+
+
+def kv_ring_fetch(k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers, *, batch, kv_head,
+                  n_total, block_k: int, num_buffers: int):
+  """``fetch(step)``: the TMA copies of walk step ``step``'s K and V tiles (key block
+  ``n_total - 1 - step``) into ring slot ``step % num_buffers``."""
+  def fetch(step):
+    slot = lax.rem(step, jnp.int32(num_buffers))
+    keys = (batch, step_keys(step, n_total, block_k), kv_head)
+    plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_barriers.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_barriers.at[slot])
+  return fetch
+
+
+def prefetch_first(fetch, total, num_buffers: int):
+  """A ring's first ``num_buffers - 1`` copies (of ``total`` steps)."""
+  for step in range(num_buffers - 1):
+    pl.when(step < total)(functools.partial(fetch, jnp.int32(step)))
+
+
+def drain_ring(steps, total, num_buffers: int, *barriers):
+  """After a walk that ended at ``steps`` (of ``total``): waits for the copies prefetched past
+  its end (``num_buffers - 1`` ahead), so that they land before the kernel exits."""
+  @pl.loop(steps, jnp.minimum(steps + num_buffers - 1, total))
+  def _(step):
+    slot = lax.rem(step, jnp.int32(num_buffers))
+    for ready in barriers:
+      plgpu.barrier_wait(ready.at[slot])
+
+
+def pad_time(x, padded: int, axis: int = 1):
+  """``x`` zero-padded along ``axis`` to ``padded`` positions (None stays None)."""
+  if x is None or x.shape[axis] == padded:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, padded - x.shape[axis])
+  return jnp.pad(x, widths)
+
+
+def optional_inputs(segment_ids, forget_gate):
+  """``(given, with_optional)`` for the kernels' optional inputs: segment ids ``[B, T]`` int32
+  and the gate as ``[B, K, T]`` fp32 (a contiguous row per kv head). ``given``: the arrays to
+  pass, after the kernel's ``num_leading`` leading inputs; ``with_optional(kernel,
+  num_leading)``: the kernel body, which gets ``(seg_ref or None, gate_ref or None)`` there."""
+  optional = (None if segment_ids is None else segment_ids.astype(jnp.int32),
+              None if forget_gate is None else forget_gate.astype(jnp.float32).transpose(0, 2, 1))
+  given = [x for x in optional if x is not None]
+
+  def with_optional(kernel, num_leading: int):
+    def body(*refs):
+      it = iter(refs[num_leading:num_leading + len(given)])
+      seg_ref, gate_ref = (None if x is None else next(it) for x in optional)
+      kernel(*refs[:num_leading], seg_ref, gate_ref, *refs[num_leading + len(given):])
+    return body
+  return given, with_optional
