@@ -50,6 +50,12 @@ def _pallas(seg, attend_current, block_sizes=None, implementation="pallas"):
       implementation=implementation, block_sizes=block_sizes, return_remainder=True)
 
 
+def _default_block_sizes(implementation, head_dim, dtype):
+  """The kernels' own default tiling (Mosaic GPU's or Triton's)."""
+  config = sbjax.MosaicBlockSizes if implementation == "pallas_mosaic_gpu" else sbjax.BlockSizes
+  return config.get_default(head_dim, dtype)
+
+
 def _cotangents(q, v):
   rng = np.random.default_rng(1)
   return (jnp.asarray(rng.normal(size=q.shape[:3] + v.shape[-1:]), jnp.float32),
@@ -147,8 +153,8 @@ def check_skip_tolerance(name, shape, dtype, *, tolerance, shift, implementation
   q, k = _far(q, k, shift)
   scale = shape.h**-0.5
   d_out, d_rem = _cotangents(q, v)
-  config = sbjax.MosaicBlockSizes if implementation == "pallas_mosaic_gpu" else sbjax.BlockSizes
-  dense_sizes = dataclasses.replace(config.get_default(shape.h, dtype), skip_used_stick=False)
+  dense_sizes = dataclasses.replace(_default_block_sizes(implementation, shape.h, dtype),
+                                    skip_used_stick=False)
   runs = []
   for tol, sizes in ((tolerance, None), (0.0, dense_sizes)):
     attn = lambda q, k, v, s, g, tol=tol, sizes=sizes: sbjax.stick_breaking_attention(
@@ -182,8 +188,7 @@ def check_skipping_is_exact(name, shape, dtype, *, gated=False, implementation="
   q, k, v = (q + 3.0).astype(dtype), (k + 1.0).astype(dtype), v.astype(dtype)
   gate = _gate(shape, infinite=True) if gated else None
   d_out, d_rem = _cotangents(q, v)
-  config = sbjax.MosaicBlockSizes if implementation == "pallas_mosaic_gpu" else sbjax.BlockSizes
-  default = config.get_default(shape.h, dtype)
+  default = _default_block_sizes(implementation, shape.h, dtype)
   results = []
   for block_sizes in (default, dataclasses.replace(default, skip_used_stick=False)):
     fn = jax.jit(functools.partial(testing.gradients,
