@@ -221,7 +221,7 @@ def claim_run_dir(run_dir: str, run_cfg: dict) -> dict | None:
       raise ValueError(f"{run_dir} holds a run of another config "
                        f"({'; '.join(differences(saved, run_cfg))}); move it away or use another "
                        f"workdir.")
-  else:
+  elif training.is_primary():  # under jax.distributed, process 0 writes for all
     os.makedirs(run_dir, exist_ok=True)
     write_json(path, run_cfg)
   result_path = os.path.join(run_dir, RUN_RESULT)
@@ -278,12 +278,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     logging.info("run %d/%d: %s", i + 1, len(todo), name)
     run_dir = os.path.join(workdir, RUNS, name)
     results[name] = train_and_score(run_cfg, run_dir, config.progress_bar)
-    write_json(os.path.join(run_dir, RUN_RESULT), results[name])
+    if training.is_primary():
+      write_json(os.path.join(run_dir, RUN_RESULT), results[name])
     _write_summary(workdir, planned, results)
   return [r for c in planned for r in results[run_dir_name(c)]["records"]]
 
 
 def _write_summary(workdir: str, planned: list[dict], results: dict) -> None:
+  if not training.is_primary():
+    return
   done = [results[run_dir_name(c)] for c in planned if run_dir_name(c) in results]
   records = [r for result in done for r in result["records"]]
   write_json(os.path.join(workdir, SUMMARY), records)
