@@ -16,6 +16,7 @@ import re
 import chex
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 import numpy as np
@@ -24,6 +25,7 @@ import pytest
 import sbjax
 from sbjax import reference
 from sbjax.kernels import pallas_mosaic_gpu, pallas_mosaic_gpu_bwd, pallas_mosaic_gpu_fwd
+from sbjax.kernels import pallas_mosaic_gpu_tiles as tiles
 from sbjax.kernels.pallas_mosaic_gpu_config import MosaicBlockSizes
 from sbjax.platform import on_nvidia_gpu
 from sbjax.testing import (
@@ -334,6 +336,35 @@ def test_long_sequence_on_gpu(block_sizes):
   path as the oracle) under the tolerance rule."""
   q, k, v, _ = random_inputs(5, Shape(1, 2000, 4, 2, 128), jnp.bfloat16, logit_scale=2.0)
   _assert_close_to_float64(q, k, v, 0.3, False, block_sizes, oracle="scan")
+
+
+def test_bf16_parts_are_exact():
+  """``tiles.bf16_parts`` in a kernel (compiled on a GPU): 3 parts sum to fp32 ``x`` exactly and 2
+  keep 16 bits, over 60 binary orders of magnitude; and the in-block sums of 3 parts through the
+  tensor cores (registers on a GPU) give a lone term back exactly. Compiled, the parts once
+  came out as ``bf16(x), 0, 0`` (``x - f32(bf16(x))`` folded to 0)."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(64, 64)) * np.exp2(rng.uniform(-30, 30, (64, 64))), jnp.float32)
+  transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+  def kernel(x_ref, three_ref, two_ref, first_ref, tri_smem, part_smem):
+    x = plgpu.load(x_ref, (), layout=plgpu.Layout.WGMMA, optimized=False)
+    f32 = lambda terms: functools.reduce(lambda a, b: a + b, [t.astype(jnp.float32) for t in terms])
+    three_ref[...] = f32(tiles.bf16_parts(x, 3))
+    two_ref[...] = f32(tiles.bf16_parts(x, 2))
+    tiles.build_triangle(tri_smem, lambda m, i: m <= i)  # column 0 sums x[:, 0] alone
+    first_ref[...] = tiles.in_block_sums(x, tri_smem, parts=3, smem=part_smem,
+                                         registers=not INTERPRET)
+
+  out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+  three, two, first = (np.asarray(a) for a in pl.pallas_call(
+      kernel, out_shape=(out,) * 3,
+      scratch_shapes=[plgpu.SMEM(x.shape, jnp.bfloat16, transforms=transforms)] * 2,
+      interpret=plgpu.InterpretGPUParams() if INTERPRET else False)(x))
+  x = np.asarray(x)
+  np.testing.assert_array_equal(three, x)
+  assert np.all(np.abs(two - x) <= 2.0**-16 * np.abs(x)) and np.any(two != x)
+  np.testing.assert_array_equal(first[:, 0], x[:, 0])
 
 
 def test_large_logits():
