@@ -44,6 +44,7 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sbjax
@@ -148,8 +149,8 @@ def train_run(config, spec: dict, text: TextData, run_dir: str, *, train: bool =
   With ``train=False`` the run must be finished already (its last checkpoint is loaded).
   """
   os.makedirs(run_dir, exist_ok=True)
-  with open(os.path.join(run_dir, "run.json"), "w") as f:
-    json.dump(spec, f, indent=1)
+  if training.is_primary():  # under jax.distributed, process 0 writes the files of all
+    _write_json(os.path.join(run_dir, "run.json"), spec)
   train_config = _train_config(config, spec["num_steps"])
   mesh = make_mesh(*train_config.mesh_shape)
   with jax.set_mesh(mesh):
@@ -163,14 +164,17 @@ def train_run(config, spec: dict, text: TextData, run_dir: str, *, train: bool =
                        f"(checkpoints: {sorted(steps)}); train it first (without eval_text_dir).")
   windows = data.TrainWindows(text.splits["train"], config.train_len, config.batch_size,
                               spec["seed"])
-  batches = windows.batch
+  global_batches = windows.batch
   if config.use_grain:
     try:
       dataset = windows.grain_dataset(spec["num_steps"])  # same batches, grain's random access
     except ImportError as e:
       raise ImportError("config.use_grain=True needs grain (pip install grain); "
                         "--config.use_grain=False gives the same batches without it.") from e
-    batches = dataset.__getitem__
+    global_batches = dataset.__getitem__
+  # Each process supplies its rows of every global batch (all of them in one process).
+  rows = training.process_batch_rows(config.batch_size, mesh)
+  batches = lambda step: {k: v[rows] for k, v in global_batches(step).items()}
   start = time.perf_counter()
   result = training.train(model, train_config, batches, run_dir, mesh=mesh)
   info = {"params": models.count_params(model), "mesh": mesh,
@@ -227,9 +231,10 @@ def score_windows(position_loss, params, windows: data.EvalWindows, batch_size: 
   pad = (-w) % batch_size  # repeat the last window; its copies are dropped
   if pad:
     tokens = np.concatenate([tokens, np.repeat(tokens[-1:], pad, 0)])
+  rows = training.process_batch_rows(batch_size, sharding.mesh)  # this process's rows
   out = []
   for i in range(0, len(tokens), batch_size):
-    batch = jax.device_put(tokens[i:i + batch_size], sharding)
+    batch = training.global_batch({"tokens": tokens[i:i + batch_size][rows]}, sharding)["tokens"]
     out.append(np.asarray(jax.device_get(position_loss(params, batch)), np.float32))
     if progress:
       logging.info("  scored %d/%d windows", min(i + batch_size, w), w)
@@ -467,15 +472,17 @@ def _evaluate_run(config, model, state, info, windows: data.EvalWindows, cache: 
                losses.shape[1], time.perf_counter() - start, _peak_gib())
   if not np.all(np.isfinite(losses)):
     raise FloatingPointError(f"non-finite eval losses for {cache}.")
-  np.save(cache + ".tmp.npy", losses)
-  os.replace(cache + ".tmp.npy", cache)
-  _write_json(_scoring_path(cache), scoring)
+  if training.is_primary():
+    np.save(cache + ".tmp.npy", losses)
+    os.replace(cache + ".tmp.npy", cache)
+    _write_json(_scoring_path(cache), scoring)
   return losses
 
 
 def _peak_gib():
-  """Peak device memory so far in GiB (None where the backend does not report it)."""
-  stats = jax.devices()[0].memory_stats() or {}
+  """Peak memory so far of this process's first device in GiB (None where the backend does not
+  report it)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
   peak = stats.get("peak_bytes_in_use")
   return None if peak is None else round(peak / 2**30, 2)
 
@@ -538,17 +545,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
   ``config.eval_text_dir``) after each run, so an interrupted study keeps what finished.
   """
   validate(config)
+  primary = training.is_primary()  # under jax.distributed, process 0 writes the outputs
   os.makedirs(workdir, exist_ok=True)
-  text = prepare_data(config)
-  shutil.copyfile(text.tokenizer.path, os.path.join(workdir, "tokenizer.json"))
+  text = training.primary_first(prepare_data, config)  # the others read its caches
+  if primary:
+    shutil.copyfile(text.tokenizer.path, os.path.join(workdir, "tokenizer.json"))
   eval_len = config.train_len * config.eval_len_multiple
   max_windows = config.max_eval_windows_per_book or None
   if config.eval_text_dir:
     directory = os.path.expanduser(config.eval_text_dir)
     name = os.path.basename(os.path.normpath(directory))
     documents = data.read_documents(directory)
-    corpus = data.tokenize_documents(documents, text.tokenizer,
-                                     os.path.join(os.path.expanduser(config.data_dir), "tokens"))
+    corpus = training.primary_first(data.tokenize_documents, documents, text.tokenizer,
+                                    os.path.join(os.path.expanduser(config.data_dir), "tokens"))
     try:
       targets = {f"text:{name}": data.eval_windows(corpus, eval_len, max_windows)}
     except ValueError as e:
@@ -596,7 +605,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         info = {k: v for k, v in info.items() if k != "mesh"}
         info_path = os.path.join(run_dir, "info.json")
         if "tokens_per_second" in info or not os.path.exists(info_path):
-          _write_json(info_path, info)  # else keep the throughput of the process that trained
+          if primary:  # else keep the throughput of the process that trained
+            _write_json(info_path, info)
         else:
           with open(info_path) as f:
             info = json.load(f)
@@ -614,7 +624,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
           "dtype": config.dtype, "vocab_size": config.vocab_size,
           "tokenizer_sha256": text.tokenizer.sha256, **_scored_by(cache, config, attention),
       })
-      _write_json(os.path.join(out_dir, SUMMARY), records)
+      if primary:
+        _write_json(os.path.join(out_dir, SUMMARY), records)
   final = order[-1]
   curves = {}
   for attention in config.attentions:
@@ -624,15 +635,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     documents = np.concatenate([d for _, d in pairs])
     curves[attention] = log_binned_curve(losses, documents, config.plot_bins_per_octave,
                                          config.bootstrap_samples)
-  plot_all(curves, [r for r in records if r["split"] == final], run_dirs, out_dir, final)
+  if primary:
+    plot_all(curves, [r for r in records if r["split"] == final], run_dirs, out_dir, final)
   if config.qk_layers and "stickbreaking" in config.attentions and not config.eval_text_dir:
     spec = run_spec(config, "stickbreaking", config.seeds[0], text, num_steps)
     model, _, _ = train_run(config, spec, text, os.path.join(workdir, "runs", run_name(spec)),
                             train=False)
-    window = data.eval_windows(text.splits["validation"], config.qk_window_len, 1)
-    with jax.set_mesh(make_mesh(1, 1)):
-      dump_qk(model, window.tokens[0, :-1], tuple(config.qk_layers), tuple(config.qk_heads),
-              os.path.join(out_dir, "qk_stickbreaking.npz"),
-              {"run": run_name(spec), "book": window.names[int(window.document[0])],
-               "window": "first tokens of the book", "dtype": config.dtype})
+    # One sequence on one device: the trained state, sharded over the run's mesh (and processes),
+    # gathered whole to the host first (every process takes part), then process 0 dumps.
+    graphdef, state = nnx.split(model)
+    state = multihost_utils.process_allgather(state, tiled=True)
+    if primary:
+      window = data.eval_windows(text.splits["validation"], config.qk_window_len, 1)
+      with jax.set_mesh(make_mesh(1, 1)):
+        model = nnx.merge(graphdef, jax.device_put(state, jax.local_devices()[0]))
+        dump_qk(model, window.tokens[0, :-1], tuple(config.qk_layers), tuple(config.qk_heads),
+                os.path.join(out_dir, "qk_stickbreaking.npz"),
+                {"run": run_name(spec), "book": window.names[int(window.document[0])],
+                 "window": "first tokens of the book", "dtype": config.dtype})
   return records

@@ -4,11 +4,13 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import portpicker
 import pytest
 from flax import nnx
 
@@ -201,3 +203,62 @@ def test_bad_config_is_rejected_before_any_work(tmp_path, field, value, match):
   with pytest.raises(ValueError, match=match):
     lib.train_and_evaluate(config, str(tmp_path / "work"))
   assert not os.path.exists(tmp_path / "work")
+
+
+def test_two_processes_match_one(tmp_path):
+  """The program as two ``jax.distributed`` processes of one CPU device each gives the records of
+  one process on 2 devices, bit for bit (the same partitioned program; 2-way reductions add alike
+  in any order): per-process training rows, scoring rows gathered into global batches, the data
+  caches filled by process 0 first, the trained state gathered for the qk dump."""
+  config = tiny_config(tmp_path)
+  config.attentions = ("stickbreaking",)
+  config.eval_test = False
+  overrides = {k: config[k] for k in ("corpus_archive", "corpus_sha256", "max_train_books",
+                                      "vocab_size", "train_len", "batch_size", "num_steps",
+                                      "log_every", "checkpoint_every", "max_eval_windows_per_book",
+                                      "loss_chunk", "bootstrap_samples", "progress_bar",
+                                      "qk_window_len", "eval_test")}
+  config_file = tmp_path / "tiny_config.py"  # dict fields cannot be set from the command line
+  config_file.write_text(
+      "import importlib.util\n"
+      "def get_config():\n"
+      f"  spec = importlib.util.spec_from_file_location('c', {os.path.join(EXPERIMENTS, 'configs', 'length_extrapolation.py')!r})\n"
+      "  module = importlib.util.module_from_spec(spec)\n"
+      "  spec.loader.exec_module(module)\n"
+      "  c = module.get_config('cpu')\n"
+      f"  c.update({overrides!r})\n"
+      f"  c.attentions, c.qk_layers = ('stickbreaking',), (0,)\n"
+      f"  c.model_overrides = {dict(config.model_overrides)!r}\n"
+      "  return c\n")
+  port = portpicker.pick_unused_port()
+  procs = {}
+  for name, num_processes, devices in (("one", 1, 2), ("two", 2, 1)):
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(EXPERIMENTS), XLA_FLAGS=" ".join(
+        [os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={devices}"]))
+    for process in range(num_processes):
+      dist = ([f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",
+               f"--process_id={process}"] if num_processes > 1 else [])
+      with open(tmp_path / f"{name}.{process}.err", "w") as err:
+        procs[name, process] = subprocess.Popen(
+            [sys.executable, os.path.join(EXPERIMENTS, "length_extrapolation.py"),
+             f"--config={config_file}", f"--workdir={tmp_path / name}",
+             f"--config.data_dir={tmp_path / ('data_' + name)}", *dist],
+            env=env, stdout=subprocess.DEVNULL, stderr=err)
+  try:
+    for (name, process), proc in procs.items():
+      proc.wait(timeout=300)
+      assert proc.returncode == 0, (tmp_path / f"{name}.{process}.err").read_text()[-3000:]
+  finally:
+    for proc in procs.values():
+      if proc.poll() is None:
+        proc.kill()
+  timing = ("tokens_per_second",)
+  one, two = ([{k: v for k, v in r.items() if k not in timing}
+               for r in json.loads((tmp_path / name / "summary.json").read_text())]
+              for name in ("one", "two"))
+  assert len(one) == 1 and one[0]["windows"] > 0 and np.isfinite(one[0]["mean_loss"])
+  assert two == one
+  qk = [np.load(tmp_path / name / "qk_stickbreaking.npz") for name in ("one", "two")]
+  for name in ("query", "key"):
+    assert np.isfinite(qk[0][name]).all()
+    np.testing.assert_array_equal(qk[1][name], qk[0][name])

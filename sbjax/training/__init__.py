@@ -45,7 +45,8 @@ save and restore checkpoints, and process 0 alone writes logs (``train``'s docst
 
 from sbjax.training import checkpoint
 from sbjax.training.config import RESUMABLE_FIELDS, TrainConfig
-from sbjax.training.distributed import global_batch, is_primary, process_batch_rows
+from sbjax.training.distributed import (global_batch, is_primary, primary_first,
+                                         process_batch_rows)
 from sbjax.training.loop import METRICS_FILE, TrainResult, evaluate, read_metrics_log, train
 from sbjax.training.optim import learning_rate_schedule, make_optimizer, weight_decay_mask
 from sbjax.training.steps import (TrainState, cross_entropy, init_train_state, make_eval_step,
@@ -55,5 +56,6 @@ __all__ = [
     "METRICS_FILE", "RESUMABLE_FIELDS", "TrainConfig", "TrainResult", "TrainState", "checkpoint",
     "cross_entropy", "evaluate", "global_batch", "init_train_state", "is_primary",
     "learning_rate_schedule", "make_eval_step", "make_optimizer", "make_train_step",
-    "process_batch_rows", "read_metrics_log", "state_shardings", "train", "weight_decay_mask",
+    "primary_first", "process_batch_rows", "read_metrics_log", "state_shardings", "train",
+    "weight_decay_mask",
 ]

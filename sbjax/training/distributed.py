@@ -23,6 +23,17 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
+def primary_first(fn, *args, **kwargs):
+  """``fn(*args, **kwargs)`` on process 0 first, then on the others after a barrier: for work
+  that fills an on-disk cache (a tokenizer, token files) that the others then only read. Every
+  process must call it at the same point. One process: just ``fn``."""
+  if jax.process_count() == 1:
+    return fn(*args, **kwargs)
+  out = fn(*args, **kwargs) if is_primary() else None
+  multihost_utils.sync_global_devices(f"sbjax.primary_first:{getattr(fn, '__name__', fn)}")
+  return out if is_primary() else fn(*args, **kwargs)
+
+
 def _rows_sharding(sharding: NamedSharding) -> NamedSharding:
   """``sharding``'s placement of the leading (batch) axis alone, for 1-D row indices."""
   return NamedSharding(sharding.mesh, P(sharding.spec[0] if len(sharding.spec) else None))
