@@ -208,17 +208,20 @@ def _mosaic_gradients(q, k, v, scale, d_out, d_rem, segment_ids=None, forget_gat
 
 # (dtype, shape, attend_current, segments, block sizes): the backward's 64 x 64 tiles with T not a
 # multiple of 64, GQA and MQA, both head dims, fp16's two stick parts, segment ids in any order
-# (shuffled, so other segments' keys lie inside every block), a deeper TMA ring.
+# (shuffled, so other segments' keys lie inside every block), a deeper TMA ring, the dq kernel's
+# 32-key tiles.
+DQ_SUB32 = MosaicBlockSizes(block_k_dq=32)
 GRADIENT_CASES = [
     (jnp.bfloat16, Shape(1, 200, 4, 2, 64), False, None, ONE_WG),
     (jnp.float16, Shape(1, 130, 2, 1, 128), True, None, MosaicBlockSizes(num_buffers_bwd=3)),
     (jnp.bfloat16, Shape(2, 130, 2, 1, 64), False, "shuffled", DEFAULT),
+    (jnp.bfloat16, Shape(1, 200, 4, 2, 64), True, "shuffled", DQ_SUB32),
 ]
 
 
 @pytest.mark.parametrize(
     "dtype,shape,attend_current,segments,block_sizes", GRADIENT_CASES,
-    ids=[f"{jnp.dtype(d).name}-{s}-cur{int(c)}-seg{g}-bwdbuf{b.num_buffers_bwd}"
+    ids=[f"{jnp.dtype(d).name}-{s}-cur{int(c)}-seg{g}-bwdbuf{b.num_buffers_bwd}-dqk{b.block_k_dq}"
          for d, s, c, g, b in GRADIENT_CASES])
 def test_gradients_match_float64(dtype, shape, attend_current, segments, block_sizes):
   """Output, remainder and the gradients of q, k, v and the scale, under random cotangents on
@@ -236,15 +239,17 @@ def test_gradients_match_float64(dtype, shape, attend_current, segments, block_s
   assert_gradients_within_tolerance(got, want, same, dtype)
 
 
-def test_backward_skipping_is_exact():
+@pytest.mark.parametrize("block_sizes", [ONE_WG, DQ_SUB32], ids=["dqk64", "dqk32"])
+def test_backward_skipping_is_exact(block_sizes):
   """The dq walk ends where every row's stick is below 2^-152 and the dk/dv kernel visits only
   the query blocks whose walk reached its key block: the gradients equal the dense walk's bit
   for bit (the far inputs of test_skipping_a_used_stick_is_exact: the late query blocks end
   four or five key blocks early)."""
   q, k, v = far_inputs(6, Shape(1, 640, 2, 1, 64), shift=-1.0, dtype=jnp.bfloat16)
   d_out, d_rem = _cotangents(q)
-  skipped = _mosaic_gradients(q, k, v, jnp.float32(0.25), d_out, d_rem)
-  full = _mosaic_gradients(q, k, v, jnp.float32(0.25), d_out, d_rem, block_sizes=_dense(ONE_WG))
+  skipped = _mosaic_gradients(q, k, v, jnp.float32(0.25), d_out, d_rem, block_sizes=block_sizes)
+  full = _mosaic_gradients(q, k, v, jnp.float32(0.25), d_out, d_rem,
+                           block_sizes=_dense(block_sizes))
   assert float(jnp.max(skipped[1][:, 400:])) == 0.0  # the late rows' sticks really are used up
   chex.assert_trees_all_equal(skipped, full)
   want = float64_gradients(q, k, v, None, 0.25, False, d_out, d_rem)
@@ -272,7 +277,8 @@ def test_backward_skip_tolerance_within_its_bounds():
   assert stopped.mean() >= 0.1, stopped.mean()
 
 
-def test_gate_gradients_match_float64():
+@pytest.mark.parametrize("block_sizes", [ONE_WG, DQ_SUB32], ids=["dqk64", "dqk32"])
+def test_gate_gradients_match_float64(block_sizes):
   """The gate's gradient (and the others) with infinite and large gates, GQA, attend_current, T
   not a multiple of 64, against float64 under the tolerance rule; an open gate (+inf) gets no
   gradient."""
@@ -281,7 +287,7 @@ def test_gate_gradients_match_float64():
   gate = _gate(shape)
   d_out, d_rem = _cotangents(q)
   got = _mosaic_gradients(q, k, v, jnp.float32(0.3), d_out, d_rem, None, gate,
-                          attend_current=True)
+                          attend_current=True, block_sizes=block_sizes)
   for name, x in zip(RESULT_NAMES + ("dforget_gate",), got):
     assert np.isfinite(np.asarray(x, np.float32)).all(), name
   want = float64_gradients(q, k, v, None, 0.3, True, d_out, d_rem, gate)
@@ -490,18 +496,22 @@ def _lowered_for_hopper(dtype, head_dim, block_sizes):
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("dtype,head_dim,extras", [
-    (jnp.bfloat16, 128, False), (jnp.float16, 64, True)], ids=["bf16-128", "fp16-64-seg-gate"])
-def test_backward_lowers_for_hopper(dtype, head_dim, extras):
+@pytest.mark.parametrize("dtype,head_dim,extras,block_k_dq", [
+    (jnp.bfloat16, 128, False, 64), (jnp.float16, 64, True, 64), (jnp.bfloat16, 128, True, 32)],
+    ids=["bf16-128", "fp16-64-seg-gate", "bf16-128-seg-gate-dqk32"])
+def test_backward_lowers_for_hopper(dtype, head_dim, extras, block_k_dq):
   """The forward and both backward kernels under ``jax.value_and_grad`` pass the Mosaic GPU
-  lowering for an H200 (with segment ids and a gate: their loads in both backward kernels)."""
+  lowering for an H200 (with segment ids and a gate: their loads in both backward kernels; the
+  dq kernel's 32-key tiles, whose operands all take a 64-byte swizzle)."""
   sd = jax.ShapeDtypeStruct
   args = (sd((2, 200, 4, head_dim), dtype), sd((2, 200, 2, head_dim), dtype),
           sd((2, 200, 2, head_dim), dtype), sd((2, 200), jnp.int32) if extras else None,
           sd((2, 200, 2), jnp.float32) if extras else None)
 
   def loss(q, k, v, seg, gate):
-    out, rem = pallas_mosaic_gpu.stick_breaking_attention(q, k, v, 0.1, seg, gate)
+    out, rem = pallas_mosaic_gpu.stick_breaking_attention(
+        q, k, v, 0.1, seg, gate, block_sizes=dataclasses.replace(
+            MosaicBlockSizes.get_default(head_dim, dtype), block_k_dq=block_k_dq))
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(rem)
   fn = jax.value_and_grad(loss, argnums=(0, 1, 2, 4) if extras else (0, 1, 2))
   with jax.sharding.use_abstract_mesh(_H200):

@@ -60,7 +60,8 @@ class _Tile:
 
   def __init__(self, qk, do_v, log_stick, drem, *, scale2, mask, gate, tri_nearer, parts,
                part_smem, registers):
-    x = qk * tiles.row_bcast(scale2, _SHAPE)  # base-2 logits
+    shape = qk.shape  # [64 rows, keys of the tile]
+    x = qk * tiles.row_bcast(scale2, shape)  # base-2 logits
     self.log_s, self.log_1m_s = tiles.sigmoid_terms(x)
     self.log_beta, self.log_1m_beta = (
         (self.log_s, self.log_1m_s) if gate is None
@@ -69,9 +70,9 @@ class _Tile:
       self.log_1m_beta = jnp.where(mask, self.log_1m_beta, 0.0)
     nearer = tiles.in_block_sums(self.log_1m_beta, tri_nearer, parts=parts, smem=part_smem,
                                  registers=registers)
-    a = jnp.exp2(self.log_beta + nearer + tiles.row_bcast(log_stick, _SHAPE))
+    a = jnp.exp2(self.log_beta + nearer + tiles.row_bcast(log_stick, shape))
     self.a = a if mask is None else jnp.where(mask, a, 0.0)
-    self.g = self.a * (do_v - tiles.row_bcast(drem, _SHAPE))  # G = dL/dlog A
+    self.g = self.a * (do_v - tiles.row_bcast(drem, shape))  # G = dL/dlog A
     self.mask, self.gate = mask, gate
 
   def logit_grads(self, prefix, tri_prefix, *, part_smem, registers):
@@ -79,7 +80,7 @@ class _Tile:
     over the keys left of the tile; ``tri_prefix`` pairs ``m <= i`` (ungated) or ``m < i``."""
     in_block = tiles.in_block_sums(self.g, tri_prefix, parts=_G_PARTS, smem=part_smem,
                                    registers=registers)
-    p = in_block if prefix is None else in_block + tiles.row_bcast(prefix, _SHAPE)
+    p = in_block if prefix is None else in_block + tiles.row_bcast(prefix, in_block.shape)
     dg = None
     if self.gate is None:  # bf16/fp16: dz = G - s (P + G); its cancellation where s ~ 1 is below
       dz = self.g - jnp.exp2(self.log_s) * p  # the inputs' resolution
@@ -101,13 +102,14 @@ class _Tile:
     return c if self.mask is None else jnp.where(self.mask, c, 0.0)
 
 
-def _two_products(a_smem, b_smem, c_smem, d_smem):
-  """``(a @ b, c @ d)`` in fresh fp32 accumulators, issued together and waited for once."""
+def _two_products(a_smem, b_smem, c_smem, d_smem, shape=_SHAPE):
+  """``(a @ b, c @ d)`` (``shape`` each) in fresh fp32 accumulators, issued together and waited
+  for once."""
   def body(x_ref, y_ref):
     plgpu.wgmma(x_ref, a_smem, b_smem)
     plgpu.wgmma(y_ref, c_smem, d_smem)
     return x_ref[...], y_ref[...]
-  return pl.run_scoped(body, plgpu.ACC(_SHAPE, jnp.float32), plgpu.ACC(_SHAPE, jnp.float32))
+  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
 
 
 def _accumulate(pairs, *, in_place: bool):
@@ -122,17 +124,18 @@ def _accumulate(pairs, *, in_place: bool):
   return list(pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc, _, _ in pairs)))
 
 
-def _visible(q_start, k_start, q_seg, seg_ref, *, lag, seq_len=None):
-  """``[64, 64]`` bool: causal visibility (and equal segments, ``q_seg [64]`` row layout, the
-  keys' ids read from ``seg_ref [T]``, or None), for the rows before ``seq_len`` (None: all)."""
-  q_pos = q_start + plgpu.broadcasted_iota(jnp.int32, _SHAPE, 0, layout=plgpu.Layout.WGMMA)
-  k_pos = k_start + plgpu.broadcasted_iota(jnp.int32, _SHAPE, 1, layout=plgpu.Layout.WGMMA)
+def _visible(q_start, k_start, q_seg, seg_ref, *, lag, seq_len=None, shape=_SHAPE):
+  """``shape`` (``[64 rows, keys]``) bool: causal visibility (and equal segments, ``q_seg [64]``
+  row layout, the keys' ids read from ``seg_ref [T]``, or None), for the rows before ``seq_len``
+  (None: all)."""
+  q_pos = q_start + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+  k_pos = k_start + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
   mask = k_pos <= q_pos - lag
   if seq_len is not None:
     mask = mask & (q_pos < seq_len)
   if q_seg is not None:
-    k_seg = plgpu.load(seg_ref.at[pl.ds(k_start, BLOCK)], layout=tiles.COL, optimized=False)
-    mask = mask & (tiles.row_bcast(q_seg, _SHAPE) == lax.broadcast_in_dim(k_seg, _SHAPE, [1]))
+    k_seg = plgpu.load(seg_ref.at[pl.ds(k_start, shape[1])], layout=tiles.COL, optimized=False)
+    mask = mask & (tiles.row_bcast(q_seg, shape) == lax.broadcast_in_dim(k_seg, shape, [1]))
   return mask
 
 
@@ -152,7 +155,8 @@ def _prologue(fetch, total, scale_ref, tri_nearer, tri_prefix, *, num_buffers, g
 
 def _dq_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, do_ref, drem_ref, dq_ref,
                dscale_ref, first_ref, stick_ref, gsum_ref, *scratch, num_buffers, group,
-               attend_current, cumsum_parts, registers, in_place, num_q_blocks, stop, seq_len):
+               attend_current, cumsum_parts, registers, in_place, num_q_blocks, stop, seq_len,
+               sub):
   (q_smem, do_smem, k_smem, v_smem, tri_nearer, tri_prefix, part_smem, p_smem, rec_smem,
    out_rows, first_rows, barriers) = scratch
   q_barriers, k_barriers, v_barriers = barriers
@@ -188,31 +192,30 @@ def _dq_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, do_ref, drem_r
                               ref.at[batch, head, kb, pl.ds(q_start, BLOCK)], commit_group=False)
     plgpu.commit_smem_to_gmem_group()
 
-  def tile(step, carry, *, masked):
+  sub_shape = (BLOCK, sub)
+  tri = lambda ref: ref if sub == BLOCK else ref.at[pl.ds(0, sub)]  # (64, sub): rows < sub
+  tri_nearer, tri_prefix = tri(tri_nearer), tri(tri_prefix)
+
+  def sub_tile(carry, slot, k_start, off, *, masked):
+    """The keys ``[off, off + sub)`` of the ring slot's block (``k_start``: the first's position);
+    returns the carry and the rows' sum of ``G`` over them."""
     dq, near_ck, dscale, near_cqk, log_stick = carry
-    # The slot refilled here held step - 1, whose wgmmas were waited for.
-    nxt = step + num_buffers - 1
-    pl.when(nxt < n_total)(functools.partial(fetch, nxt))
-    slot = slot_of(step)
-    kb = n_total - 1 - step
     mask = None
     if masked:
-      mask = _visible(q_start, kb * BLOCK, q_seg, None if seg_ref is None else seg_ref.at[batch],
-                      lag=lag)
+      mask = _visible(q_start, k_start, q_seg, None if seg_ref is None else seg_ref.at[batch],
+                      lag=lag, shape=sub_shape)
     gate = None if gate_ref is None else tiles.key_gate(
-        gate_ref.at[batch, kv_head, pl.ds(kb * BLOCK, BLOCK)], _SHAPE)
-    plgpu.barrier_wait(k_barriers.at[slot])
-    plgpu.barrier_wait(v_barriers.at[slot])
-    qk, do_v = _two_products(q_smem, k_smem.at[slot].T, do_smem, v_smem.at[slot].T)
+        gate_ref.at[batch, kv_head, pl.ds(k_start, sub)], sub_shape)
+    k_tile, v_tile = (x.at[slot] if sub == BLOCK else x.at[slot, pl.ds(off, sub)]
+                      for x in (k_smem, v_smem))
+    qk, do_v = _two_products(q_smem, k_tile.T, do_smem, v_tile.T, sub_shape)
     t = _Tile(qk, do_v, log_stick, drem, scale2=scale * tiles.LOG2E, mask=mask, gate=gate,
               tri_nearer=tri_nearer, parts=cumsum_parts, part_smem=part_smem, registers=registers)
-    g = jnp.sum(t.g, axis=1)  # [64]: the block's row sums of G
-    record(step, kb, log_stick, g)
+    g = jnp.sum(t.g, axis=1)  # [64]: the rows' sums of G over these keys
     dz, _ = t.logit_grads(None, tri_prefix, part_smem=part_smem, registers=registers)
     c = t.prefix_coefficient()
-    # dq gets dz @ k and the farther blocks' prefix share: -g times the nearer blocks' c @ k.
+    # dq gets dz @ k and the farther keys' prefix share: -g times the nearer keys' c @ k.
     dq = dq - tiles.row_bcast(g, dq.shape) * near_ck
-    k_tile = k_smem.at[slot]
     if registers:
       dq, near_ck = _accumulate([(dq, dz.astype(dt), k_tile), (near_ck, c.astype(dt), k_tile)],
                                 in_place=in_place)
@@ -221,7 +224,24 @@ def _dq_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, do_ref, drem_r
       near_ck = near_ck + tiles.matmul(tiles.lhs(c.astype(dt), p_smem, False), k_tile, dq.shape)
     dscale = dscale + jnp.sum(dz * qk, axis=1) - g * near_cqk
     near_cqk = near_cqk + jnp.sum(c * qk, axis=1)
-    return dq, near_ck, dscale, near_cqk, log_stick + jnp.sum(t.log_1m_beta, axis=1)
+    log_stick = log_stick + jnp.sum(t.log_1m_beta, axis=1)
+    return (dq, near_ck, dscale, near_cqk, log_stick), g
+
+  def tile(step, carry, *, masked):
+    """Walk step ``step``: key block ``n_total - 1 - step``, its sub-tiles nearest first."""
+    # The slot refilled here held step - 1, whose wgmmas were waited for.
+    nxt = step + num_buffers - 1
+    pl.when(nxt < n_total)(functools.partial(fetch, nxt))
+    slot = slot_of(step)
+    kb = n_total - 1 - step
+    plgpu.barrier_wait(k_barriers.at[slot])
+    plgpu.barrier_wait(v_barriers.at[slot])
+    log_stick, g_block = carry[4], None
+    for off in range(BLOCK - sub, -1, -sub):
+      carry, g = sub_tile(carry, slot, kb * BLOCK + off, off, masked=masked)
+      g_block = g if g_block is None else g_block + g
+    record(step, kb, log_stick, g_block)
+    return carry
 
   zeros_h = plgpu.layout_cast(jnp.zeros(q_smem.shape, jnp.float32), plgpu.Layout.WGMMA)
   zeros = plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), tiles.ROW)
@@ -399,9 +419,14 @@ def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_c
   nq = tp // BLOCK
   dtype, nb = q.dtype, block_sizes.num_buffers_bwd
   registers = block_sizes.operands_in_registers and not interpret
-  transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-  smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=transforms)
-  operand = lambda dt: None if registers else smem(_SHAPE, dt)  # SMEM left operands (interpret)
+  sub = block_sizes.block_k_dq
+  # 16-bit tiles swizzled in groups of `width` elements (128 bytes for 64): wgmma's contraction
+  # length must be a multiple of it and both operands share it, so every tile of the dq kernel
+  # takes `sub`.
+  smem = lambda shape, dt, width=64: plgpu.SMEM(shape, dt, transforms=(
+      plgpu.TilingTransform((8, width)), plgpu.SwizzleTransform(width * 2)))
+  operand = lambda dt, width=BLOCK: None if registers else smem((BLOCK, width), dt, width)  # SMEM
+  # left operands (interpret mode)
   common = dict(num_buffers=nb, group=group, attend_current=attend_current,
                 cumsum_parts=tiles.cumsum_parts(dtype), registers=registers,
                 in_place=registers, num_q_blocks=nq, seq_len=t if tp != t else None)
@@ -414,15 +439,15 @@ def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_c
   f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   dq, dscale, first, stick, gsum = plgpu.kernel(
       with_optional(functools.partial(_dq_kernel, stop=stop_log2(skip_tolerance) if skip else None,
-                                      **common), 1),
+                                      sub=sub, **common), 1),
       out_type=(jax.ShapeDtypeStruct(q.shape, dtype), f32((b, n, tp)),
                 jax.ShapeDtypeStruct((b, n, tp), jnp.int32), f32((b, n, nq, tp)),
                 f32((b, n, nq, tp))),
       scratch_types=(
-          smem((BLOCK, h), dtype), smem((BLOCK, h), dtype),  # q (then dq), do
-          smem((nb, BLOCK, h), dtype), smem((nb, BLOCK, h), dtype),  # k, v rings
-          smem(_SHAPE, jnp.bfloat16), smem(_SHAPE, jnp.bfloat16),  # triangles
-          operand(jnp.bfloat16), operand(dtype),  # parts; dz and c
+          smem((BLOCK, h), dtype, sub), smem((BLOCK, h), dtype, sub),  # q (then dq), do
+          smem((nb, BLOCK, h), dtype, sub), smem((nb, BLOCK, h), dtype, sub),  # k, v rings
+          smem((BLOCK, sub), jnp.bfloat16, sub), smem((BLOCK, sub), jnp.bfloat16, sub),  # triangles
+          operand(jnp.bfloat16, sub), operand(dtype, sub),  # parts; dz and c
           plgpu.SMEM((2, 2, BLOCK), jnp.float32),  # the records' staging (two steps in flight)
           plgpu.SMEM((BLOCK,), jnp.float32), plgpu.SMEM((BLOCK,), jnp.int32),  # dscale, first
           (plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=nb),

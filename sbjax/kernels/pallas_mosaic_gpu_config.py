@@ -48,6 +48,10 @@ class MosaicBlockSizes:
       With two consumers the producer warpgroup decides (it reads both consumers' sticks) and
       stops ``num_buffers + 1`` steps after both are used up. False walks every key (for timing
       the dense worst case).
+    num_buffers_bwd: TMA ring slots of the backward kernels (K/V in dq, q/do/records in dk/dv).
+    block_k_dq: keys per tile of the backward's dq kernel, 64 or 32: its walk fetches and records
+      64-key blocks and takes each in tiles of ``block_k_dq`` keys, nearest first (32: half the
+      live tile state per step, as the Triton backward's 32-key tiles).
   """
 
   block_q: int = 64
@@ -62,6 +66,7 @@ class MosaicBlockSizes:
   heavy_first: bool = False
   skip_used_stick: bool = True
   num_buffers_bwd: int = 2
+  block_k_dq: int = 64
 
   def __post_init__(self):
     cls = type(self).__name__
@@ -76,6 +81,8 @@ class MosaicBlockSizes:
                  "accumulate_in_place", "heavy_first", "skip_used_stick"):
       if not isinstance(getattr(self, flag), bool):
         raise ValueError(f"{cls}.{flag} must be a bool, got {getattr(self, flag)!r}.")
+    if self.block_k_dq not in (32, 64):
+      raise ValueError(f"{cls}.block_k_dq must be 32 or 64, got {self.block_k_dq!r}.")
     if self.num_compute_warpgroups not in (1, 2):
       raise ValueError(f"{cls}.num_compute_warpgroups must be 1 or 2, got "
                        f"{self.num_compute_warpgroups!r}.")

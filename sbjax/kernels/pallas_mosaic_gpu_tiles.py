@@ -77,9 +77,9 @@ def build_triangle(tri_smem, keep=lambda m, i: m > i):
   ``x[r, m]`` over the keys ``m`` that ``keep`` pairs with ``i`` (by default ``m > i``: the nearer
   keys of a tile). Mosaic GPU has no cumsum lowering, so in-block cumulative sums are wgmma
   against such matrices."""
-  block_k = tri_smem.shape[0]
-  m_ids = plgpu.broadcasted_iota(jnp.int32, (block_k, block_k), 0, layout=plgpu.Layout.WGMMA)
-  i_ids = plgpu.broadcasted_iota(jnp.int32, (block_k, block_k), 1, layout=plgpu.Layout.WGMMA)
+  shape = tri_smem.shape  # (S, S), or (64, S) for S < 64 keys (use its first S rows): a value in
+  m_ids = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)  # WGMMA layout
+  i_ids = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)  # has 64k rows
   tri_smem[...] = keep(m_ids, i_ids).astype(jnp.bfloat16)
   plgpu.commit_smem()  # register stores, then a wgmma (async proxy) reads them
 
