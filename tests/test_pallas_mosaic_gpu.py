@@ -209,13 +209,13 @@ def _mosaic_gradients(q, k, v, scale, d_out, d_rem, segment_ids=None, forget_gat
 # (dtype, shape, attend_current, segments, block sizes): the backward's 64 x 64 tiles with T not a
 # multiple of 64, GQA and MQA, both head dims, fp16's two stick parts, segment ids in any order
 # (shuffled, so other segments' keys lie inside every block), a deeper TMA ring, the dq kernel's
-# 32-key tiles.
-DQ_SUB32 = MosaicBlockSizes(block_k_dq=32)
+# 64-key tiles (the default takes 32).
+DQ_64 = MosaicBlockSizes(block_k_dq=64)
 GRADIENT_CASES = [
     (jnp.bfloat16, Shape(1, 200, 4, 2, 64), False, None, ONE_WG),
     (jnp.float16, Shape(1, 130, 2, 1, 128), True, None, MosaicBlockSizes(num_buffers_bwd=3)),
     (jnp.bfloat16, Shape(2, 130, 2, 1, 64), False, "shuffled", DEFAULT),
-    (jnp.bfloat16, Shape(1, 200, 4, 2, 64), True, "shuffled", DQ_SUB32),
+    (jnp.bfloat16, Shape(1, 200, 4, 2, 64), True, "shuffled", DQ_64),
 ]
 
 
@@ -239,7 +239,7 @@ def test_gradients_match_float64(dtype, shape, attend_current, segments, block_s
   assert_gradients_within_tolerance(got, want, same, dtype)
 
 
-@pytest.mark.parametrize("block_sizes", [ONE_WG, DQ_SUB32], ids=["dqk64", "dqk32"])
+@pytest.mark.parametrize("block_sizes", [ONE_WG, DQ_64], ids=["dqk32", "dqk64"])
 def test_backward_skipping_is_exact(block_sizes):
   """The dq walk ends where every row's stick is below 2^-152 and the dk/dv kernel visits only
   the query blocks whose walk reached its key block: the gradients equal the dense walk's bit
@@ -277,7 +277,7 @@ def test_backward_skip_tolerance_within_its_bounds():
   assert stopped.mean() >= 0.1, stopped.mean()
 
 
-@pytest.mark.parametrize("block_sizes", [ONE_WG, DQ_SUB32], ids=["dqk64", "dqk32"])
+@pytest.mark.parametrize("block_sizes", [ONE_WG, DQ_64], ids=["dqk32", "dqk64"])
 def test_gate_gradients_match_float64(block_sizes):
   """The gate's gradient (and the others) with infinite and large gates, GQA, attend_current, T
   not a multiple of 64, against float64 under the tolerance rule; an open gate (+inf) gets no
@@ -347,14 +347,14 @@ def test_long_sequence_on_gpu(block_sizes):
 def test_bf16_parts_are_exact():
   """``tiles.bf16_parts`` in a kernel (compiled on a GPU): 3 parts sum to fp32 ``x`` exactly and 2
   keep 16 bits, over 60 binary orders of magnitude; and the in-block sums of 3 parts through the
-  tensor cores (registers on a GPU) give a lone term back exactly. Compiled, the parts once
-  came out as ``bf16(x), 0, 0`` (``x - f32(bf16(x))`` folded to 0)."""
+  tensor cores (registers on a GPU) give a lone term back exactly, as the backward's
+  cancellation-free ``dz`` at saturated logits needs."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(64, 64)) * np.exp2(rng.uniform(-30, 30, (64, 64))), jnp.float32)
   transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
   def kernel(x_ref, three_ref, two_ref, first_ref, tri_smem, part_smem):
-    x = plgpu.load(x_ref, (), layout=plgpu.Layout.WGMMA, optimized=False)
+    x = plgpu.load(x_ref, layout=plgpu.Layout.WGMMA, optimized=False)
     f32 = lambda terms: functools.reduce(lambda a, b: a + b, [t.astype(jnp.float32) for t in terms])
     three_ref[...] = f32(tiles.bf16_parts(x, 3))
     two_ref[...] = f32(tiles.bf16_parts(x, 2))
@@ -497,12 +497,12 @@ def _lowered_for_hopper(dtype, head_dim, block_sizes):
 
 
 @pytest.mark.parametrize("dtype,head_dim,extras,block_k_dq", [
-    (jnp.bfloat16, 128, False, 64), (jnp.float16, 64, True, 64), (jnp.bfloat16, 128, True, 32)],
-    ids=["bf16-128", "fp16-64-seg-gate", "bf16-128-seg-gate-dqk32"])
+    (jnp.bfloat16, 128, False, 32), (jnp.float16, 64, True, 32), (jnp.bfloat16, 128, True, 64)],
+    ids=["bf16-128", "fp16-64-seg-gate", "bf16-128-seg-gate-dqk64"])
 def test_backward_lowers_for_hopper(dtype, head_dim, extras, block_k_dq):
   """The forward and both backward kernels under ``jax.value_and_grad`` pass the Mosaic GPU
   lowering for an H200 (with segment ids and a gate: their loads in both backward kernels; the
-  dq kernel's 32-key tiles, whose operands all take a 64-byte swizzle)."""
+  dq kernel's 32-key tiles, whose operands all take a 64-byte swizzle, and its 64-key ones)."""
   sd = jax.ShapeDtypeStruct
   args = (sd((2, 200, 4, head_dim), dtype), sd((2, 200, 2, head_dim), dtype),
           sd((2, 200, 2, head_dim), dtype), sd((2, 200), jnp.int32) if extras else None,

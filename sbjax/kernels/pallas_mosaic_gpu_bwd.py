@@ -7,9 +7,10 @@ left prefix ``P_ji = sum_{m < i} G_jm``:
     ungated:  dz = G - s (P + G)                                     (s = sigmoid(z))
     gated:    dz = (1 - s) (G - P beta / (1 - beta)),   dg_i = sum_j (1 - f_i) (G - P beta / (1 - beta))
 
-- The dq kernel (one warpgroup, 64 query rows, grid ``(T / 64, N, B)``) walks key blocks from
-  the diagonal leftwards, as the forward does, with the K/V tiles on a TMA ring it fills itself.
-  Per key block, five wgmma: ``q k^T`` and ``do v^T`` (issued together), the in-block sums of
+- The dq kernel (one warpgroup, 64 query rows, grid ``(T / 64, N, B)``) walks 64-key blocks from
+  the diagonal leftwards, as the forward does, with the K/V tiles on a TMA ring it fills itself,
+  and takes each block in tiles of ``block_k_dq`` keys (32 by default), nearest first.
+  Per tile, five wgmma: ``q k^T`` and ``do v^T`` (issued together), the in-block sums of
   ``log2(1 - beta)`` (nearer keys) and of ``G`` (farther keys, 3 bf16 parts: fp32 accuracy),
   ``dz @ k`` and ``c @ k`` (``c`` the coefficient of ``P`` in ``dz``). ``P``'s farther-block
   share of ``dq`` is ``sum_b g_b (sum of c @ k over the blocks nearer than b)``, ``g_b`` the
@@ -46,7 +47,7 @@ from sbjax.kernels.pallas_mosaic_gpu_config import MosaicBlockSizes
 
 DQ_NAME = "stick_breaking_bwd_dq_mosaic_gpu"
 DKV_NAME = "stick_breaking_bwd_dkv_mosaic_gpu"
-BLOCK = 64  # rows and keys per tile in both kernels: one warpgroup's wgmma rows
+BLOCK = 64  # rows per tile, and keys per walked (and recorded) block: one warpgroup's rows
 _NO_STICK = -1e30  # log2-stick recorded for the key blocks a row block's walk never reached
 # In-block prefixes of G always get fp32 accuracy (3 bf16 parts), as in the Triton backward: G
 # spans many magnitudes, and dscale weighs its errors by q . k.

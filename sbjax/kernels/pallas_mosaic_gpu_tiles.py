@@ -77,9 +77,11 @@ def build_triangle(tri_smem, keep=lambda m, i: m > i):
   ``x[r, m]`` over the keys ``m`` that ``keep`` pairs with ``i`` (by default ``m > i``: the nearer
   keys of a tile). Mosaic GPU has no cumsum lowering, so in-block cumulative sums are wgmma
   against such matrices."""
-  shape = tri_smem.shape  # (S, S), or (64, S) for S < 64 keys (use its first S rows): a value in
-  m_ids = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)  # WGMMA layout
-  i_ids = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)  # has 64k rows
+  # [S, S]; for S < 64 keys a [64, S] buffer whose first S rows are the triangle (a WGMMA-layout
+  # value has a multiple of 64 rows).
+  shape = tri_smem.shape
+  m_ids = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+  i_ids = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
   tri_smem[...] = keep(m_ids, i_ids).astype(jnp.bfloat16)
   plgpu.commit_smem()  # register stores, then a wgmma (async proxy) reads them
 
@@ -151,19 +153,12 @@ def lhs(x, smem, registers: bool):
 
 
 def bf16_parts(x, parts: int):
-  """``parts`` bf16 terms of fp32 ``x``, largest first, whose sum keeps about ``8 * parts`` bits
-  of ``x`` (all 24 with 3). Each leading term is ``x`` truncated to bf16 by masking its low 16
-  bits, so that it and the residual ``x - term`` are exact; the last is rounded to nearest.
-  Compiled, ``x - f32(bf16(x))`` evaluated to 0 (the round trip was folded away: every part after
-  the first was 0, and the GPU check's dscale on saturated logits was off by 15x its size);
-  integer masking cannot be folded."""
+  """``parts`` bf16 terms of fp32 ``x``, largest first (each the rounded residual of the ones
+  before), whose sum keeps about ``8 * parts`` bits of ``x``: all 24 with 3."""
   terms = []
-  for _ in range(parts - 1):
-    bits = lax.bitcast_convert_type(x, jnp.int32) & jnp.int32(-65536)  # sign, exponent, 7 bits
-    hi = lax.bitcast_convert_type(bits, jnp.float32)
-    terms.append(hi.astype(jnp.bfloat16))  # exact: hi has bf16's bits only
-    x = x - hi
-  terms.append(x.astype(jnp.bfloat16))
+  for _ in range(parts):
+    terms.append(x.astype(jnp.bfloat16))
+    x = x - terms[-1].astype(jnp.float32)
   return terms
 
 
