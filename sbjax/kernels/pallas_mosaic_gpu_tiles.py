@@ -41,9 +41,15 @@ def softplus2(x):
 
 def sigmoid_terms(x):
   """``(log2 s, log2(1 - s))``, ``s = sigmoid`` of base-2 logits ``x`` (see
-  ``pallas_triton_tiles.stick_terms``; the softplus clamped at ``SOFTPLUS_MAX``)."""
+  ``pallas_triton_tiles.stick_terms``; the softplus clamped at ``SOFTPLUS_MAX``).
+
+  Above the cut ``log2 s`` is 0 by selection, not as ``x - sp = x - x``: compiled, ``x = qk *
+  scale2`` may be fused into that subtraction (NVPTX contracts multiplies into FMAs), which then
+  returns the product's rounding error, up to 2^-12 at |x| ~ 5000, so that ``s = 1 - 1.7e-4``
+  where the backward needs exactly 1 (``dz = G - s (P + G)`` cancels to 0 there, and ``dscale``
+  weighs ``dz`` by ``q . k`` ~ 1e4)."""
   sp = jnp.minimum(softplus2(x), SOFTPLUS_MAX)
-  return jnp.minimum(x - sp, 0.0), -sp
+  return jnp.where(x > SOFTPLUS_CUT, 0.0, jnp.minimum(x - sp, 0.0)), -sp
 
 
 def gated_terms(log_s, log_1m_s, gate):
