@@ -426,8 +426,8 @@ def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_c
   # takes `sub`.
   smem = lambda shape, dt, width=64: plgpu.SMEM(shape, dt, transforms=(
       plgpu.TilingTransform((8, width)), plgpu.SwizzleTransform(width * 2)))
-  operand = lambda dt, width=BLOCK: None if registers else smem((BLOCK, width), dt, width)  # SMEM
-  # left operands (interpret mode)
+  # SMEM left operands (interpret mode; compiled, they stay in registers)
+  operand = lambda dt, width=BLOCK: None if registers else smem((BLOCK, width), dt, width)
   common = dict(num_buffers=nb, group=group, attend_current=attend_current,
                 cumsum_parts=tiles.cumsum_parts(dtype), registers=registers,
                 in_place=registers, num_q_blocks=nq, seq_len=t if tp != t else None)

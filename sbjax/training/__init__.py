@@ -40,7 +40,8 @@ adds them to the loss and reports ``cross_entropy`` and ``aux_loss`` beside it.
 
 Under ``jax.distributed`` (one process per host or GPU) every process calls ``train`` alike; each
 one's ``batches`` returns its own rows of the global batch (``process_batch_rows``), all of them
-save and restore checkpoints, and process 0 alone writes logs (``train``'s docstring).
+save and restore checkpoints, and process 0 alone writes logs (``train``'s docstring);
+``primary_first`` runs work that fills an on-disk cache on process 0 before the others read it.
 """
 
 from sbjax.training import checkpoint
