@@ -344,6 +344,27 @@ def test_long_sequence_on_gpu(block_sizes):
   _assert_close_to_float64(q, k, v, 0.3, False, block_sizes, oracle="scan")
 
 
+def test_log_sigmoid_is_zero_above_the_cut(monkeypatch):
+  """Above the softplus cut ``log2 sigmoid`` is exactly 0 however ``x - softplus(x)`` rounds:
+  compiled, ``x = q.k * scale`` can be fused into that subtraction (an FMA), which returns the
+  product's rounding error instead of 0; here the softplus's ``x`` is nudged by 2^-20 relative
+  to emulate it. (With ``x - sp`` it gave ``s = 1 - 1.7e-4`` on the GPU, and the saturated-logit
+  ``dscale`` was 15x its size off.) Below the cut the terms are those of the formula."""
+  x = jnp.asarray([-50.0, -3.0, 0.0, 5.0, 21.0, 22.0, 500.0, 5000.0, np.inf], jnp.float32)
+  want_s, want_1m_s = (np.asarray(a) for a in tiles.sigmoid_terms(x))
+  real = tiles.softplus2
+  monkeypatch.setattr(tiles, "softplus2",
+                      lambda x: jnp.where(x > tiles.SOFTPLUS_CUT, x * (1 + 2.0**-20), real(x)))
+  log_s, log_1m_s = (np.asarray(a) for a in tiles.sigmoid_terms(x))
+  above = np.asarray(x) > tiles.SOFTPLUS_CUT
+  np.testing.assert_array_equal(log_s[above], 0.0)
+  np.testing.assert_array_equal(log_s[~above], want_s[~above])
+  np.testing.assert_array_equal(log_1m_s[~above], want_1m_s[~above])
+  np.testing.assert_allclose(want_s[~above], np.log2(1 / (1 + np.exp(-np.asarray(x)[~above]
+                                                                   / tiles.LOG2E))), rtol=1e-5,
+                             atol=1e-6)
+
+
 def test_bf16_parts_are_exact():
   """``tiles.bf16_parts`` in a kernel (compiled on a GPU): 3 parts sum to fp32 ``x`` exactly and 2
   keep 16 bits, over 60 binary orders of magnitude; and the in-block sums of 3 parts through the
