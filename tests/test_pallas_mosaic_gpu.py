@@ -1,10 +1,9 @@
-"""The Pallas Mosaic GPU forward kernel: Mosaic GPU interpret mode on the CPU against float64, the
-race detector on the TMA ring, the lowering for Hopper without a GPU, and what the op rejects.
-On an NVIDIA GPU the same accuracy tests run the compiled kernel (``INTERPRET`` is False there),
-plus a longer sequence (GPU only).
-
-Forward only: the kernel has no backward yet, so it is not in the shared gradient suite
-(tests/test_op_accuracy.py). Interpret mode costs ~0.3 s per (head, key tile): shapes stay small.
+"""The Pallas Mosaic GPU kernels, forward and backward: Mosaic GPU interpret mode on the CPU
+against float64 (each kernel structure and tiling, skipping, the gate, segments), the race
+detector on the TMA rings, the lowering for Hopper without a GPU, tile helpers, and what the op
+rejects. On an NVIDIA GPU the same accuracy tests run the compiled kernels (``INTERPRET`` is
+False there), plus a longer sequence (GPU only). The shared suite (tests/test_op_accuracy.py)
+runs them too. Interpret mode costs ~0.3 s per (head, key tile): shapes stay small.
 """
 
 from __future__ import annotations
