@@ -15,8 +15,9 @@ less one ulp of the output dtype, are recorded), ``mosaic``, ``mosaic_dense`` an
 (the same three for the Mosaic GPU kernels), ``cudnn`` (softmax) and
 ``scan``; softmax and scan do not depend on the regime and run once per shape ("any").
 
-Forward and forward+backward, warm-up excluded, medians; TFLOP/s count 4*B*N*T^2*H/2 per forward
-(causal) and 3.5x that per forward+backward; ``peak_bytes`` is XLA's compiled peak (arguments,
+Forward, backward alone (from residuals computed beforehand) and forward+backward, warm-up
+excluded, medians; TFLOP/s count 4*B*N*T^2*H/2 per forward (causal), 2.5x that per backward and
+3.5x per forward+backward; ``peak_bytes`` is XLA's compiled peak (arguments,
 outputs and scratch). Results go to ``--out`` as JSON records with the JAX version and GPU.
 
   python experiments/benchmark.py --out=experiments/results/benchmark_h200.json
@@ -39,7 +40,8 @@ import logs
 _SHAPES = flags.DEFINE_list("shapes", ["4:12:128:4096", "4:12:128:16384"], "B:N:H:T per entry.")
 _REGIMES = flags.DEFINE_list("regimes", list(REGIMES), "Logit regimes, see the module docstring.")
 _IMPLS = flags.DEFINE_list("impls", list(IMPLEMENTATIONS), "Implementations, see the docstring.")
-_MODES = flags.DEFINE_list("modes", ["fwd", "fwd+bwd"], "fwd and/or fwd+bwd.")
+_MODES = flags.DEFINE_list("modes", ["fwd", "fwd+bwd"], "Among fwd, bwd (the backward alone) "
+                           "and fwd+bwd.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "Input dtype.")
 _TOLERANCE = flags.DEFINE_float("skip_tolerance", 1e-3, "skip_tolerance of pallas_tol.")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed repetitions (after 3 warm-ups).")

@@ -22,6 +22,8 @@ IMPLEMENTATIONS = ("pallas", "pallas_dense", "pallas_tol", "mosaic", "mosaic_den
 # Triton or Mosaic GPU, each forced (on Hopper "pallas" itself takes the Mosaic forward where
 # it is not differentiated): the default (exact skipping), the dense walk, skip_tolerance.
 _KERNELS = {"pallas": "pallas_triton", "mosaic": "pallas_mosaic_gpu"}
+# Counted work of each pass in causal forwards (4 B N T^2 H / 2 flops): the backward as 2.5.
+PASS_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 TRAINED_QK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                           "length_extrapolation", "qk_stickbreaking.npz")
 
@@ -102,9 +104,17 @@ def attention(impl: str, head_dim: int, dtype, block_sizes=None, skip_tolerance=
       skip_tolerance=tolerance)
 
 
+def _vjp_fn(attn, q, k, v, s):
+  """The pullback of ``attn`` at ``(q, k, v)``: its residuals computed (a forward run) and held."""
+  return jax.jit(lambda q, k, v, s: jax.vjp(lambda q, k, v: attn(q, k, v, s), q, k, v)[1])(
+      q, k, v, s)
+
+
 def _compiled(attn, mode, args):
   if mode == "fwd":
     fn = jax.jit(attn)
+  elif mode == "bwd":  # args: (pullback, d_out)
+    fn = jax.jit(lambda pullback, do: pullback(do))
   else:
     fn = jax.jit(lambda q, k, v, s, do: jax.vjp(lambda q, k, v: attn(q, k, v, s), q, k, v)[1](do))
   compiled = fn.lower(*args).compile()
@@ -130,13 +140,16 @@ def run(shapes, regimes, impls, modes, dtype, iters, *, block_sizes=None, skip_t
         max_scan_t=16384, slow_iters=3, mosaic_block_sizes=None, log=print):
   """Benchmark records (see the module docstring); an implementation that fails records its
   error instead of stopping the run."""
+  bad = [m for m in modes if m not in PASS_FLOPS]
+  if bad:
+    raise ValueError(f"modes must be among {tuple(PASS_FLOPS)}, got {bad}.")
   meta = dict(dtype=jnp.dtype(dtype).name, jax=jax.__version__, gpu=jax.devices()[0].device_kind)
   records = []
   for b, n, h, t in shapes:
     inputs = {}  # regime -> (q, k, v, scale), made once per shape (the NumPy draws take seconds)
     d_out = None
     for mode in modes:
-      flops = 4 * b * n * t * t * h / 2 * (1 if mode == "fwd" else 3.5)
+      flops = 4 * b * n * t * t * h / 2 * PASS_FLOPS[mode]
       dense_out = {}
       for impl in impls:
         if impl == "scan" and t > max_scan_t:
@@ -159,8 +172,10 @@ def run(shapes, regimes, impls, modes, dtype, iters, *, block_sizes=None, skip_t
               if d_out is None:
                 d_out = jnp.asarray(np.random.default_rng(1).normal(size=v.shape), dtype)
               args += (d_out,)
+            attn = attention(impl, h, dtype, block_sizes, skip_tolerance, mosaic_block_sizes)
+            if mode == "bwd":  # the backward alone, from held residuals
+              args = (_vjp_fn(attn, *args[:4]), d_out)
             if compiled is None:
-              attn = attention(impl, h, dtype, block_sizes, skip_tolerance, mosaic_block_sizes)
               compiled, rec["peak_bytes"] = _compiled(attn, mode, args)
             ms = median_time_ms(compiled, args, slow_iters if impl == "scan" else iters)
             rec.update(ms=ms, tflops=flops / ms / 1e9)

@@ -1,4 +1,4 @@
-"""experiments/benchmark_lib.py (behind experiments/benchmark.py) on the CPU: the logit regimes really are what they are named after,
+"""experiments/benchmark.py (behind experiments/benchmark.py) on the CPU: the logit regimes really are what they are named after,
 and a run records every implementation (errors included) without stopping."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import pathlib
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -58,6 +59,28 @@ def test_run_records_timings_and_errors():
   assert [r["regime"] for r in pallas] == ["local", "far"]
   assert all("needs an NVIDIA GPU" in r["error"] for r in pallas)  # recorded, not raised
   assert "ms" in benchmark.format_table(records) and "ERROR" in benchmark.format_table(records)
+
+
+def test_backward_alone_is_timed_from_held_residuals():
+  """``bwd`` times the pullback alone, from residuals computed beforehand (2.5 forwards of counted
+  work), and that pullback gives the gradients of a plain ``jax.vjp``; an unknown mode is
+  rejected before any work."""
+  records = benchmark.run([(1, 2, 16, 256)], ["local"], ["scan"], ["bwd", "fwd+bwd"], jnp.float32,
+                          iters=3, slow_iters=3, log=lambda _: None)
+  bwd, both = records
+  assert (bwd["pass"], both["pass"]) == ("bwd", "fwd+bwd") and "error" not in bwd
+  flops = 4 * 1 * 2 * 256 * 256 * 16 / 2
+  assert bwd["tflops"] == pytest.approx(2.5 * flops / bwd["ms"] / 1e9)
+  q, k, v, scale = benchmark.benchmark_inputs("local", 1, 256, 2, 16, jnp.float32)
+  attn = benchmark.attention("scan", 16, jnp.float32)
+  d_out = jnp.ones_like(v)
+  got = jax.jit(lambda f, do: f(do))(benchmark._vjp_fn(attn, q, k, v, jnp.float32(scale)),
+                                     d_out)
+  want = jax.vjp(lambda q, k, v: attn(q, k, v, jnp.float32(scale)), q, k, v)[1](d_out)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="modes must be among"):
+    benchmark.run([(1, 2, 16, 64)], ["local"], ["scan"], ["backward"], jnp.float32, iters=1)
 
 
 def test_mosaic_runs_per_regime_and_both_passes():
