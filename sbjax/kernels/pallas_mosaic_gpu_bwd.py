@@ -339,8 +339,8 @@ def _dkv_kernel(scale_ref, row_end_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, 
     qk, do_v = _two_products(q_tile, k_smem.T, do_tile, v_smem.T)
     t = _Tile(qk, do_v, log_stick, drem, scale2=scale * tiles.LOG2E, mask=mask, gate=gate,
               tri_nearer=tri_nearer, parts=cumsum_parts, part_smem=part_smem, registers=registers)
+    a_smem[...] = t.a.astype(dt)  # before dz's products: A need not stay live through them
     dz, dg_tile = t.logit_grads(prefix, tri_prefix, part_smem=part_smem, registers=registers)
-    a_smem[...] = t.a.astype(dt)
     dz_smem[...] = dz.astype(dt)
     plgpu.commit_smem()
     dv, dk = _accumulate([(dv, a_smem.T, do_tile), (dk, dz_smem.T, q_tile)], in_place=in_place)
