@@ -15,6 +15,8 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
+from sbjax import training
+
 import logs
 import mqrar_lib
 import mqrar_report
@@ -40,7 +42,7 @@ def main(argv):
     report = mqrar_report.report(mqrar_sweep_lib.train_and_evaluate(config, workdir), workdir)
   else:
     report = mqrar_lib.report(mqrar_lib.train_and_evaluate(config, workdir), workdir)
-  if jax.process_index() == 0:
+  if training.is_primary():
     print("\n" + report, flush=True)
 
 

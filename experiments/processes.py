@@ -16,6 +16,8 @@ from absl import flags
 from absl import logging
 import jax
 
+from sbjax import training
+
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() with the cluster found from the "
     "environment (SLURM, Open MPI, Kubernetes).")
@@ -48,7 +50,7 @@ def initialize() -> None:
     jax.distributed.initialize()
   else:
     return
-  if jax.process_index() != 0:
+  if not training.is_primary():
     logging.set_verbosity(logging.WARNING)
   logging.info("jax.distributed: %d processes, %d devices.", jax.process_count(),
                jax.device_count())

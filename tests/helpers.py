@@ -1,4 +1,5 @@
-"""Test-only helpers: the definition as a loop, and a uniform call for every implementation."""
+"""Test-only helpers: the definition as a loop, a uniform call for every implementation, tiny
+runs of the experiment programs."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from sbjax.platform import on_nvidia_gpu
 from sbjax.testing import Shape, assert_within_tolerance, float64_result, random_inputs, rel_rms
 
 __all__ = ["SMALL_BLOCKS", "Shape", "assert_within_tolerance", "attention_fn", "far_inputs",
-           "float64_result", "random_inputs", "rel_rms", "sigmoid", "stick_loop"]
+           "float64_result", "random_inputs", "rel_rms", "run_as_one_and_two_processes", "sigmoid",
+           "stick_loop"]
 
 
 def stick_loop(q, k, v, scale, seg=None, attend_current=False, forget_gate=None):
@@ -102,3 +104,37 @@ def tiny_length_extrapolation_run(tmp_path):
        "train": dataclasses.asdict(train_config)}))
   (tmp_path / "book.txt").write_text(text)
   return run_dir, model
+
+
+def run_as_one_and_two_processes(program, flags, log_dir, *, timeout: int = 300):
+  """Runs ``program`` (an experiments/ script) twice at once: as one process of 2 CPU devices
+  (``"one"``) and as two ``jax.distributed`` processes of one device each on localhost
+  (``"two"``, through the program's ``--coordinator_address``, ``--num_processes`` and
+  ``--process_id``). ``flags(name)`` gives each run's own flags; process ``p``'s stdout and
+  stderr go to ``log_dir / f"{name}.{p}.out"`` and ``.err``. Asserts that every process exits 0
+  (showing its stderr's end), killing the rest if one does not."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import portpicker  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  port = portpicker.pick_unused_port()
+  procs = {}
+  for name, num_processes, devices in (("one", 1, 2), ("two", 2, 1)):
+    env = dict(os.environ, PYTHONPATH=root, XLA_FLAGS=" ".join(
+        [os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={devices}"]))
+    for process in range(num_processes):
+      dist = ([f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",
+               f"--process_id={process}"] if num_processes > 1 else [])
+      with open(log_dir / f"{name}.{process}.out", "w") as out, \
+           open(log_dir / f"{name}.{process}.err", "w") as err:
+        procs[name, process] = subprocess.Popen(
+            [sys.executable, str(program), *flags(name), *dist], env=env, stdout=out, stderr=err)
+  try:
+    for (name, process), proc in procs.items():
+      proc.wait(timeout=timeout)
+      assert proc.returncode == 0, (log_dir / f"{name}.{process}.err").read_text()[-3000:]
+  finally:
+    for proc in procs.values():
+      if proc.poll() is None:
+        proc.kill()

@@ -4,13 +4,11 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import portpicker
 import pytest
 from flax import nnx
 
@@ -20,6 +18,7 @@ from sbjax.parallel import batch_sharding, make_mesh
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments")
 sys.path.insert(0, EXPERIMENTS)  # the experiment's library sits beside its main, as in lm1b
 import length_extrapolation_lib as lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from helpers import run_as_one_and_two_processes  # pylint: disable=g-import-not-at-top
 from test_text_data import EXCERPTS, make_archive  # pylint: disable=g-import-not-at-top
 
 
@@ -230,28 +229,10 @@ def test_two_processes_match_one(tmp_path):
       f"  c.attentions, c.qk_layers = ('stickbreaking',), (0,)\n"
       f"  c.model_overrides = {dict(config.model_overrides)!r}\n"
       "  return c\n")
-  port = portpicker.pick_unused_port()
-  procs = {}
-  for name, num_processes, devices in (("one", 1, 2), ("two", 2, 1)):
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(EXPERIMENTS), XLA_FLAGS=" ".join(
-        [os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={devices}"]))
-    for process in range(num_processes):
-      dist = ([f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",
-               f"--process_id={process}"] if num_processes > 1 else [])
-      with open(tmp_path / f"{name}.{process}.err", "w") as err:
-        procs[name, process] = subprocess.Popen(
-            [sys.executable, os.path.join(EXPERIMENTS, "length_extrapolation.py"),
-             f"--config={config_file}", f"--workdir={tmp_path / name}",
-             f"--config.data_dir={tmp_path / ('data_' + name)}", *dist],
-            env=env, stdout=subprocess.DEVNULL, stderr=err)
-  try:
-    for (name, process), proc in procs.items():
-      proc.wait(timeout=300)
-      assert proc.returncode == 0, (tmp_path / f"{name}.{process}.err").read_text()[-3000:]
-  finally:
-    for proc in procs.values():
-      if proc.poll() is None:
-        proc.kill()
+  run_as_one_and_two_processes(
+      os.path.join(EXPERIMENTS, "length_extrapolation.py"), lambda name: [
+          f"--config={config_file}", f"--workdir={tmp_path / name}",
+          f"--config.data_dir={tmp_path / ('data_' + name)}"], tmp_path)
   timing = ("tokens_per_second",)
   one, two = ([{k: v for k, v in r.items() if k not in timing}
                for r in json.loads((tmp_path / name / "summary.json").read_text())]

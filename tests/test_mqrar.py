@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import numpy as np
-import portpicker
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -21,6 +20,7 @@ from ml_collections import config_flags
 EXPERIMENTS = pathlib.Path(__file__).resolve().parent.parent / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))  # the experiment's library sits beside its main, as in lm1b
 
+from helpers import run_as_one_and_two_processes  # pylint: disable=g-import-not-at-top,wrong-import-position
 import logs  # pylint: disable=g-import-not-at-top,wrong-import-position
 import mqrar_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -233,61 +233,35 @@ def test_bad_config_is_named():
     _load_config("gpu")
 
 
-def _mqrar_processes(workdir, num_processes: int, devices: int, port: int):
-  """Starts ``experiments/mqrar.py`` as ``num_processes`` processes of ``devices`` CPU devices
-  each (``jax.distributed`` on localhost:port when more than one) on a 4-step stick-breaking run;
-  returns the Popen objects (stdout and stderr to ``workdir.<process>.{out,err}``)."""
-  flags_ = [f"--config={EXPERIMENTS / 'configs' / 'mqrar.py'}", f"--workdir={workdir}",
-            "--config.num_steps=4", "--config.warmup_steps=1", "--config.log_every=2",
-            "--config.checkpoint_every=2", "--config.batch_size=4", "--config.eval_batches=1",
-            "--config.eval_seq_lens=(32,)", "--config.attentions=('stickbreaking',)",
-            "--config.progress_bar=False"]
-  env = dict(os.environ, PYTHONPATH=str(EXPERIMENTS.parent), XLA_FLAGS=" ".join(
-      [os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={devices}"]))
-  procs = []
-  for process in range(num_processes):
-    dist = ([f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",
-             f"--process_id={process}"] if num_processes > 1 else [])
-    with open(f"{workdir}.{process}.out", "w") as out, open(f"{workdir}.{process}.err", "w") as err:
-      procs.append(subprocess.Popen([sys.executable, str(EXPERIMENTS / "mqrar.py"), *flags_,
-                                     *dist], env=env, stdout=out, stderr=err))
-  return procs
-
-
 def test_two_processes_match_one(tmp_path):
   """Two ``jax.distributed`` processes of one CPU device each (the program's address flags) give
   the records of one process on 2 devices, bit for bit (the same partitioned program; 2-way
   reductions add alike in any order); process 0 alone prints the report and logs at INFO."""
-  port = portpicker.pick_unused_port()
-  runs = {"one": (tmp_path / "one", 1, 2), "two": (tmp_path / "two", 2, 1)}
-  procs = {name: _mqrar_processes(w, n, d, port) for name, (w, n, d) in runs.items()}
-  try:
-    for name, group in procs.items():
-      for process, proc in enumerate(group):
-        proc.wait(timeout=300)
-        err = open(f"{runs[name][0]}.{process}.err").read()
-        assert proc.returncode == 0, err[-3000:]
-  finally:
-    for proc in (p for group in procs.values() for p in group):
-      if proc.poll() is None:
-        proc.kill()
-  summaries = [json.loads((runs[name][0] / mqrar_lib.SUMMARY).read_text()) for name in runs]
+  run_as_one_and_two_processes(
+      EXPERIMENTS / "mqrar.py", lambda name: [
+          f"--config={EXPERIMENTS / 'configs' / 'mqrar.py'}", f"--workdir={tmp_path / name}",
+          "--config.num_steps=4", "--config.warmup_steps=1", "--config.log_every=2",
+          "--config.checkpoint_every=2", "--config.batch_size=4", "--config.eval_batches=1",
+          "--config.eval_seq_lens=(32,)", "--config.attentions=('stickbreaking',)",
+          "--config.progress_bar=False"], tmp_path)
+  summaries = [json.loads((tmp_path / name / mqrar_lib.SUMMARY).read_text())
+               for name in ("one", "two")]
   timing = ("train_seconds",)
   one, two = ([{k: v for k, v in r.items() if k not in timing} for r in s] for s in summaries)
   assert len(one) == 1 and np.isfinite(one[0]["accuracy"]) and one[0]["queries"] > 0
   assert two == one
-  outs = [open(f"{tmp_path / 'two'}.{p}.out").read() for p in range(2)]
-  errs = [open(f"{tmp_path / 'two'}.{p}.err").read() for p in range(2)]
+  outs = [(tmp_path / f"two.{p}.out").read_text() for p in range(2)]
+  errs = [(tmp_path / f"two.{p}.err").read_text() for p in range(2)]
   assert "accuracy" in outs[0] and "accuracy" not in outs[1]  # (gloo's notes go to stdout)
   assert "jax.distributed: 2 processes, 2 devices" in errs[0] and "accuracy 0." in errs[0]
   assert not [line for line in errs[1].splitlines() if line.startswith("I")]
 
 
-def test_distributed_flags_are_checked(monkeypatch):
-  argv = ["prog", "--coordinator_address=localhost:1", "--num_processes=2"]
+def test_distributed_flags_are_checked():
   result = subprocess.run([sys.executable, str(EXPERIMENTS / "mqrar.py"),
                            f"--config={EXPERIMENTS / 'configs' / 'mqrar.py'}", "--workdir=/tmp/x",
-                           *argv[1:]], capture_output=True, text=True, timeout=120,
+                           "--coordinator_address=localhost:1", "--num_processes=2"],
+                          capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, PYTHONPATH=str(EXPERIMENTS.parent)))
   assert result.returncode != 0
   assert "--coordinator_address, --num_processes given without --process_id" in result.stderr

@@ -402,7 +402,8 @@ def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_c
   Args:
     q, k, v, scale, segment_ids, forget_gate, attend_current, skip_tolerance, interpret: as for
       ``pallas_mosaic_gpu_fwd.forward`` (``interpret``: False or ``plgpu.InterpretGPUParams``).
-    block_sizes: its ``num_buffers_bwd`` and ``skip_used_stick`` apply (the tiles are 64 x 64).
+    block_sizes: its ``num_buffers_bwd``, ``block_k_dq``, ``operands_in_registers`` and
+      ``skip_used_stick`` apply (64-row tiles; 64 keys in the dk/dv kernel).
     d_out: ``[B, T, N, H]``; d_rem: ``[B, N, T]`` cotangents.
 
   Returns:
