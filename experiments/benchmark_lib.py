@@ -5,6 +5,7 @@ implementations, the timed run and its table.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -104,10 +105,14 @@ def attention(impl: str, head_dim: int, dtype, block_sizes=None, skip_tolerance=
       skip_tolerance=tolerance)
 
 
+def _pullback(attn, q, k, v, s):
+  """The pullback of ``attn`` at ``(q, k, v)`` (``jax.vjp``'s, holding its residuals)."""
+  return jax.vjp(lambda q, k, v: attn(q, k, v, s), q, k, v)[1]
+
+
 def _vjp_fn(attn, q, k, v, s):
-  """The pullback of ``attn`` at ``(q, k, v)``: its residuals computed (a forward run) and held."""
-  return jax.jit(lambda q, k, v, s: jax.vjp(lambda q, k, v: attn(q, k, v, s), q, k, v)[1])(
-      q, k, v, s)
+  """``_pullback`` with its residuals computed (a compiled forward run), for timing it alone."""
+  return jax.jit(functools.partial(_pullback, attn))(q, k, v, s)
 
 
 def _compiled(attn, mode, args):
@@ -116,7 +121,7 @@ def _compiled(attn, mode, args):
   elif mode == "bwd":  # args: (pullback, d_out)
     fn = jax.jit(lambda pullback, do: pullback(do))
   else:
-    fn = jax.jit(lambda q, k, v, s, do: jax.vjp(lambda q, k, v: attn(q, k, v, s), q, k, v)[1](do))
+    fn = jax.jit(lambda q, k, v, s, do: _pullback(attn, q, k, v, s)(do))
   compiled = fn.lower(*args).compile()
   mem = compiled.memory_analysis()
   peak = None if mem is None else int(mem.argument_size_in_bytes + mem.output_size_in_bytes
