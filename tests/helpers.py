@@ -4,8 +4,12 @@ runs of the experiment programs."""
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 
 import numpy as np
+import portpicker
 
 import sbjax
 from sbjax.platform import on_nvidia_gpu
@@ -113,10 +117,6 @@ def run_as_one_and_two_processes(program, flags, log_dir, *, timeout: int = 300)
   ``--process_id``). ``flags(name)`` gives each run's own flags; process ``p``'s stdout and
   stderr go to ``log_dir / f"{name}.{p}.out"`` and ``.err``. Asserts that every process exits 0
   (showing its stderr's end), killing the rest if one does not."""
-  import os  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  import portpicker  # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   port = portpicker.pick_unused_port()
   procs = {}
