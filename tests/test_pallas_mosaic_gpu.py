@@ -205,7 +205,7 @@ def _mosaic_gradients(q, k, v, scale, d_out, d_rem, segment_ids=None, forget_gat
   return gradients(fn, q, k, v, scale, d_out, d_rem, forget_gate)
 
 
-# (dtype, shape, attend_current, segments, block sizes): the backward's 64 x 64 tiles with T not a
+# (dtype, shape, attend_current, segments, block sizes): the backward's 64-row tiles with T not a
 # multiple of 64, GQA and MQA, both head dims, fp16's two stick parts, segment ids in any order
 # (shuffled, so other segments' keys lie inside every block), a deeper TMA ring, the dq kernel's
 # 64-key tiles (the default takes 32).
