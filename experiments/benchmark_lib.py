@@ -115,7 +115,9 @@ def _vjp_fn(attn, q, k, v, s):
   return jax.jit(functools.partial(_pullback, attn))(q, k, v, s)
 
 
-def _compiled(attn, mode, args):
+def compile_pass(attn, mode, args):
+  """``(compiled, peak_bytes)`` of one pass of ``attn`` (``PASS_FLOPS``' modes) on ``args``:
+  ``(q, k, v, scale)``, plus ``d_out`` for fwd+bwd; ``(pullback, d_out)`` for bwd."""
   if mode == "fwd":
     fn = jax.jit(attn)
   elif mode == "bwd":  # args: (pullback, d_out)
@@ -181,7 +183,7 @@ def run(shapes, regimes, impls, modes, dtype, iters, *, block_sizes=None, skip_t
             if mode == "bwd":  # the backward alone, from held residuals
               args = (_vjp_fn(attn, *args[:4]), d_out)
             if compiled is None:
-              compiled, rec["peak_bytes"] = _compiled(attn, mode, args)
+              compiled, rec["peak_bytes"] = compile_pass(attn, mode, args)
             ms = median_time_ms(compiled, args, slow_iters if impl == "scan" else iters)
             rec.update(ms=ms, tflops=flops / ms / 1e9)
             if mode == "fwd" and impl.endswith(("_dense", "_tol")):

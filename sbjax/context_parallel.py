@@ -22,7 +22,8 @@ to left:
 
 The farther pieces are visited in a ``lax.scan`` whose steps are ``lax.cond``s: a step is skipped
 once every query of the piece has ``rem == 0`` (or ``rem < skip_tolerance``), which is exact for
-``skip_tolerance=0``: what a skipped piece would add is ``rem * o_far = 0``. ``rem`` is combined
+``skip_tolerance=0``: what a skipped piece would add is ``rem * o_far = 0``; ``block_sizes`` with
+``skip_used_stick=False`` visits every piece (the dense walk, for timing heads that attend far). ``rem`` is combined
 as a product of the chunks' float32 sticks (the log-space sums inside each chunk are exact; a
 product that underflows is below 2^-149, where every farther weight rounds to 0 in float32 too).
 Gradients are autodiff through the collectives (the transposes of ``all_gather`` and ``ppermute``
@@ -141,6 +142,8 @@ def _local_attention(query, key, value, segment_ids, forget_gate, scale, *, axis
   c = context_size
   piece = query.shape[1] // 2
   skip_below = options["skip_tolerance"]
+  # BlockSizes(skip_used_stick=False) walks every key: the kernels' blocks and the far pieces.
+  skip = getattr(options["block_sizes"], "skip_used_stick", True)
   gather = lambda x: None if x is None else jax.lax.all_gather(x, axis_name, axis=1, tiled=True)
   k_all, v_all, seg_all, gate_all = map(gather, (key, value, segment_ids, forget_gate))  # [B, T, .]
   q_lo, q_hi = _to_zigzag(query, axis_name, c)
@@ -163,7 +166,7 @@ def _local_attention(query, key, value, segment_ids, forget_gate, scale, *, axis
             key_segment_ids=take(seg_all, far_piece), forget_gate=take(gate_all, far_piece))
         return out + rem[..., None] * o_far.astype(out.dtype), rem * rem_far
 
-      live = jnp.any(rem > skip_below) if skip_below > 0 else jnp.any(rem > 0)
+      live = jnp.any(rem > skip_below) if skip else True
       return jax.lax.cond((far_piece >= 0) & live, visit, lambda o, r: (o, r), out, rem), None
 
     (out, rem), _ = jax.lax.scan(far, (out, rem), p - 1 - jnp.arange(max_far))

@@ -9,6 +9,7 @@ Writes ``{check: "ok" | the failure's message}`` to OUT.json (all checks when no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -105,6 +106,13 @@ def check_skips_used_up_chunks():
   assert np.all(np.asarray(want_rem) == 0), "the inputs must use up every stick"
   np.testing.assert_array_equal(np.asarray(out[:, piece:]), np.asarray(want[:, piece:]))
   np.testing.assert_array_equal(np.asarray(rem), np.asarray(want_rem))
+  # The dense walk (BlockSizes(skip_used_stick=False), interpreted kernels) visits every piece.
+  dense = lambda v: context_parallel.stick_breaking_attention(
+      q, k, v, attend_current=True, implementation="pallas", interpret=True,
+      block_sizes=dataclasses.replace(SMALL_BLOCKS, skip_used_stick=False))
+  with jax.set_mesh(mesh):
+    out = np.asarray(jax.jit(dense)(v_nan))
+  assert np.isnan(out[:, piece:]).all(), "a far piece was skipped in the dense walk"
 
 
 def check_errors_name_the_argument():
