@@ -151,7 +151,8 @@ def train_run(config, spec: dict, text: TextData, run_dir: str, *, train: bool =
   os.makedirs(run_dir, exist_ok=True)
   if training.is_primary():  # under jax.distributed, process 0 writes the files of all
     _write_json(os.path.join(run_dir, "run.json"), spec)
-  train_config = _train_config(config, spec["num_steps"])
+  train_config = dataclasses.replace(_train_config(config, spec["num_steps"]),
+                                     mesh_shape=tuple(config.mesh_shape))
   mesh = make_mesh(*train_config.mesh_shape)
   with jax.set_mesh(mesh):
     model = models.DecoderLM(_lm_config(config, spec["attention"]), rngs=nnx.Rngs(spec["seed"]))
@@ -193,18 +194,19 @@ def train_run(config, spec: dict, text: TextData, run_dir: str, *, train: bool =
 
 
 def make_position_loss(graphdef, rest, mesh, param_shardings, chunk: int):
-  """``position_loss(params, tokens [B, L + 1]) -> losses [B, L]`` float32, jitted.
+  """``position_loss(params, batch) -> losses [B, L]`` float32, jitted.
 
-  ``losses[b, t]`` is the cross-entropy of predicting ``tokens[b, t + 1]`` from
-  ``tokens[b, :t + 1]``. The head and the loss run over chunks of ``chunk`` positions under
+  ``batch``: ``{"inputs": [B, L], "targets": [B, L]}`` (a window's tokens and the same shifted by
+  one, as training batches: both shard over the mesh's data and context axes); ``losses[b, t]``
+  is the cross-entropy of predicting ``targets[b, t]`` from ``inputs[b, :t + 1]``. The head and the loss run over chunks of ``chunk`` positions under
   ``lax.map``, so only ``[B, chunk, V]`` logits exist at a time (``L`` a multiple of ``chunk``,
   or shorter than it).
   """
 
-  def fn(params, tokens):
+  def fn(params, batch):
     model = nnx.merge(graphdef, params, rest)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, L] each
-    x = model.hidden_states(inputs)  # [B, L, D]
+    targets = batch["targets"]  # [B, L]
+    x = model.hidden_states(batch["inputs"])  # [B, L, D]
     b, length, d = x.shape
     c = min(chunk, length)
     if length % c:
@@ -234,7 +236,8 @@ def score_windows(position_loss, params, windows: data.EvalWindows, batch_size: 
   rows = training.process_batch_rows(batch_size, sharding.mesh)  # this process's rows
   out = []
   for i in range(0, len(tokens), batch_size):
-    batch = training.global_batch({"tokens": tokens[i:i + batch_size][rows]}, sharding)["tokens"]
+    window = tokens[i:i + batch_size][rows]  # [B_local, L + 1]
+    batch = training.global_batch({"inputs": window[:, :-1], "targets": window[:, 1:]}, sharding)
     out.append(np.asarray(jax.device_get(position_loss(params, batch)), np.float32))
     if progress:
       logging.info("  scored %d/%d windows", min(i + batch_size, w), w)
@@ -532,6 +535,15 @@ def validate(config) -> None:
   eval_len = config.train_len * config.eval_len_multiple
   if eval_len > config.loss_chunk and eval_len % config.loss_chunk:
     raise ValueError(f"config.loss_chunk={config.loss_chunk} must divide the eval length {eval_len}.")
+  try:  # the form of the mesh, then whether the devices (of every process) make it
+    shape = training.TrainConfig(num_steps=1, mesh_shape=tuple(config.mesh_shape)).mesh_shape
+    make_mesh(*shape)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.mesh_shape={config.mesh_shape!r}: {e}") from e
+  context = shape[2] if len(shape) > 2 else 1
+  if config.train_len % context:
+    raise ValueError(f"config.train_len={config.train_len} must be a multiple of the mesh's "
+                     f"context size {context} (config.mesh_shape={config.mesh_shape!r}).")
   if config.eval_text_dir and not os.path.isdir(os.path.expanduser(config.eval_text_dir)):
     raise ValueError(f"config.eval_text_dir={config.eval_text_dir!r} is not a directory.")
   if not os.path.isfile(os.path.expanduser(config.corpus_archive)):

@@ -158,7 +158,8 @@ def test_chunked_position_loss_matches_the_models_own_logits():
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   shardings = jax.tree.map(lambda x: x.sharding, params)
   losses = lib.make_position_loss(graphdef, rest, mesh, shardings, chunk=16)(
-      params, jax.device_put(tokens, batch_sharding(mesh)))
+      params, jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]},
+                             batch_sharding(mesh)))
   with jax.set_mesh(mesh):
     logits = jax.jit(lambda p, t: nnx.merge(graphdef, p, rest)(t))(params, tokens[:, :-1])
   expected = -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1)[..., 0]
@@ -195,6 +196,8 @@ def test_bins_and_context_lengths():
     ("corpus_archive", "/nonexistent.tar.xz", "corpus_archive"),
     ("eval_text_dir", "/nonexistent_dir", "eval_text_dir"),
     ("train_len", 0, "train_len"),
+    ("mesh_shape", (1,), "mesh_shape"),
+    ("mesh_shape", (1, 1, 64), "mesh_shape"),  # more devices than there are
 ])
 def test_bad_config_is_rejected_before_any_work(tmp_path, field, value, match):
   config = tiny_config(tmp_path)
@@ -204,19 +207,23 @@ def test_bad_config_is_rejected_before_any_work(tmp_path, field, value, match):
   assert not os.path.exists(tmp_path / "work")
 
 
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("mesh_shape", [(-1, 1), (1, 1, 2)])
+def test_two_processes_match_one(tmp_path, mesh_shape):
   """The program as two ``jax.distributed`` processes of one CPU device each gives the records of
   one process on 2 devices, bit for bit (the same partitioned program; 2-way reductions add alike
   in any order): per-process training rows, scoring rows gathered into global batches, the data
-  caches filled by process 0 first, the trained state gathered for the qk dump."""
+  caches filled by process 0 first, the trained state gathered for the qk dump. With
+  ``mesh_shape=(1, 1, 2)`` both train and score context-parallel (T over the 2 devices, across the
+  processes) and match one device up to reduction order."""
   config = tiny_config(tmp_path)
   config.attentions = ("stickbreaking",)
   config.eval_test = False
+  config.mesh_shape = mesh_shape
   overrides = {k: config[k] for k in ("corpus_archive", "corpus_sha256", "max_train_books",
                                       "vocab_size", "train_len", "batch_size", "num_steps",
                                       "log_every", "checkpoint_every", "max_eval_windows_per_book",
                                       "loss_chunk", "bootstrap_samples", "progress_bar",
-                                      "qk_window_len", "eval_test")}
+                                      "qk_window_len", "eval_test", "mesh_shape")}
   config_file = tmp_path / "tiny_config.py"  # dict fields cannot be set from the command line
   config_file.write_text(
       "import importlib.util\n"
@@ -239,6 +246,12 @@ def test_two_processes_match_one(tmp_path):
               for name in ("one", "two"))
   assert len(one) == 1 and one[0]["windows"] > 0 and np.isfinite(one[0]["mean_loss"])
   assert two == one
+  if len(mesh_shape) == 3:  # against one device, in this process
+    config.mesh_shape = (1, 1)
+    config.data_dir = str(tmp_path / "data_one")
+    single = lib.train_and_evaluate(config, str(tmp_path / "single"))
+    assert single[0]["windows"] == one[0]["windows"]
+    np.testing.assert_allclose(one[0]["mean_loss"], single[0]["mean_loss"], rtol=1e-5)
   qk = [np.load(tmp_path / name / "qk_stickbreaking.npz") for name in ("one", "two")]
   for name in ("query", "key"):
     assert np.isfinite(qk[0][name]).all()

@@ -64,6 +64,10 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
   c.checkpoint_every = 150  # steps between checkpoints (the last step is always saved)
   c.keep_checkpoints = 2
   c.progress_bar = True
+  # (data, model[, context]) of the training and scoring mesh (sbjax.parallel.make_mesh; data=-1
+  # takes every device left). (1, 1, 2) shards T over 2 GPUs (context parallelism). Not part of a
+  # run's identity: a run resumes and is scored on any mesh.
+  c.mesh_shape = (-1, 1)
   # Evaluation.
   c.eval_len_multiple = 16  # L = eval_len_multiple * train_len
   c.max_eval_windows_per_book = 2  # first windows of each book; 0 = all
