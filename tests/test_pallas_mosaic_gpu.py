@@ -208,20 +208,22 @@ def _mosaic_gradients(q, k, v, scale, d_out, d_rem, segment_ids=None, forget_gat
 # (dtype, shape, attend_current, segments, block sizes): the backward's 64-row tiles with T not a
 # multiple of 64, GQA and MQA, both head dims, fp16's two stick parts, segment ids in any order
 # (shuffled, so other segments' keys lie inside every block), a deeper TMA ring, the dq kernel's
-# 64-key tiles (the default takes 32).
+# 64-key tiles (the default takes 32), the dk/dv kernel's 32-key halves (the default takes 64).
 DQ_64 = MosaicBlockSizes(block_k_dq=64)
+DKV_32 = MosaicBlockSizes(block_k_dkv=32)
 GRADIENT_CASES = [
     (jnp.bfloat16, Shape(1, 200, 4, 2, 64), False, None, ONE_WG),
     (jnp.float16, Shape(1, 130, 2, 1, 128), True, None, MosaicBlockSizes(num_buffers_bwd=3)),
     (jnp.bfloat16, Shape(2, 130, 2, 1, 64), False, "shuffled", DEFAULT),
     (jnp.bfloat16, Shape(1, 200, 4, 2, 64), True, "shuffled", DQ_64),
+    (jnp.float16, Shape(1, 130, 4, 2, 128), False, "shuffled", DKV_32),
 ]
 
 
 @pytest.mark.parametrize(
     "dtype,shape,attend_current,segments,block_sizes", GRADIENT_CASES,
     ids=[f"{jnp.dtype(d).name}-{s}-cur{int(c)}-seg{g}-bwdbuf{b.num_buffers_bwd}-dqk{b.block_k_dq}"
-         for d, s, c, g, b in GRADIENT_CASES])
+         f"-dkvk{b.block_k_dkv}" for d, s, c, g, b in GRADIENT_CASES])
 def test_gradients_match_float64(dtype, shape, attend_current, segments, block_sizes):
   """Output, remainder and the gradients of q, k, v and the scale, under random cotangents on
   both outputs, against float64 under the tolerance rule."""
@@ -238,7 +240,7 @@ def test_gradients_match_float64(dtype, shape, attend_current, segments, block_s
   assert_gradients_within_tolerance(got, want, same, dtype)
 
 
-@pytest.mark.parametrize("block_sizes", [ONE_WG, DQ_64], ids=["dqk32", "dqk64"])
+@pytest.mark.parametrize("block_sizes", [ONE_WG, DQ_64, DKV_32], ids=["dqk32", "dqk64", "dkvk32"])
 def test_backward_skipping_is_exact(block_sizes):
   """The dq walk ends where every row's stick is below 2^-152 and the dk/dv kernel visits only
   the query blocks whose walk reached its key block: the gradients equal the dense walk's bit
@@ -276,7 +278,7 @@ def test_backward_skip_tolerance_within_its_bounds():
   assert stopped.mean() >= 0.1, stopped.mean()
 
 
-@pytest.mark.parametrize("block_sizes", [ONE_WG, DQ_64], ids=["dqk32", "dqk64"])
+@pytest.mark.parametrize("block_sizes", [ONE_WG, DQ_64, DKV_32], ids=["dqk32", "dqk64", "dkvk32"])
 def test_gate_gradients_match_float64(block_sizes):
   """The gate's gradient (and the others) with infinite and large gates, GQA, attend_current, T
   not a multiple of 64, against float64 under the tolerance rule; an open gate (+inf) gets no
@@ -516,13 +518,15 @@ def _lowered_for_hopper(dtype, head_dim, block_sizes):
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("dtype,head_dim,extras,block_k_dq", [
-    (jnp.bfloat16, 128, False, 32), (jnp.float16, 64, True, 32), (jnp.bfloat16, 128, True, 64)],
-    ids=["bf16-128", "fp16-64-seg-gate", "bf16-128-seg-gate-dqk64"])
-def test_backward_lowers_for_hopper(dtype, head_dim, extras, block_k_dq):
+@pytest.mark.parametrize("dtype,head_dim,extras,tiling", [
+    (jnp.bfloat16, 128, False, {}), (jnp.float16, 64, True, {}),
+    (jnp.bfloat16, 128, True, dict(block_k_dq=64)), (jnp.bfloat16, 128, True, dict(block_k_dkv=32))],
+    ids=["bf16-128", "fp16-64-seg-gate", "bf16-128-seg-gate-dqk64", "bf16-128-seg-gate-dkvk32"])
+def test_backward_lowers_for_hopper(dtype, head_dim, extras, tiling):
   """The forward and both backward kernels under ``jax.value_and_grad`` pass the Mosaic GPU
   lowering for an H200 (with segment ids and a gate: their loads in both backward kernels; the
-  dq kernel's 32-key tiles, whose operands all take a 64-byte swizzle, and its 64-key ones)."""
+  32-key tiles, whose operands all take a 64-byte swizzle: the dq kernel's default and the dk/dv
+  kernel's halves, whose A and dz stores fill one 32-key column of a tile each)."""
   sd = jax.ShapeDtypeStruct
   args = (sd((2, 200, 4, head_dim), dtype), sd((2, 200, 2, head_dim), dtype),
           sd((2, 200, 2, head_dim), dtype), sd((2, 200), jnp.int32) if extras else None,
@@ -531,7 +535,7 @@ def test_backward_lowers_for_hopper(dtype, head_dim, extras, block_k_dq):
   def loss(q, k, v, seg, gate):
     out, rem = pallas_mosaic_gpu.stick_breaking_attention(
         q, k, v, 0.1, seg, gate, block_sizes=dataclasses.replace(
-            MosaicBlockSizes.get_default(head_dim, dtype), block_k_dq=block_k_dq))
+            MosaicBlockSizes.get_default(head_dim, dtype), **tiling))
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(rem)
   fn = jax.value_and_grad(loss, argnums=(0, 1, 2, 4) if extras else (0, 1, 2))
   with jax.sharding.use_abstract_mesh(_H200):
@@ -620,6 +624,7 @@ def test_needs_a_gpu_or_interpret():
                                     dict(operands_in_registers=1), dict(pipeline_qk=1),
                                     dict(schedule_barrier=True), dict(accumulate_in_place=1),
                                     dict(heavy_first=1), dict(skip_used_stick=0),
+                                    dict(block_k_dq=48), dict(block_k_dkv=128),
                                     dict(num_compute_warpgroups=2, consumer_registers=256)],
                          ids=str)
 def test_config_validation(kwargs):

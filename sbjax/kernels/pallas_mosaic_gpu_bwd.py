@@ -22,9 +22,10 @@ left prefix ``P_ji = sum_{m < i} G_jm``:
   0 there).
 - The dk/dv kernel (one warpgroup, grid ``(T / 64, K, B)``) holds one key block of a kv head and
   walks the query blocks (of every head of its group) whose walk reached it, with their ``q`` and
-  ``do`` tiles on a TMA ring, recomputing ``A`` and ``dz`` from the records; ``A^T @ do`` and
-  ``dz^T @ q`` take ``A`` and ``dz`` through shared memory as transposed left operands (wgmma
-  transposes 16-bit SMEM operands, not register ones).
+  ``do`` tiles on a TMA ring, recomputing ``A`` and ``dz`` from the records (in ``block_k_dkv``
+  keys at a time: with 32, the nearer half first for the stick, then ``dz`` left half first for
+  ``G``'s prefix); ``A^T @ do`` and ``dz^T @ q`` take ``A`` and ``dz`` through shared memory as
+  transposed left operands (wgmma transposes 16-bit SMEM operands, not register ones).
 
 No atomics: each output block has one writer, so the gradients are bitwise deterministic.
 Interpret mode reads every left operand from SMEM and cannot run ``pl.run_state``; the compiled
@@ -277,7 +278,7 @@ def _dq_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, do_ref, drem_r
 
 def _dkv_kernel(scale_ref, row_end_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, do_ref, drem_ref,
                 rec_ref, dk_ref, dv_ref, dgate_ref, *scratch, num_buffers, group, attend_current,
-                cumsum_parts, registers, in_place, num_q_blocks, seq_len):
+                cumsum_parts, registers, in_place, num_q_blocks, seq_len, sub):
   (k_smem, v_smem, q_smem, do_smem, rec_smem, drem_smem, tri_nearer, tri_prefix, part_smem,
    a_smem, dz_smem, dg_row, barriers) = scratch
   kv_barriers, q_barriers, do_barriers, rec_barriers, drem_barriers = barriers
@@ -310,8 +311,13 @@ def _dkv_kernel(scale_ref, row_end_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, 
   total = group * per_head
   scale = _prologue(fetch, total, scale_ref, tri_nearer, tri_prefix, num_buffers=num_buffers,
                     gated=gate_ref is not None)
-  gate = None if gate_ref is None else tiles.key_gate(
-      gate_ref.at[batch, kv_head, pl.ds(k_start, BLOCK)], _SHAPE)
+  sub_shape = (BLOCK, sub)
+  offsets = range(BLOCK - sub, -1, -sub)  # the tile's key halves (or the whole), nearest first
+  keys_of = lambda ref, off: ref if sub == BLOCK else ref.at[pl.ds(off, sub)]  # rows of k, v
+  cols_of = lambda ref, off: ref if sub == BLOCK else ref.at[:, pl.ds(off, sub)]  # of a, dz
+  tri_nearer, tri_prefix = keys_of(tri_nearer, 0), keys_of(tri_prefix, 0)  # (sub, sub)
+  gates = {off: None if gate_ref is None else tiles.key_gate(
+      gate_ref.at[batch, kv_head, pl.ds(k_start + off, sub)], sub_shape) for off in offsets}
   plgpu.barrier_wait(kv_barriers.at[0])
   plgpu.barrier_wait(kv_barriers.at[1])
   dt = k_smem.dtype
@@ -323,29 +329,41 @@ def _dkv_kernel(scale_ref, row_end_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, 
     nxt = step + num_buffers - 1
     pl.when(nxt < total)(functools.partial(fetch, nxt))
     slot = slot_of(step)
-    head = kv_head * group + h
     q_start = j * BLOCK
-    mask = None
-    if masked:
-      q_seg = None if seg_ref is None else _rows(seg_ref.at[batch], q_start)
-      mask = _visible(q_start, k_start, q_seg, None if seg_ref is None else seg_ref.at[batch],
-                      lag=lag, seq_len=seq_len)
+    q_seg = None if seg_ref is None or not masked else _rows(seg_ref.at[batch], q_start)
     for barriers in (q_barriers, do_barriers, rec_barriers, drem_barriers):
       plgpu.barrier_wait(barriers.at[slot])
     row = lambda smem: plgpu.load(smem, layout=tiles.ROW, optimized=False)  # [64]
     log_stick, prefix = row(rec_smem.at[slot, 0]), row(rec_smem.at[slot, 1])
     drem = row(drem_smem.at[slot])
     q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
-    qk, do_v = _two_products(q_tile, k_smem.T, do_tile, v_smem.T)
-    t = _Tile(qk, do_v, log_stick, drem, scale2=scale * tiles.LOG2E, mask=mask, gate=gate,
-              tri_nearer=tri_nearer, parts=cumsum_parts, part_smem=part_smem, registers=registers)
-    a_smem[...] = t.a.astype(dt)  # before dz's products: A need not stay live through them
-    dz, dg_tile = t.logit_grads(prefix, tri_prefix, part_smem=part_smem, registers=registers)
-    dz_smem[...] = dz.astype(dt)
+    halves = {}
+    for off in offsets:  # nearest first: each half's stick includes the nearer halves' keys
+      mask = None if not masked else _visible(
+          q_start, k_start + off, q_seg, None if seg_ref is None else seg_ref.at[batch], lag=lag,
+          seq_len=seq_len, shape=sub_shape)
+      qk, do_v = _two_products(q_tile, keys_of(k_smem, off).T, do_tile, keys_of(v_smem, off).T,
+                               sub_shape)
+      t = _Tile(qk, do_v, log_stick, drem, scale2=scale * tiles.LOG2E, mask=mask,
+                gate=gates[off], tri_nearer=tri_nearer, parts=cumsum_parts, part_smem=part_smem,
+                registers=registers)
+      cols_of(a_smem, off)[...] = t.a.astype(dt)  # before dz: A need not stay live through it
+      if off:
+        log_stick = log_stick + jnp.sum(t.log_1m_beta, axis=1)
+      halves[off] = t
+    dg_halves = []
+    for off in reversed(offsets):  # left first: each half's G prefix includes the farther halves'
+      t = halves.pop(off)
+      dz, dg_tile = t.logit_grads(prefix, tri_prefix, part_smem=part_smem, registers=registers)
+      cols_of(dz_smem, off)[...] = dz.astype(dt)
+      if off + sub < BLOCK:
+        prefix = prefix + jnp.sum(t.g, axis=1)
+      if dg is not None:
+        dg_halves.append(jnp.sum(dg_tile, axis=0))  # [sub] keys
     plgpu.commit_smem()
     dv, dk = _accumulate([(dv, a_smem.T, do_tile), (dk, dz_smem.T, q_tile)], in_place=in_place)
     if dg is not None:
-      dg = dg + jnp.sum(dg_tile, axis=0)  # [64] keys
+      dg = tuple(acc + x for acc, x in zip(dg, dg_halves))
     return dk, dv, dg
 
   # The launcher's padded rows (zeros) are masked in the last query block: zeros times an
@@ -364,12 +382,14 @@ def _dkv_kernel(scale_ref, row_end_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, 
     return carry
 
   zeros_h = plgpu.layout_cast(jnp.zeros(k_smem.shape, jnp.float32), plgpu.Layout.WGMMA)
-  dg = None if gate_ref is None else plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), tiles.COL)
+  dg = None if gate_ref is None else tuple(  # per half, left to right
+      plgpu.layout_cast(jnp.zeros((sub,), jnp.float32), tiles.COL) for _ in offsets)
   dk, dv, dg = lax.fori_loop(0, group, head_loop, (zeros_h, zeros_h, dg))
   k_smem[...] = (dk * tiles.row_bcast(scale, dk.shape)).astype(dt)  # k, v are no longer read
   v_smem[...] = dv.astype(dt)
   if dg is not None:
-    dg_row[...] = dg
+    for off, dg_half in zip(reversed(offsets), dg):
+      keys_of(dg_row, off)[...] = dg_half
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[keys])
   plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[keys])
@@ -402,8 +422,8 @@ def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_c
   Args:
     q, k, v, scale, segment_ids, forget_gate, attend_current, skip_tolerance, interpret: as for
       ``pallas_mosaic_gpu_fwd.forward`` (``interpret``: False or ``plgpu.InterpretGPUParams``).
-    block_sizes: its ``num_buffers_bwd``, ``block_k_dq``, ``operands_in_registers`` and
-      ``skip_used_stick`` apply (64-row tiles; 64 keys in the dk/dv kernel).
+    block_sizes: its ``num_buffers_bwd``, ``block_k_dq``, ``block_k_dkv``,
+      ``operands_in_registers`` and ``skip_used_stick`` apply (64-row tiles).
     d_out: ``[B, T, N, H]``; d_rem: ``[B, N, T]`` cotangents.
 
   Returns:
@@ -423,8 +443,8 @@ def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_c
   registers = block_sizes.operands_in_registers and not interpret
   sub = block_sizes.block_k_dq
   # 16-bit tiles swizzled in groups of `width` elements (128 bytes for 64): wgmma's contraction
-  # length must be a multiple of it and both operands share it, so every tile of the dq kernel
-  # takes `sub`.
+  # length must be a multiple of it and both operands share it, so every tile of a kernel takes
+  # its `sub` (keys per tile).
   smem = lambda shape, dt, width=64: plgpu.SMEM(shape, dt, transforms=(
       plgpu.TilingTransform((8, width)), plgpu.SwizzleTransform(width * 2)))
   # SMEM left operands (interpret mode; compiled, they stay in registers)
@@ -461,18 +481,19 @@ def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_c
   first_blocks = first[:, :, ::BLOCK]  # [B, N, nq]: every row of a block shares its walk
   row_end = live_row_end(first_blocks, BLOCK, nq, num_kv_heads)
   records = _records(first, stick, gsum, attend_current=attend_current)
+  sub = block_sizes.block_k_dkv  # the same swizzle rule: every tile takes `sub`
   dk, dv, dgate = plgpu.kernel(
-      with_optional(functools.partial(_dkv_kernel, **common), 2),
+      with_optional(functools.partial(_dkv_kernel, sub=sub, **common), 2),
       out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype),
                 f32((b, num_kv_heads, tp))),
       scratch_types=(
-          smem((BLOCK, h), dtype), smem((BLOCK, h), dtype),  # k (then dk), v (then dv)
-          smem((nb, BLOCK, h), dtype), smem((nb, BLOCK, h), dtype),  # q, do rings
+          smem((BLOCK, h), dtype, sub), smem((BLOCK, h), dtype, sub),  # k (then dk), v (then dv)
+          smem((nb, BLOCK, h), dtype, sub), smem((nb, BLOCK, h), dtype, sub),  # q, do rings
           plgpu.SMEM((nb, 2, BLOCK), jnp.float32),  # (stick, prefix) ring
           plgpu.SMEM((nb, BLOCK), jnp.float32),  # drem ring
-          smem(_SHAPE, jnp.bfloat16), smem(_SHAPE, jnp.bfloat16),  # triangles
-          operand(jnp.bfloat16),  # parts
-          smem(_SHAPE, dtype), smem(_SHAPE, dtype),  # a and dz: transposed left operands
+          smem((BLOCK, sub), jnp.bfloat16, sub), smem((BLOCK, sub), jnp.bfloat16, sub),  # triangles
+          operand(jnp.bfloat16, sub),  # parts
+          smem(_SHAPE, dtype, sub), smem(_SHAPE, dtype, sub),  # a, dz: transposed left operands
           plgpu.SMEM((BLOCK,), jnp.float32),  # dgate
           (plgpu.Barrier(num_barriers=2),) + (plgpu.Barrier(num_barriers=nb),) * 4,
       ),

@@ -54,6 +54,11 @@ class MosaicBlockSizes:
       the tile state live (as the Triton backward's 32-key tiles): on an H100 (T=16384, B=4,
       N=12, H=128, bf16, far logits, same run) the whole backward took 86 ms on the dense walk
       against 127 ms with 64, and 78 against 97 ms with skipping.
+    block_k_dkv: keys per tile of the backward's dk/dv kernel, 32 or 64: its program still holds
+      a 64-key block and multiplies 64 x 64 tiles (``A^T @ do``, ``dz^T @ q``), and takes each
+      query block's logits, weights and ``G`` in two 32-key halves, nearer first for the stick,
+      then left first for ``G``'s prefix (the nearer half's ``dz`` waits for the farther half's
+      ``G`` row sums). Untimed: 64 until a GPU run shows 32 is faster.
   """
 
   block_q: int = 64
@@ -69,6 +74,7 @@ class MosaicBlockSizes:
   skip_used_stick: bool = True
   num_buffers_bwd: int = 2
   block_k_dq: int = 32
+  block_k_dkv: int = 64
 
   def __post_init__(self):
     cls = type(self).__name__
@@ -83,8 +89,9 @@ class MosaicBlockSizes:
                  "accumulate_in_place", "heavy_first", "skip_used_stick"):
       if not isinstance(getattr(self, flag), bool):
         raise ValueError(f"{cls}.{flag} must be a bool, got {getattr(self, flag)!r}.")
-    if self.block_k_dq not in (32, 64):
-      raise ValueError(f"{cls}.block_k_dq must be 32 or 64, got {self.block_k_dq!r}.")
+    for field in ("block_k_dq", "block_k_dkv"):
+      if getattr(self, field) not in (32, 64):
+        raise ValueError(f"{cls}.{field} must be 32 or 64, got {getattr(self, field)!r}.")
     if self.num_compute_warpgroups not in (1, 2):
       raise ValueError(f"{cls}.num_compute_warpgroups must be 1 or 2, got "
                        f"{self.num_compute_warpgroups!r}.")
