@@ -26,6 +26,7 @@ outputs and scratch). Results go to ``--out`` as JSON records with the JAX versi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -47,8 +48,9 @@ _TOLERANCE = flags.DEFINE_float("skip_tolerance", 1e-3, "skip_tolerance of palla
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed repetitions (after 3 warm-ups).")
 _SLOW_ITERS = flags.DEFINE_integer("slow_iters", 3, "Timed repetitions of the scan path.")
 _BLOCK_SIZES = flags.DEFINE_string("block_sizes", None, "JSON dict overriding BlockSizes fields.")
-_MOSAIC_BLOCK_SIZES = flags.DEFINE_string("mosaic_block_sizes", None,
-                                          "JSON dict overriding MosaicBlockSizes fields.")
+_MOSAIC_BLOCK_SIZES = flags.DEFINE_string(
+    "mosaic_block_sizes", None, "JSON dict of MosaicBlockSizes fields over the op's tuned tiling "
+    "(MosaicBlockSizes.get_default), e.g. '{\"block_k_dkv\": 32}'.")
 _MAX_SCAN_T = flags.DEFINE_integer("max_scan_t", 16384, "Skip the scan path above this T.")
 _OUT = flags.DEFINE_string("out", None, "Write the records here as JSON.")
 
@@ -61,7 +63,13 @@ def main(argv):
     block_sizes = sbjax.BlockSizes(**json.loads(_BLOCK_SIZES.value))
   mosaic_block_sizes = None
   if _MOSAIC_BLOCK_SIZES.value:
-    mosaic_block_sizes = sbjax.MosaicBlockSizes(**json.loads(_MOSAIC_BLOCK_SIZES.value))
+    head_dims = {h for _, _, h, _ in shapes}
+    if len(head_dims) > 1:
+      raise app.UsageError(f"--mosaic_block_sizes needs one head dim across --shapes (the tuned "
+                           f"tiling it overrides is per head dim), got {sorted(head_dims)}.")
+    mosaic_block_sizes = dataclasses.replace(
+        sbjax.MosaicBlockSizes.get_default(head_dims.pop(), jnp.dtype(_DTYPE.value)),
+        **json.loads(_MOSAIC_BLOCK_SIZES.value))
   records = run(shapes, _REGIMES.value, _IMPLS.value, _MODES.value, jnp.dtype(_DTYPE.value),
                 _ITERS.value, block_sizes=block_sizes, skip_tolerance=_TOLERANCE.value,
                 max_scan_t=_MAX_SCAN_T.value, slow_iters=_SLOW_ITERS.value,
