@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sbjax
-from sbjax import testing
+from sbjax import context_parallel, reference, testing
 from sbjax.testing import Shape, random_inputs
 
 from benchmark_lib import errors_beyond_ulp
@@ -114,6 +114,38 @@ def check_accuracy(name, shape, dtype, *, segments=False, attend_current=False, 
     want = testing.float64_result(q, k, v, seg, scale, attend_current, gate,
                                   implementation="scan")
     same = None
+  return _record(name, shape, dtype, got, want, same)
+
+
+def check_cross_chunk(name, shape, dtype, *, implementation, with_grads):
+  """The cross-chunk mode of context parallelism (``chunk_attention(causal=False)``: every key of
+  an earlier chunk visible, a fresh stick from its last key) with the queries' and keys' own
+  segment ids (a run crossing the boundary) and a gate, against the float64 dense path."""
+  q, k, v, k_seg = random_inputs(shape.t, shape, dtype, segments=True, logit_scale=2.0)
+  q_seg = k_seg + k_seg[:, -1:]  # the keys' last segment goes on into the query chunk
+  gate, scale = _gate(shape), shape.h**-0.5
+  d_out, d_rem = _cotangents(q, v)
+  kernels = lambda q, k, v, s, g: context_parallel.chunk_attention(
+      q, k, v, causal=False, scale=s, segment_ids=q_seg, key_segment_ids=k_seg, forget_gate=g,
+      implementation=implementation)
+  dense = lambda dt: lambda q, k, v, s, g: reference.stick_breaking_attention(
+      q, k, v, s, q_seg, g, causal=False, key_segment_ids=k_seg, dtype=dt)
+  up = lambda x: jnp.asarray(np.asarray(x, np.float64))
+  scale_dt = jnp.asarray(scale, dtype)
+  if with_grads:
+    got = jax.jit(functools.partial(testing.gradients, kernels))(
+        q, k, v, jnp.float32(scale), d_out, d_rem, gate)
+    with jax.enable_x64(True):
+      want = [np.asarray(x) for x in testing.gradients(
+          dense(None), up(q), up(k), up(v), jnp.float64(scale), up(d_out.astype(q.dtype)),
+          up(d_rem), up(gate))]
+    same = testing.gradients(dense(dtype), q, k, v, scale_dt, d_out, d_rem, gate)
+  else:
+    got = jax.jit(kernels)(q, k, v, jnp.float32(scale), gate)
+    with jax.enable_x64(True):
+      want = [np.asarray(x) for x in dense(None)(up(q), up(k), up(v), jnp.float64(scale),
+                                                 up(gate))]
+    same = dense(dtype)(q, k, v, scale_dt, gate)
   return _record(name, shape, dtype, got, want, same)
 
 
@@ -329,6 +361,8 @@ def checks(quick: bool):
   yield acc("far fp16 T4096", Shape(1, 4096, 2, 1, 64), jnp.float16, shift=-5.0)
   yield named(check_skip_tolerance)("skip_tolerance 1e-3 fp32", Shape(1, 4096, 2, 1, 64),
                                     jnp.float32, tolerance=1e-3, shift=-5.0)
+  yield named(check_cross_chunk)("cross-chunk T2000 GQA seg gate", Shape(1, 2000, 4, 2, 64), bf16,
+                                 implementation="pallas_triton", with_grads=True)
   yield from decode_checks(quick)
   yield from mosaic_checks(quick)
   if quick:
@@ -382,6 +416,8 @@ def mosaic_checks(quick: bool):
         block_sizes=halves, **kw)
   named = lambda fn, name, *a, **kw: (f"mosaic {name}", functools.partial(
       fn, f"mosaic {name}", *a, implementation=impl, **kw))
+  yield named(check_cross_chunk, "cross-chunk T2000 GQA seg gate", Shape(1, 2000, 4, 2, 64), bf16,
+              with_grads=False)  # forward only: no Mosaic backward in this mode
   yield named(check_infinities, "inf q/k bf16", Shape(2, 1000, 4, 2, 64), bf16, where="inputs")
   yield named(check_infinities, "inf gate bf16", Shape(2, 1000, 4, 2, 64), bf16,
               where="forget_gate")

@@ -60,8 +60,9 @@ from sbjax import ops
 from sbjax.common import compute_dtype
 from sbjax.parallel import CONTEXT, batch_and_head_axes
 
-# The paths with a cross-chunk mode; "pallas" and "pallas_triton" are the Triton kernels.
-CHUNK_IMPLEMENTATIONS = (None, "pallas", "pallas_triton", "scan", "xla")
+# The paths with a cross-chunk mode. "pallas" is the op's: on Hopper the Mosaic GPU forward, and
+# the Triton kernels under differentiation; "pallas_mosaic_gpu" is forward only.
+CHUNK_IMPLEMENTATIONS = (None, "pallas", "pallas_triton", "pallas_mosaic_gpu", "scan", "xla")
 
 
 def chunk_attention(query, key, value, *, causal: bool, scale=None, attend_current: bool = False,

@@ -238,44 +238,48 @@ def dispatch(query, key, value, scale, segment_ids, forget_gate, *, attend_curre
     return scan.stick_breaking_attention(
         query, key, value, scale, segment_ids, forget_gate, attend_current=attend_current, **cross)
   if implementation == "pallas_mosaic_gpu":
-    if cross:
-      raise ValueError("implementation='pallas_mosaic_gpu' has no cross-chunk mode yet.")
     return pallas_mosaic_gpu.stick_breaking_attention(
         query, key, value, scale, segment_ids, forget_gate, attend_current=attend_current,
-        block_sizes=block_sizes, skip_tolerance=skip_tolerance, interpret=interpret)
-  if (implementation == "pallas" and block_sizes is None and not cross and on_hopper()
+        block_sizes=block_sizes, skip_tolerance=skip_tolerance, interpret=interpret, **cross)
+  if (implementation == "pallas" and block_sizes is None and on_hopper()
       and pallas_mosaic_gpu.unsupported(query, value) is None):
-    return _mosaic_forward_triton_gradients(query, key, value, scale, forget_gate, segment_ids,
-                                            (attend_current, skip_tolerance, interpret))
+    return _mosaic_forward_triton_gradients(
+        query, key, value, scale, forget_gate, segment_ids, cross.get("key_segment_ids"),
+        (attend_current, skip_tolerance, interpret, cross.get("causal", True)))
   return pallas_triton.stick_breaking_attention(
       query, key, value, scale, segment_ids, forget_gate, attend_current=attend_current,
       block_sizes=block_sizes, skip_tolerance=skip_tolerance, interpret=interpret, **cross)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _mosaic_forward_triton_gradients(q, k, v, scale, gate, segment_ids, static):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _mosaic_forward_triton_gradients(q, k, v, scale, gate, segment_ids, key_segment_ids, static):
   """``implementation="pallas"`` on Hopper: ``(out, rem)`` of the Mosaic GPU forward, the faster
   one (experiments/results/benchmark_mosaic_h100.json), when not differentiated; under
   differentiation the Triton forward and its backward, so that the gradients belong to the
   forward they were computed with (the Mosaic backward is still slower than Triton's:
-  experiments/results/benchmark_mosaic_bwd_h100.json)."""
-  attend_current, skip_tolerance, interpret = static
+  experiments/results/benchmark_mosaic_bwd_h100.json). Causal or cross-chunk (``static[3]``)."""
+  attend_current, skip_tolerance, interpret, causal = static
   return pallas_mosaic_gpu.stick_breaking_attention(
       q, k, v, scale, segment_ids, gate, attend_current=attend_current,
-      skip_tolerance=skip_tolerance, interpret=interpret)
+      skip_tolerance=skip_tolerance, interpret=interpret,
+      **_cross_kwargs(causal, key_segment_ids))
 
 
-def _triton_vjp(q, k, v, scale, gate, segment_ids, static):
-  attend_current, skip_tolerance, interpret = static
+def _cross_kwargs(causal: bool, key_segment_ids) -> dict:
+  return {} if causal else dict(causal=False, key_segment_ids=key_segment_ids)
+
+
+def _triton_vjp(q, k, v, scale, gate, segment_ids, key_segment_ids, static):
+  attend_current, skip_tolerance, interpret, causal = static
   triton = lambda q, k, v, scale, gate: pallas_triton.stick_breaking_attention(
       q, k, v, scale, segment_ids, gate, attend_current=attend_current,
-      skip_tolerance=skip_tolerance, interpret=interpret)
+      skip_tolerance=skip_tolerance, interpret=interpret, **_cross_kwargs(causal, key_segment_ids))
   out, vjp = jax.vjp(triton, q, k, v, scale, gate)
   return out, vjp  # the vjp function is a pytree of the Triton residuals
 
 
 _mosaic_forward_triton_gradients.defvjp(
-    _triton_vjp, lambda static, vjp, cotangents: (*vjp(cotangents), None))
+    _triton_vjp, lambda static, vjp, cotangents: (*vjp(cotangents), None, None))
 
 
 def stick_breaking_weights(query, key, *, scale=None, attend_current: bool = False,

@@ -105,8 +105,6 @@ def test_chunk_attention_errors_name_the_argument():
     context_parallel.chunk_attention(q, k, v, causal=False, segment_ids=seg,
                                      key_segment_ids=seg[:, :8])
   with pytest.raises(ValueError, match="implementation"):
-    context_parallel.chunk_attention(q, k, v, causal=False, implementation="pallas_mosaic_gpu")
-  with pytest.raises(ValueError, match="implementation"):
     context_parallel.stick_breaking_attention(q, k, v, implementation="cudnn")
 
 

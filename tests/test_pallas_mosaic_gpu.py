@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import sbjax
-from sbjax import reference
+from sbjax import context_parallel, reference
 from sbjax.kernels import pallas_mosaic_gpu, pallas_mosaic_gpu_bwd, pallas_mosaic_gpu_fwd
 from sbjax.kernels import pallas_mosaic_gpu_tiles as tiles
 from sbjax.kernels.pallas_mosaic_gpu_config import MosaicBlockSizes
@@ -166,6 +166,53 @@ def test_skipping_a_used_stick_is_exact(block_sizes):
   want = float64_result(q, k, v, None, 0.25, False)
   same = _same_precision(q, k, v, jnp.float32(0.25), False)
   assert_gradients_within_tolerance(skipped, want, same, q.dtype, names=("out", "rem"))
+
+
+@pytest.mark.parametrize("block_sizes", [ONE_WG, DEFAULT], ids=_ids)
+def test_cross_chunk_mode_matches_float64(block_sizes):
+  """The fully visible cross-chunk mode of context parallelism (``chunk_attention(causal=False)``):
+  every key of an earlier chunk, the stick broken from its last key; T=130 (the last key block
+  partial: its padded keys masked), GQA, the queries' and keys' own segment ids (runs crossing
+  the chunk boundary: query ids continue the keys'), a gate with infinities; against float64
+  under the tolerance rule. Then far logits at T=640: the walks end four or five blocks early,
+  bit for bit the dense walk."""
+  shape = Shape(1, 130, 4, 2, 64)
+  q, k, v, k_seg = random_inputs(9, shape, jnp.bfloat16, segments=True, logit_scale=2.0)
+  q_seg = k_seg + k_seg[:, -1:]  # the keys' last segment goes on into the query chunk
+  gate = jnp.asarray(_gate(shape), jnp.float32)
+
+  def run(q, k, v, sizes, **extra):
+    return jax.jit(lambda q, k, v: context_parallel.chunk_attention(
+        q, k, v, causal=False, scale=0.3, implementation="pallas_mosaic_gpu",
+        interpret=INTERPRET, block_sizes=sizes, **extra))(q, k, v)
+
+  f64 = lambda x: jnp.asarray(np.asarray(x, np.float64))
+  for segments in (True, False):  # without them, only the padding mask hides the padded keys
+    seg = dict(segment_ids=q_seg, key_segment_ids=k_seg) if segments else {}
+    got = run(q, k, v, block_sizes, forget_gate=gate, **seg)
+    for name, x in zip(("out", "rem"), got):
+      assert np.isfinite(np.asarray(x, np.float32)).all(), name
+    with jax.enable_x64(True):
+      want = reference.stick_breaking_attention(f64(q), f64(k), f64(v), 0.3,
+                                                forget_gate=f64(gate), causal=False, **seg)
+      want = tuple(np.asarray(x) for x in want)
+    same = reference.stick_breaking_attention(q, k, v, jnp.bfloat16(0.3), forget_gate=gate,
+                                              causal=False, dtype=q.dtype, **seg)
+    assert_gradients_within_tolerance(got, want, same, q.dtype, names=("out", "rem"))
+    assert float(jnp.max(got[1])) > 0.0 and float(jnp.min(got[1])) < 1.0  # neither all nor none
+
+  q, k, v = far_inputs(6, Shape(1, 640, 2, 1, 64), shift=-1.0, dtype=jnp.bfloat16)
+  skipped = run(q, k, v, block_sizes)
+  assert float(jnp.max(skipped[1])) == 0.0  # every stick is used up within the chunk
+  chex.assert_trees_all_equal(skipped, run(q, k, v, _dense(block_sizes)))
+
+
+def test_cross_chunk_mode_has_no_mosaic_backward():
+  q, k, v, _ = random_inputs(0, Shape(1, 64, 2, 1, 64), jnp.bfloat16)
+  loss = lambda q: jnp.sum(context_parallel.chunk_attention(
+      q, k, v, causal=False, implementation="pallas_mosaic_gpu", interpret=INTERPRET)[0])
+  with pytest.raises(ValueError, match="no backward for the cross-chunk mode"):
+    jax.grad(loss)(q)
 
 
 @pytest.mark.parametrize("block_sizes", [ONE_WG_PIPE, DEFAULT], ids=_ids)
@@ -495,7 +542,7 @@ def test_no_block_sizes_means_the_tuned_tiling(monkeypatch):
   assert DEFAULT.num_compute_warpgroups == 2 and DEFAULT.pipeline_qk and DEFAULT.heavy_first
   seen = []
 
-  def launch(q, k, v, scale, segment_ids, forget_gate, static):  # records the static arguments
+  def launch(q, k, v, scale, segment_ids, key_segment_ids, forget_gate, static):  # records static
     seen.append(static)
     b, t, n, _ = q.shape
     return jnp.zeros_like(q), jnp.zeros((b, n, t), jnp.float32)
@@ -560,6 +607,22 @@ def test_segment_ids_and_gate_lower_for_hopper(block_sizes):
   assert len(re.findall(r"custom_call @mosaic_gpu_v2", text)) == 1
 
 
+@pytest.mark.parametrize("block_sizes", [ONE_WG, DEFAULT], ids=_ids)
+def test_cross_chunk_mode_lowers_for_hopper(block_sizes):
+  """The cross-chunk forward (queries' and keys' segment ids in one row, a gate, T=200 with a
+  partial last key block) passes the Mosaic GPU lowering."""
+  sd = jax.ShapeDtypeStruct
+  args = (sd((2, 200, 4, 128), jnp.bfloat16), sd((2, 200, 2, 128), jnp.bfloat16),
+          sd((2, 200, 2, 128), jnp.bfloat16), sd((2, 200), jnp.int32), sd((2, 200), jnp.int32),
+          sd((2, 200, 2), jnp.float32))
+  fn = lambda q, k, v, q_seg, k_seg, gate: context_parallel.chunk_attention(
+      q, k, v, causal=False, segment_ids=q_seg, key_segment_ids=k_seg, forget_gate=gate,
+      implementation="pallas_mosaic_gpu", block_sizes=block_sizes)
+  with jax.sharding.use_abstract_mesh(_H200):
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert len(re.findall(r"custom_call @mosaic_gpu_v2", text)) == 1
+
+
 def _kernels(fn, *args) -> set[str]:
   """The Pallas kernels (by name) in ``fn``'s jaxpr."""
   text = str(jax.make_jaxpr(fn)(*args))
@@ -597,6 +660,17 @@ def test_pallas_on_hopper_runs_mosaic_forward_and_triton_gradients(monkeypatch):
   chex.assert_trees_all_equal(gated("pallas")(q, k, v, gate), gated("pallas_triton")(q, k, v, gate))
   assert _kernels(run("pallas"), *(x.astype(jnp.float32) for x in (q, k, v))) == {
       "stick_breaking_fwd"}
+  # The cross-chunk mode (context parallelism's earlier chunks) the same way.
+  chunk = lambda impl: lambda q, k, v: context_parallel.chunk_attention(
+      q, k, v, causal=False, implementation=impl, interpret=INTERPRET)
+  assert _kernels(chunk("pallas"), q, k, v) == {"stick_breaking_fwd_mosaic_gpu"}
+  chex.assert_trees_all_equal(jax.jit(chunk("pallas"))(q, k, v),
+                              jax.jit(chunk("pallas_mosaic_gpu"))(q, k, v))
+  chunk_grads = lambda impl: jax.jit(jax.grad(
+      lambda q, k, v: chunk(impl)(q, k, v)[0].astype(jnp.float32).sum(), argnums=(0, 1, 2)))
+  assert _kernels(chunk_grads("pallas"), q, k, v) == {
+      "stick_breaking_fwd", "stick_breaking_bwd_dq", "stick_breaking_bwd_dkv"}
+  chex.assert_trees_all_equal(chunk_grads("pallas")(q, k, v), chunk_grads("pallas_triton")(q, k, v))
 
 
 @pytest.mark.parametrize("kwargs,match", [

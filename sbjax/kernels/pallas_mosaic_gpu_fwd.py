@@ -26,7 +26,10 @@ in fp32, as the Triton forward (``pallas_triton_fwd``) does; only the diagonal b
 kernel tests its own rows, the two-warpgroup kernel's producer decides for both consumers. An
 optional forget gate scales each key's ``beta``. T that is not a multiple of the rows per
 program is padded by the launcher (zeros, so the padding is finite; padded keys lie after every
-real query and the causal mask hides them).
+real query and the causal mask hides them). ``causal=False`` is the fully visible cross-chunk
+mode of context parallelism (as ``pallas_triton_fwd``'s): the same walk over every key block of
+an earlier chunk, from its last key, only the partial last block (or every tile, with segments)
+masked.
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ def _meet(barrier):
 def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready, *, scale_ref,
           seg_ref, gate_ref, q_start, n_full, n_total, block_k, num_buffers, lag, cumsum_parts,
           registers, pipeline_qk=False, schedule=None, in_place=False, before_tile=None,
-          k_done=None, v_done=None, goes_on=None, report=None, seq_len=None):
+          k_done=None, v_done=None, goes_on=None, report=None, seq_len=None, causal=True,
+          key_seg_offset=0):
   """One warpgroup's walk over key-block steps ``t = 0 .. n_total - 1`` (key block
   ``n_total - 1 - t``, in slot ``t % num_buffers``): ``(acc [Q, H], log_stick [Q], steps)`` in
   fp32, ``steps`` the number of steps walked.
@@ -69,7 +73,10 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
   at -inf.
 
   ``seg_ref``: this batch row's segment ids ``[T]`` int32 in GMEM, or None; with them every
-  tile is masked (keys of another segment can lie in any block). ``gate_ref``: this batch row
+  tile is masked (keys of another segment can lie in any block); the keys' ids start at
+  ``key_seg_offset`` (0, or past the queries' in the cross-chunk mode). ``causal=False``: the
+  cross-chunk mode, every key before ``seq_len`` visible (the masked tiles: the last, partial,
+  key block, or every tile with segments). ``gate_ref``: this batch row
   and kv head's forget-gate logits ``[T]`` fp32 in GMEM, or None.
   ``k_ready``/``v_ready``: the slots' load barriers. ``before_tile(t)`` runs first in a step (the
   one-warpgroup kernel's prefetch); ``k_done(slot)``/``v_done(slot)`` after the last read of a
@@ -138,9 +145,13 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
       q_pos = q_start + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
       keys = tiles.step_keys(step, n_total, block_k)
       k_pos = keys.start + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-      mask = k_pos <= q_pos - lag
+      if causal:
+        mask = k_pos <= q_pos - lag
+      else:  # the launcher's padded keys
+        mask = k_pos < seq_len if seq_len is not None else k_pos >= 0
       if seg_ref is not None:
-        k_seg = plgpu.load(seg_ref.at[keys], layout=tiles.COL, optimized=False)  # [block_k]
+        k_seg = plgpu.load(seg_ref.at[pl.ds(key_seg_offset + keys.start, block_k)],
+                           layout=tiles.COL, optimized=False)  # [block_k]
         mask = mask & (tiles.row_bcast(q_seg, shape) == lax.broadcast_in_dim(k_seg, shape, [1]))
     gate = None
     if gate_ref is not None:
@@ -216,6 +227,18 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
   return acc, log_stick, steps
 
 
+def _key_blocks(q_start, rows: int, *, block_k: int, lag: int, cross):
+  """``(n_full, n_total)`` of ``tiles.key_blocks``; in the cross-chunk mode (``cross``, see
+  ``_fwd_kernel``) every key block with real keys, the last one masked when partial."""
+  if cross is None:
+    return tiles.key_blocks(q_start, rows, block_k=block_k, lag=lag)
+  return jnp.int32(cross[0]), jnp.int32(cross[1])
+
+
+def _walk_mode(cross) -> dict:
+  return {} if cross is None else dict(causal=False, key_seg_offset=cross[2])
+
+
 def _store(acc, log_stick, o_smem, rem_smem, out_ref, rem_ref):
   o_smem[...] = acc.astype(o_smem.dtype)
   rem_smem[...] = jnp.exp2(log_stick)
@@ -228,10 +251,11 @@ def _store(acc, log_stick, o_smem, rem_smem, out_ref, rem_ref):
 def _fwd_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, *scratch,
                 block_q, block_k, num_buffers, group, attend_current, cumsum_parts, registers,
                 pipeline_qk, schedule_barrier, in_place, consumer_registers, num_q_blocks,
-                heavy_first, stop, seq_len):
+                heavy_first, stop, seq_len, cross):
   """One warpgroup: it issues the TMA copies of the ring itself, ``num_buffers - 1`` ahead, and
   with ``stop`` (a log2-stick, or None) ends its walk once every row's stick is below it (the
-  test sees the stick before a step: one step late)."""
+  test sees the stick before a step: one step late). ``cross``: None (causal), or the
+  cross-chunk mode's ``(n_full, n_total, key_seg_offset)``."""
   q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, rem_smem, barriers = scratch
   q_barrier, k_barriers, v_barriers = barriers
   q_block, head, batch = tiles.program_ids(num_q_blocks, heavy_first)
@@ -240,7 +264,7 @@ def _fwd_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, rem_
   rows = (batch, pl.ds(q_start, block_q), head)
   plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_barrier)
   lag = 0 if attend_current else 1
-  n_full, n_total = tiles.key_blocks(q_start, block_q, block_k=block_k, lag=lag)
+  n_full, n_total = _key_blocks(q_start, block_q, block_k=block_k, lag=lag, cross=cross)
 
   fetch = tiles.kv_ring_fetch(k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers, batch=batch,
                               kv_head=kv_head, n_total=n_total, block_k=block_k,
@@ -272,7 +296,7 @@ def _fwd_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, rem_
       n_full=n_full, n_total=n_total, block_k=block_k,
       num_buffers=num_buffers, lag=lag, cumsum_parts=cumsum_parts, registers=registers,
       pipeline_qk=pipeline_qk, in_place=in_place, before_tile=prefetch, goes_on=goes_on,
-      seq_len=seq_len)
+      seq_len=seq_len, **_walk_mode(cross))
   if stop is not None:
     tiles.drain_ring(steps, n_total, num_buffers, k_barriers, v_barriers)
   # q is no longer read: its buffer stages the output.
@@ -283,7 +307,7 @@ def _fwd_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, rem_
 def _fwd_kernel_ws(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, rem_ref, *scratch,
                    block_q, block_k, num_buffers, group, attend_current, cumsum_parts, registers,
                    pipeline_qk, schedule_barrier, in_place, consumer_registers, num_q_blocks,
-                   heavy_first, stop, seq_len):
+                   heavy_first, stop, seq_len, cross):
   """Warp-specialised (FA3's structure): warpgroups 0 and 1 each compute ``block_q`` rows of a
   ``2 * block_q`` query block; warpgroup 2 issues the TMA copies of the K/V ring, which both
   consumers read, refilling a slot once both have arrived on its "consumed" barrier.
@@ -310,7 +334,8 @@ def _fwd_kernel_ws(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, r
   # the Mosaic GPU interpreter (JAX 0.11.2) hang on the next kernel of the same process.
   kv_head = lambda: lax.div(head, jnp.array(group, head.dtype))
   lag = 0 if attend_current else 1
-  _, n_total = tiles.key_blocks(q_block * 2 * block_q, 2 * block_q, block_k=block_k, lag=lag)
+  _, n_total = _key_blocks(q_block * 2 * block_q, 2 * block_q, block_k=block_k, lag=lag,
+                          cross=cross)
 
   @pl.when(wg < 2)
   def _consumer():
@@ -319,7 +344,7 @@ def _fwd_kernel_ws(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, r
     rows = (batch, pl.ds(q_start, block_q), head)
     q_wg = q_smem.at[wg]
     plgpu.copy_gmem_to_smem(q_ref.at[rows], q_wg, q_barriers.at[wg])
-    n_full, _ = tiles.key_blocks(q_start, block_q, block_k=block_k, lag=lag)
+    n_full, _ = _key_blocks(q_start, block_q, block_k=block_k, lag=lag, cross=cross)
 
     @pl.when(wg == 0)  # one triangle for both consumers (SMEM is short at block_k = 128)
     def _():
@@ -355,7 +380,7 @@ def _fwd_kernel_ws(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, r
         schedule=schedule if schedule_barrier else None, in_place=in_place,
         k_done=lambda slot: plgpu.barrier_arrive(k_consumed.at[slot]),
         v_done=lambda slot: plgpu.barrier_arrive(v_consumed.at[slot]), goes_on=goes_on,
-        report=report, seq_len=seq_len)
+        report=report, seq_len=seq_len, **_walk_mode(cross))
     if schedule_barrier:  # consumer 1's first rendezvous, matched
       pl.when(wg == 0)(functools.partial(_meet, schedule))
     _store(acc, log_stick, q_wg, rem_smem.at[wg], out_ref.at[rows],
@@ -422,13 +447,18 @@ def _fwd_kernel_ws(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, r
 
 
 def forward(q, k, v, scale, segment_ids=None, forget_gate=None, *, attend_current: bool,
-            block_sizes: MosaicBlockSizes, skip_tolerance: float = 0.0, interpret=False):
+            block_sizes: MosaicBlockSizes, skip_tolerance: float = 0.0, interpret=False,
+            causal: bool = True, key_segment_ids=None):
   """Launches the forward kernel.
 
   Args:
     q: ``[B, T, N, H]``; k, v: ``[B, T, K, H]``; bf16 or fp16, H in {64, 128}, any T.
     scale: ``[1]`` float32 (traced).
     segment_ids: ``[B, T]`` int32 or None; keys of another segment are invisible.
+    causal: False is the fully visible cross-chunk mode of context parallelism: every key of an
+      earlier chunk (of the queries' length) is visible, the stick broken from its last key
+      (``attend_current`` ignored); ``key_segment_ids [B, T]`` int32 are then the keys' ids,
+      given with ``segment_ids``.
     forget_gate: ``[B, T, K]`` float32 logits or None (``beta_ji = sigmoid(g_i) sigmoid(z_ji)``).
     skip_tolerance: 0 (exact skipping) or the stick below which a query block stops walking
       (with ``block_sizes.skip_used_stick``; see ``sbjax.stick_breaking_attention``).
@@ -444,9 +474,14 @@ def forward(q, k, v, scale, segment_ids=None, forget_gate=None, *, attend_curren
   rows = wgs * bq  # query rows per program
   tp = tiles.cdiv(t, math.lcm(rows, bk)) * math.lcm(rows, bk)
   # Zeros: finite padding. Padded rows are discarded; padded keys follow every real query, so
-  # the causal mask hides them.
-  q, k, v, segment_ids, forget_gate = (tiles.pad_time(x, tp)
-                                       for x in (q, k, v, segment_ids, forget_gate))
+  # the causal mask hides them (the cross-chunk mode masks them).
+  q, k, v, segment_ids, forget_gate, key_segment_ids = (
+      tiles.pad_time(x, tp) for x in (q, k, v, segment_ids, forget_gate, key_segment_ids))
+  cross = None
+  if not causal:  # every key block with real keys; one segment-id row: queries', then keys'
+    cross = (t // bk, tiles.cdiv(t, bk), tp if segment_ids is not None else 0)
+    if segment_ids is not None:
+      segment_ids = jnp.concatenate([segment_ids, key_segment_ids], axis=1)  # [B, 2 tp]
   dtype = q.dtype
   skip = block_sizes.skip_used_stick
   # 64 bf16/fp16 elements are one 128-byte row: the widest swizzle, which wgmma reads best.
@@ -483,7 +518,7 @@ def forward(q, k, v, scale, segment_ids=None, forget_gate=None, *, attend_curren
       in_place=block_sizes.accumulate_in_place and not interpret,
       consumer_registers=block_sizes.consumer_registers, num_q_blocks=tp // rows,
       heavy_first=block_sizes.heavy_first, stop=stop_log2(skip_tolerance) if skip else None,
-      seq_len=t if tp != t else None)
+      seq_len=t if tp != t else None, cross=cross)
   given, with_optional = tiles.optional_inputs(segment_ids, forget_gate)
   scale_rows = jnp.broadcast_to(jnp.reshape(scale, ()).astype(jnp.float32), (bq,))
   out, rem = plgpu.kernel(
