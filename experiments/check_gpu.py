@@ -408,7 +408,8 @@ def mosaic_checks(quick: bool):
   # The dk/dv kernel's 32-key halves (MosaicBlockSizes.block_k_dkv; not yet the default).
   halves = dataclasses.replace(structures["default"], block_k_dkv=32)
   for name, shape, kw in (("H128 T4096", Shape(2, 4096, 4, 2, 128), {}),
-                          ("saturated |z|<=1e4", Shape(1, 2048, 2, 2, 64), dict(logit_scale=1250.0)),
+                          ("saturated |z|<=1e4", Shape(1, 2048, 2, 2, 64),
+                           dict(logit_scale=1250.0)),
                           ("H64 T4096 GQA gate seg", Shape(1, 4096, 4, 2, 64),
                            dict(gated=True, segments=True))):
     yield f"mosaic dkvk32 {name}", functools.partial(

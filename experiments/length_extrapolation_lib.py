@@ -198,9 +198,9 @@ def make_position_loss(graphdef, rest, mesh, param_shardings, chunk: int):
 
   ``batch``: ``{"inputs": [B, L], "targets": [B, L]}`` (a window's tokens and the same shifted by
   one, as training batches: both shard over the mesh's data and context axes); ``losses[b, t]``
-  is the cross-entropy of predicting ``targets[b, t]`` from ``inputs[b, :t + 1]``. The head and the loss run over chunks of ``chunk`` positions under
-  ``lax.map``, so only ``[B, chunk, V]`` logits exist at a time (``L`` a multiple of ``chunk``,
-  or shorter than it).
+  is the cross-entropy of predicting ``targets[b, t]`` from ``inputs[b, :t + 1]``. The head and
+  the loss run over chunks of ``chunk`` positions under ``lax.map``, so only ``[B, chunk, V]``
+  logits exist at a time (``L`` a multiple of ``chunk``, or shorter than it).
   """
 
   def fn(params, batch):

@@ -23,9 +23,10 @@ to left:
 The farther pieces are visited in a ``lax.scan`` whose steps are ``lax.cond``s: a step is skipped
 once every query of the piece has ``rem == 0`` (or ``rem < skip_tolerance``), which is exact for
 ``skip_tolerance=0``: what a skipped piece would add is ``rem * o_far = 0``; ``block_sizes`` with
-``skip_used_stick=False`` visits every piece (the dense walk, for timing heads that attend far). ``rem`` is combined
-as a product of the chunks' float32 sticks (the log-space sums inside each chunk are exact; a
-product that underflows is below 2^-149, where every farther weight rounds to 0 in float32 too).
+``skip_used_stick=False`` visits every piece (the dense walk, for timing heads that attend far).
+``rem`` is combined as a product of the chunks' float32 sticks (the log-space sums inside each
+chunk are exact; a product that underflows is below 2^-149, where every farther weight rounds to
+0 in float32 too).
 Gradients are autodiff through the collectives (the transposes of ``all_gather`` and ``ppermute``
 are a reduce-scatter and the reverse permutation) and the chunk op's custom VJP, which takes the
 cotangent of ``rem``.

@@ -567,7 +567,8 @@ def _lowered_for_hopper(dtype, head_dim, block_sizes):
 
 @pytest.mark.parametrize("dtype,head_dim,extras,tiling", [
     (jnp.bfloat16, 128, False, {}), (jnp.float16, 64, True, {}),
-    (jnp.bfloat16, 128, True, dict(block_k_dq=64)), (jnp.bfloat16, 128, True, dict(block_k_dkv=32))],
+    (jnp.bfloat16, 128, True, dict(block_k_dq=64)),
+    (jnp.bfloat16, 128, True, dict(block_k_dkv=32))],
     ids=["bf16-128", "fp16-64-seg-gate", "bf16-128-seg-gate-dqk64", "bf16-128-seg-gate-dkvk32"])
 def test_backward_lowers_for_hopper(dtype, head_dim, extras, tiling):
   """The forward and both backward kernels under ``jax.value_and_grad`` pass the Mosaic GPU
