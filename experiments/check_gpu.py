@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sbjax
-from sbjax import context_parallel, reference, testing
+from sbjax import context_parallel, testing
 from sbjax.testing import Shape, random_inputs
 
 from benchmark_lib import errors_beyond_ulp
@@ -128,8 +128,7 @@ def check_cross_chunk(name, shape, dtype, *, implementation, with_grads):
   kernels = lambda q, k, v, s, g: context_parallel.chunk_attention(
       q, k, v, causal=False, scale=s, segment_ids=q_seg, key_segment_ids=k_seg, forget_gate=g,
       implementation=implementation)
-  dense = lambda dt: lambda q, k, v, s, g: reference.stick_breaking_attention(
-      q, k, v, s, q_seg, g, causal=False, key_segment_ids=k_seg, dtype=dt)
+  dense = lambda dt: testing.dense_attention(q_seg, dtype=dt, causal=False, key_segment_ids=k_seg)
   up = lambda x: jnp.asarray(np.asarray(x, np.float64))
   scale_dt = jnp.asarray(scale, dtype)
   if with_grads:

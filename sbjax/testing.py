@@ -94,11 +94,20 @@ def _up(x):
   return None if x is None else jnp.asarray(np.asarray(x, np.float64))
 
 
+def dense_attention(seg, *, attend_current=False, dtype=None, causal=True, key_segment_ids=None):
+  """``f(q, k, v, scale, forget_gate) -> (out, rem)`` of the dense reference (``sbjax.reference``)
+  with its math in ``dtype`` (None: the inputs' compute dtype, float64 for float64 inputs under
+  x64); ``causal=False`` with ``key_segment_ids`` is the cross-chunk mode. For oracles that
+  :func:`float64_result` and :func:`float64_gradients` do not cover."""
+  return lambda q, k, v, s, g: reference.stick_breaking_attention(
+      q, k, v, s, seg, g, attend_current=attend_current, dtype=dtype, causal=causal,
+      key_segment_ids=key_segment_ids)
+
+
 def _attention(implementation, seg, attend_current, dtype=None):
   """``f(q, k, v, scale, forget_gate) -> (out, rem)``; ``dtype`` set: the same-precision reference."""
   if dtype is not None:
-    return lambda q, k, v, s, g: reference.stick_breaking_attention(
-        q, k, v, s, seg, g, attend_current=attend_current, dtype=dtype)
+    return dense_attention(seg, attend_current=attend_current, dtype=dtype)
   return lambda q, k, v, s, g: ops.stick_breaking_attention(
       q, k, v, scale=s, segment_ids=seg, forget_gate=g, attend_current=attend_current,
       implementation=implementation, return_remainder=True)
