@@ -62,7 +62,7 @@ from sbjax.common import compute_dtype
 from sbjax.parallel import CONTEXT, batch_and_head_axes
 
 # The paths with a cross-chunk mode. "pallas" is the op's: on Hopper the Mosaic GPU forward, and
-# the Triton kernels under differentiation; "pallas_mosaic_gpu" is forward only.
+# the Triton kernels under differentiation.
 CHUNK_IMPLEMENTATIONS = (None, "pallas", "pallas_triton", "pallas_mosaic_gpu", "scan", "xla")
 
 

@@ -28,8 +28,8 @@ from sbjax.kernels import pallas_mosaic_gpu_tiles as tiles
 from sbjax.kernels.pallas_mosaic_gpu_config import MosaicBlockSizes
 from sbjax.platform import on_nvidia_gpu
 from sbjax.testing import (
-    RESULT_NAMES, Shape, assert_gradients_within_tolerance, float64_gradients, float64_result,
-    gradients, random_inputs, same_precision_gradients, skip_tolerance_bounds)
+    RESULT_NAMES, Shape, assert_gradients_within_tolerance, dense_attention, float64_gradients,
+    float64_result, gradients, random_inputs, same_precision_gradients, skip_tolerance_bounds)
 
 from helpers import far_inputs
 
@@ -207,12 +207,47 @@ def test_cross_chunk_mode_matches_float64(block_sizes):
   chex.assert_trees_all_equal(skipped, run(q, k, v, _dense(block_sizes)))
 
 
-def test_cross_chunk_mode_has_no_mosaic_backward():
-  q, k, v, _ = random_inputs(0, Shape(1, 64, 2, 1, 64), jnp.bfloat16)
-  loss = lambda q: jnp.sum(context_parallel.chunk_attention(
-      q, k, v, causal=False, implementation="pallas_mosaic_gpu", interpret=INTERPRET)[0])
-  with pytest.raises(ValueError, match="no backward for the cross-chunk mode"):
-    jax.grad(loss)(q)
+def test_cross_chunk_gradients_match_float64(block_sizes=ONE_WG):
+  """The backward kernels in the cross-chunk mode (every query block against every key block
+  with real keys): T=130 (the padded keys masked in the dq walk's first block and in the dk/dv
+  kernel's last key block), GQA, a gate with infinities, with and without the queries' and keys'
+  own segment ids; against float64 under the tolerance rule. Then exact skipping of the
+  gradients, bit for bit the dense walk's. (The dk/dv halves share the masks and walks: their
+  causal tests cover them.)"""
+  shape = Shape(1, 130, 4, 2, 64)
+  q, k, v, k_seg = random_inputs(9, shape, jnp.bfloat16, segments=True, logit_scale=2.0)
+  q_seg = k_seg + k_seg[:, -1:]  # the keys' last segment goes on into the query chunk
+  gate = jnp.asarray(_gate(shape), jnp.float32)
+  d_out, d_rem = _cotangents(q)
+
+  def grads(q, k, v, gate, sizes, **seg):
+    fn = lambda q, k, v, s, g: context_parallel.chunk_attention(
+        q, k, v, causal=False, scale=s, forget_gate=g, implementation="pallas_mosaic_gpu",
+        interpret=INTERPRET, block_sizes=sizes, **seg)
+    return jax.jit(functools.partial(gradients, fn))(q, k, v, jnp.float32(0.3), d_out, d_rem,
+                                                     gate)
+
+  up = lambda x: jnp.asarray(np.asarray(x, np.float64))
+  names = RESULT_NAMES + ("dforget_gate",)
+  for seg in (dict(segment_ids=q_seg, key_segment_ids=k_seg), {}):
+    got = grads(q, k, v, gate, block_sizes, **seg)
+    for name, x in zip(names, got):
+      assert np.isfinite(np.asarray(x, np.float32)).all(), name
+    dense = lambda dtype: dense_attention(seg.get("segment_ids"), dtype=dtype, causal=False,
+                                          key_segment_ids=seg.get("key_segment_ids"))
+    with jax.enable_x64(True):
+      want = [np.asarray(x) for x in gradients(
+          dense(None), up(q), up(k), up(v), jnp.float64(0.3), up(jnp.asarray(d_out, q.dtype)),
+          up(d_rem), up(gate))]
+    same = gradients(dense(q.dtype), q, k, v, jnp.bfloat16(0.3), d_out, d_rem, gate)
+    assert_gradients_within_tolerance(got, want, same, q.dtype, names=names)
+
+  q, k, v = far_inputs(6, Shape(1, 640, 1, 1, 64), shift=-1.0, dtype=jnp.bfloat16)
+  d_out, d_rem = _cotangents(q)
+  gate = jnp.zeros(q.shape[:2] + (1,), jnp.float32) + 30.0  # open: sigmoid(30) = 1 in fp32
+  skipped = grads(q, k, v, gate, block_sizes)
+  assert float(jnp.max(skipped[1])) == 0.0  # every stick is used up within the chunk
+  chex.assert_trees_all_equal(skipped, grads(q, k, v, gate, _dense(block_sizes)))
 
 
 @pytest.mark.parametrize("block_sizes", [ONE_WG_PIPE, DEFAULT], ids=_ids)
@@ -610,8 +645,9 @@ def test_segment_ids_and_gate_lower_for_hopper(block_sizes):
 
 @pytest.mark.parametrize("block_sizes", [ONE_WG, DEFAULT], ids=_ids)
 def test_cross_chunk_mode_lowers_for_hopper(block_sizes):
-  """The cross-chunk forward (queries' and keys' segment ids in one row, a gate, T=200 with a
-  partial last key block) passes the Mosaic GPU lowering."""
+  """The cross-chunk forward and, under ``jax.grad``, both backward kernels (queries' and keys'
+  segment ids in one row, a gate, T=200 with a partial last key block) pass the Mosaic GPU
+  lowering."""
   sd = jax.ShapeDtypeStruct
   args = (sd((2, 200, 4, 128), jnp.bfloat16), sd((2, 200, 2, 128), jnp.bfloat16),
           sd((2, 200, 2, 128), jnp.bfloat16), sd((2, 200), jnp.int32), sd((2, 200), jnp.int32),
@@ -619,9 +655,14 @@ def test_cross_chunk_mode_lowers_for_hopper(block_sizes):
   fn = lambda q, k, v, q_seg, k_seg, gate: context_parallel.chunk_attention(
       q, k, v, causal=False, segment_ids=q_seg, key_segment_ids=k_seg, forget_gate=gate,
       implementation="pallas_mosaic_gpu", block_sizes=block_sizes)
+  loss = lambda *a: jnp.sum(fn(*a)[0].astype(jnp.float32)) + jnp.sum(fn(*a)[1])
   with jax.sharding.use_abstract_mesh(_H200):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    grad_text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 5))).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
   assert len(re.findall(r"custom_call @mosaic_gpu_v2", text)) == 1
+  for name in (pallas_mosaic_gpu_bwd.DQ_NAME, pallas_mosaic_gpu_bwd.DKV_NAME):
+    assert name in grad_text
 
 
 def _kernels(fn, *args) -> set[str]:

@@ -39,8 +39,7 @@ def stick_breaking_attention(query, key, value, scale, segment_ids=None, forget_
   ``forget_gate``: ``[B, T, K]`` float logits or None.
   ``skip_tolerance``: see ``sbjax.stick_breaking_attention``. ``interpret``: Mosaic GPU
   interpret mode (CPU, slow). ``causal=False``: the fully visible cross-chunk mode
-  (``sbjax.context_parallel``; ``key_segment_ids [B, T]`` with ``segment_ids``), forward only:
-  the Mosaic backward has no cross-chunk mode, so differentiating it raises ``ValueError``."""
+  (``sbjax.context_parallel``; ``key_segment_ids [B, T]`` with ``segment_ids``)."""
   block_sizes = block_sizes or MosaicBlockSizes.get_default(query.shape[-1], query.dtype)
   static = (attend_current, block_sizes, float(skip_tolerance), interpret, causal)
   attention = _attention_interpret if interpret else _attention
@@ -63,10 +62,6 @@ def _forward(q, k, v, scale, segment_ids, key_segment_ids, forget_gate, static):
 
 def _attention_fwd(q, k, v, scale, segment_ids, key_segment_ids, forget_gate, static):
   attend_current, block_sizes, skip_tolerance, interpret, causal = static
-  if not causal:
-    raise ValueError("implementation='pallas_mosaic_gpu' has no backward for the cross-chunk "
-                     "mode (causal=False) yet: differentiate through implementation='pallas' "
-                     "(the Mosaic forward with the Triton gradients) or 'pallas_triton'.")
   if interpret and block_sizes.num_compute_warpgroups != 1:
     # The Mosaic GPU interpreter (JAX 0.11.2) deadlocks on a program that holds kernels of
     # different warpgroup counts (its simulated shared memory is set up once, apparently for
@@ -76,18 +71,18 @@ def _attention_fwd(q, k, v, scale, segment_ids, key_segment_ids, forget_gate, st
     block_sizes = dataclasses.replace(block_sizes, num_compute_warpgroups=1,
                                       schedule_barrier=False)
     static = (attend_current, block_sizes, skip_tolerance, interpret, causal)
-  return (_forward(q, k, v, scale, segment_ids, None, forget_gate, static),
-          (q, k, v, scale, segment_ids, forget_gate))
+  return (_forward(q, k, v, scale, segment_ids, key_segment_ids, forget_gate, static),
+          (q, k, v, scale, segment_ids, key_segment_ids, forget_gate))
 
 
 def _attention_bwd(static, residuals, cotangents):
-  attend_current, block_sizes, skip_tolerance, interpret, _ = static
-  q, k, v, scale, segment_ids, forget_gate = residuals
+  attend_current, block_sizes, skip_tolerance, interpret, causal = static
+  q, k, v, scale, segment_ids, key_segment_ids, forget_gate = residuals
   d_out, d_rem = cotangents
   dq, dk, dv, dscale, dgate = pallas_mosaic_gpu_bwd.backward(
       q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, attend_current=attend_current,
       block_sizes=block_sizes, skip_tolerance=skip_tolerance,
-      interpret=_interpret_params(interpret))
+      interpret=_interpret_params(interpret), causal=causal, key_segment_ids=key_segment_ids)
   return dq, dk, dv, dscale, None, None, dgate
 
 

@@ -27,6 +27,10 @@ left prefix ``P_ji = sum_{m < i} G_jm``:
   ``G``'s prefix); ``A^T @ do`` and ``dz^T @ q`` take ``A`` and ``dz`` through shared memory as
   transposed left operands (wgmma transposes 16-bit SMEM operands, not register ones).
 
+The cross-chunk mode (``causal=False``, as the forward's): the dq walk takes every key block
+with real keys, and each dk/dv program every query block that reached its key block; a partial
+last key block is masked in both.
+
 No atomics: each output block has one writer, so the gradients are bitwise deterministic.
 Interpret mode reads every left operand from SMEM and cannot run ``pl.run_state``; the compiled
 kernels keep the left operands in registers and accumulate ``dq``, ``dk`` and ``dv`` in place.
@@ -126,17 +130,19 @@ def _accumulate(pairs, *, in_place: bool):
   return list(pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc, _, _ in pairs)))
 
 
-def _visible(q_start, k_start, q_seg, seg_ref, *, lag, seq_len=None, shape=_SHAPE):
+def _visible(q_start, k_start, q_seg, seg_ref, *, lag, seq_len=None, shape=_SHAPE, cross=None):
   """``shape`` (``[64 rows, keys]``) bool: causal visibility (and equal segments, ``q_seg [64]``
-  row layout, the keys' ids read from ``seg_ref [T]``, or None), for the rows before ``seq_len``
-  (None: all)."""
+  row layout, the keys' ids read from ``seg_ref``, or None), for the rows before ``seq_len``
+  (None: all). ``cross``: None, or the cross-chunk mode's ``(num_keys, key_seg_offset)``: the
+  keys before ``num_keys`` are visible, their ids start at ``key_seg_offset`` in ``seg_ref``."""
   q_pos = q_start + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
   k_pos = k_start + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-  mask = k_pos <= q_pos - lag
+  mask = k_pos <= q_pos - lag if cross is None else k_pos < cross[0]
   if seq_len is not None:
     mask = mask & (q_pos < seq_len)
   if q_seg is not None:
-    k_seg = plgpu.load(seg_ref.at[pl.ds(k_start, shape[1])], layout=tiles.COL, optimized=False)
+    k_first = k_start if cross is None else cross[1] + k_start
+    k_seg = plgpu.load(seg_ref.at[pl.ds(k_first, shape[1])], layout=tiles.COL, optimized=False)
     mask = mask & (tiles.row_bcast(q_seg, shape) == lax.broadcast_in_dim(k_seg, shape, [1]))
   return mask
 
@@ -158,7 +164,7 @@ def _prologue(fetch, total, scale_ref, tri_nearer, tri_prefix, *, num_buffers, g
 def _dq_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, do_ref, drem_ref, dq_ref,
                dscale_ref, first_ref, stick_ref, gsum_ref, *scratch, num_buffers, group,
                attend_current, cumsum_parts, registers, in_place, num_q_blocks, stop, seq_len,
-               sub):
+               sub, cross):
   (q_smem, do_smem, k_smem, v_smem, tri_nearer, tri_prefix, part_smem, p_smem, rec_smem,
    out_rows, first_rows, barriers) = scratch
   q_barriers, k_barriers, v_barriers = barriers
@@ -169,7 +175,7 @@ def _dq_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, do_ref, drem_r
   plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_barriers.at[0])
   plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, q_barriers.at[1])
   lag = 0 if attend_current else 1
-  n_full, n_total = tiles.key_blocks(q_start, BLOCK, block_k=BLOCK, lag=lag)
+  n_full, n_total = _key_blocks(q_start, lag, cross)
   slot_of = lambda step: lax.rem(step, jnp.int32(num_buffers))
 
   fetch = tiles.kv_ring_fetch(k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers, batch=batch,
@@ -205,7 +211,7 @@ def _dq_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, do_ref, drem_r
     mask = None
     if masked:
       mask = _visible(q_start, k_start, q_seg, None if seg_ref is None else seg_ref.at[batch],
-                      lag=lag, shape=sub_shape)
+                      lag=lag, shape=sub_shape, cross=cross)
     gate = None if gate_ref is None else tiles.key_gate(
         gate_ref.at[batch, kv_head, pl.ds(k_start, sub)], sub_shape)
     k_tile, v_tile = (x.at[slot] if sub == BLOCK else x.at[slot, pl.ds(off, sub)]
@@ -278,7 +284,7 @@ def _dq_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, do_ref, drem_r
 
 def _dkv_kernel(scale_ref, row_end_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, do_ref, drem_ref,
                 rec_ref, dk_ref, dv_ref, dgate_ref, *scratch, num_buffers, group, attend_current,
-                cumsum_parts, registers, in_place, num_q_blocks, seq_len, sub):
+                cumsum_parts, registers, in_place, num_q_blocks, seq_len, sub, cross):
   (k_smem, v_smem, q_smem, do_smem, rec_smem, drem_smem, tri_nearer, tri_prefix, part_smem,
    a_smem, dz_smem, dg_row, barriers) = scratch
   kv_barriers, q_barriers, do_barriers, rec_barriers, drem_barriers = barriers
@@ -290,8 +296,12 @@ def _dkv_kernel(scale_ref, row_end_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, 
   lag = 0 if attend_current else 1
   # Query blocks that see this key block: from j_first; from j_full on, every row sees every
   # key; up to the last one whose walk reached it (row_end, from the dq kernel's records).
-  j_first = lax.div(k_start + lag, jnp.int32(BLOCK))
-  j_full = lax.div(k_start + lag + 2 * BLOCK - 2, jnp.int32(BLOCK))
+  if cross is None:
+    j_first = lax.div(k_start + lag, jnp.int32(BLOCK))
+    j_full = lax.div(k_start + lag + 2 * BLOCK - 2, jnp.int32(BLOCK))
+  else:  # every query block; a partial last key block (keys past the chunk's end) masked in all
+    j_first = jnp.int32(0)
+    j_full = jnp.where(k_start + BLOCK <= cross[0], 0, num_q_blocks).astype(jnp.int32)
   j_end = jnp.minimum(lax.div(row_end_ref[batch, kv_head, kb] + BLOCK - 1, jnp.int32(BLOCK)),
                       num_q_blocks)
   per_head = jnp.maximum(j_end - j_first, 0)
@@ -341,7 +351,7 @@ def _dkv_kernel(scale_ref, row_end_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, 
     for off in offsets:  # nearest first: each half's stick includes the nearer halves' keys
       mask = None if not masked else _visible(
           q_start, k_start + off, q_seg, None if seg_ref is None else seg_ref.at[batch], lag=lag,
-          seq_len=seq_len, shape=sub_shape)
+          seq_len=seq_len, shape=sub_shape, cross=cross)
       qk, do_v = _two_products(q_tile, keys_of(k_smem, off).T, do_tile, keys_of(v_smem, off).T,
                                sub_shape)
       t = _Tile(qk, do_v, log_stick, drem, scale2=scale * tiles.LOG2E, mask=mask,
@@ -398,7 +408,15 @@ def _dkv_kernel(scale_ref, row_end_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, 
   plgpu.wait_smem_to_gmem(0)
 
 
-def _records(first, stick, gsum, *, attend_current: bool):
+def _key_blocks(q_start, lag: int, cross):
+  """``(n_full, n_total)`` of a 64-row block's walk over 64-key blocks (``tiles.key_blocks``);
+  in the cross-chunk mode every key block with real keys, the last one masked when partial."""
+  if cross is None:
+    return tiles.key_blocks(q_start, BLOCK, block_k=BLOCK, lag=lag)
+  return jnp.int32(cross[0] // BLOCK), jnp.int32(tiles.cdiv(cross[0], BLOCK))
+
+
+def _records(first, stick, gsum, *, attend_current: bool, cross=None):
   """``[B, N, T / 64, 2, T]``: the dk/dv kernel's per-(row, key block) inputs from the dq kernel's
   records, the log2-stick right of the block (``_NO_STICK`` where the row block's walk never
   reached it) and the exclusive prefix of ``G`` from the left (0 there). ``first [B, N, T]``: each
@@ -408,7 +426,7 @@ def _records(first, stick, gsum, *, attend_current: bool):
   lag = 0 if attend_current else 1
   kb = jnp.arange(nkb)[:, None]  # [nkb, 1]
   rows = jnp.arange(tp, dtype=jnp.int32)[None, :]
-  _, n_total = tiles.key_blocks(rows - rows % BLOCK, BLOCK, block_k=BLOCK, lag=lag)  # [1, T]
+  _, n_total = _key_blocks(rows - rows % BLOCK, lag, cross)  # [1, T], or a scalar
   walked = (kb >= first[:, :, None, :]) & (kb < n_total)  # [B, N, nkb, T]
   g = jnp.where(walked, gsum, 0.0)
   prefix = jnp.concatenate([jnp.zeros_like(g[:, :, :1]), jnp.cumsum(g, axis=2)[:, :, :-1]], axis=2)
@@ -416,12 +434,15 @@ def _records(first, stick, gsum, *, attend_current: bool):
 
 
 def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_current: bool,
-             block_sizes: MosaicBlockSizes, skip_tolerance: float, interpret=False):
+             block_sizes: MosaicBlockSizes, skip_tolerance: float, interpret=False,
+             causal: bool = True, key_segment_ids=None):
   """Gradients of ``pallas_mosaic_gpu_fwd.forward``.
 
   Args:
-    q, k, v, scale, segment_ids, forget_gate, attend_current, skip_tolerance, interpret: as for
-      ``pallas_mosaic_gpu_fwd.forward`` (``interpret``: False or ``plgpu.InterpretGPUParams``).
+    q, k, v, scale, segment_ids, forget_gate, attend_current, skip_tolerance, interpret, causal,
+      key_segment_ids: as for ``pallas_mosaic_gpu_fwd.forward`` (``interpret``: False or
+      ``plgpu.InterpretGPUParams``; ``causal=False``: the cross-chunk mode, every query block
+      against every key block with real keys).
     block_sizes: its ``num_buffers_bwd``, ``block_k_dq``, ``block_k_dkv``,
       ``operands_in_registers`` and ``skip_used_stick`` apply (64-row tiles).
     d_out: ``[B, T, N, H]``; d_rem: ``[B, N, T]`` cotangents.
@@ -435,9 +456,14 @@ def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_c
   tp = tiles.cdiv(t, BLOCK) * BLOCK
   # Zeros: padded rows get G = 0 and add nothing (the dk/dv kernel masks them: zeros times an
   # infinite key are NaN); padded keys follow every real row.
-  q, k, v, d_out, segment_ids, forget_gate = (
-      tiles.pad_time(x, tp) for x in (q, k, v, d_out, segment_ids, forget_gate))
+  q, k, v, d_out, segment_ids, forget_gate, key_segment_ids = (
+      tiles.pad_time(x, tp) for x in (q, k, v, d_out, segment_ids, forget_gate, key_segment_ids))
   d_rem = tiles.pad_time(d_rem, tp, axis=2)
+  cross = None
+  if not causal:  # as the forward: one segment-id row, the queries' then the keys'
+    cross = (t, tp if segment_ids is not None else 0)
+    if segment_ids is not None:
+      segment_ids = jnp.concatenate([segment_ids, key_segment_ids], axis=1)  # [B, 2 tp]
   nq = tp // BLOCK
   dtype, nb = q.dtype, block_sizes.num_buffers_bwd
   registers = block_sizes.operands_in_registers and not interpret
@@ -451,7 +477,7 @@ def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_c
   operand = lambda dt, width=BLOCK: None if registers else smem((BLOCK, width), dt, width)
   common = dict(num_buffers=nb, group=group, attend_current=attend_current,
                 cumsum_parts=tiles.cumsum_parts(dtype), registers=registers,
-                in_place=registers, num_q_blocks=nq, seq_len=t if tp != t else None)
+                in_place=registers, num_q_blocks=nq, seq_len=t if tp != t else None, cross=cross)
   params = dict(compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)
   given, with_optional = tiles.optional_inputs(segment_ids, forget_gate)
 
@@ -480,7 +506,7 @@ def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_c
 
   first_blocks = first[:, :, ::BLOCK]  # [B, N, nq]: every row of a block shares its walk
   row_end = live_row_end(first_blocks, BLOCK, nq, num_kv_heads)
-  records = _records(first, stick, gsum, attend_current=attend_current)
+  records = _records(first, stick, gsum, attend_current=attend_current, cross=cross)
   sub = block_sizes.block_k_dkv  # the same swizzle rule: every tile takes `sub`
   dk, dv, dgate = plgpu.kernel(
       with_optional(functools.partial(_dkv_kernel, sub=sub, **common), 2),
