@@ -7,9 +7,9 @@ speed-up, the compiled peak memory per device and the forward's agreement with o
 (records described in ``benchmark_context_parallel_lib``). A length one device cannot hold
 records its error there and the run goes on.
 
-  # issue 12's runs on 2 GPUs (B=1, N=12, H=128, bf16):
+  # issue 12's runs on 2 GPUs (B=1, N=12, H=128, bf16); one GPU at 262,144 compiled only:
   python experiments/benchmark_context_parallel.py --seq_lens=65536,262144 \
-      --out=experiments/results/context_parallel_h200x2.json
+      --single_max_len=65536 --out=experiments/results/context_parallel_h200x2.json
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ _IMPLEMENTATION = flags.DEFINE_string(
     "implementation", None, "Chunk implementation (None: the Pallas kernels on a GPU, else scan).")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "Pallas in interpret mode (CPU smoke runs).")
 _ITERS = flags.DEFINE_integer("iters", 5, "Timed repetitions (after 3 warm-ups).")
+_SINGLE_MAX_LEN = flags.DEFINE_integer(
+    "single_max_len", None, "Above this T the one-device run is only compiled (its peak memory "
+    "recorded against the device's), not timed.")
 _OUT = flags.DEFINE_string("out", None, "Write the records here as JSON.")
 
 
@@ -47,7 +50,7 @@ def main(argv):
                 batch=_BATCH.value, heads=_HEADS.value, head_dim=_HEAD_DIM.value,
                 dtype=jnp.dtype(_DTYPE.value), context=_CONTEXT.value or jax.device_count(),
                 iters=_ITERS.value, implementation=_IMPLEMENTATION.value,
-                interpret=_INTERPRET.value)
+                interpret=_INTERPRET.value, single_max_len=_SINGLE_MAX_LEN.value)
   if _OUT.value:
     info = dict(iters=_ITERS.value, date=time.strftime("%Y-%m-%d"))
     with open(_OUT.value, "w") as f:

@@ -60,8 +60,11 @@ def _time(attn, mode, args, iters, rec):
 
 
 def run(seq_lens, regimes, walks, modes, *, batch: int, heads: int, head_dim: int, dtype,
-        context: int, iters: int, implementation=None, interpret: bool = False, log=print):
-  """Benchmark records (module docstring); one device first, then ``context`` devices."""
+        context: int, iters: int, implementation=None, interpret: bool = False,
+        single_max_len: int | None = None, log=print):
+  """Benchmark records (module docstring); one device first, then ``context`` devices. Above
+  ``single_max_len`` the one-device configuration is compiled (its ``peak_bytes`` recorded) but
+  not run."""
   for name, got, allowed in (("modes", modes, MODES), ("walks", walks, WALKS)):
     if bad := [x for x in got if x not in allowed]:
       raise ValueError(f"{name} must be among {allowed}, got {bad}.")
@@ -89,6 +92,12 @@ def run(seq_lens, regimes, walks, modes, *, batch: int, heads: int, head_dim: in
               if devices > 1:
                 args = tuple(jax.device_put(a, seq) if a.ndim else a for a in args)
               attn = attention(mesh if devices > 1 else None, implementation, walk, interpret)
+              if devices == 1 and single_max_len is not None and t > single_max_len:
+                _, rec["peak_bytes"] = compile_pass(attn, mode, args)
+                rec["error"] = f"not run: T > single_max_len={single_max_len} (compiled only)"
+                log(json.dumps(rec))
+                records.append(rec)
+                continue
               compiled = _time(attn, mode, args, iters, rec)
               rec["tflops"] = flops / rec["ms"] / 1e9
               outs = compiled(*args)  # out, or the gradients (dq, dk, dv)
@@ -113,10 +122,10 @@ def format_table(records) -> str:
            f"{'GiB/dev':>7} {'speedup':>7}"]
   for r in records:
     head = f"{r['T']:>7} {r['regime']:8} {r['walk']:5} {r['pass']:7} {r['devices']:>3}"
-    if "error" in r:
-      lines.append(f"{head} ERROR {r['error'][:70]}")
-      continue
     gib = "" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 2**30:.2f}"
+    if "error" in r:
+      lines.append(f"{head} {'':>10} {'':>8} {gib:>7} {r['error'][:60]}")
+      continue
     speedup = f"{r['speedup']:.2f}x" if "speedup" in r else ""
     lines.append(f"{head} {r['ms']:10.2f} {r['tflops']:8.1f} {gib:>7} {speedup:>7}")
   return "\n".join(lines)
