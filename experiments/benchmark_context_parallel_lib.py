@@ -11,7 +11,7 @@ every key and every piece walked, what heads that attend far cost), the records 
   forward, 3.5x per forward+backward, as ``benchmark_lib``) over the time, summed over devices;
 - ``peak_bytes``: XLA's compiled peak per device (arguments, outputs, scratch), beside
   ``device_bytes``, what the allocator may use on one device (GPU only);
-- ``finite``: every output (the forward's, or the three gradients) is finite;
+- ``finite``: every output (the forward's, and with fwd+bwd the three gradients) is finite;
 - on the ``C``-device record: ``speedup`` (one device's time over this one's) and ``max_err``, the
   largest of max|x_C - x_1| / max|x_1| over the outputs (they differ by reduction order only).
 
@@ -100,8 +100,8 @@ def run(seq_lens, regimes, walks, modes, *, batch: int, heads: int, head_dim: in
                 continue
               compiled = _time(attn, mode, args, iters, rec)
               rec["tflops"] = flops / rec["ms"] / 1e9
-              outs = compiled(*args)  # out, or the gradients (dq, dk, dv)
-              outs = [np.asarray(x, np.float32) for x in (outs if mode != "fwd" else [outs])]
+              outs = jax.tree.leaves(compiled(*args))  # out, and with fwd+bwd dq, dk, dv
+              outs = [np.asarray(x, np.float32) for x in outs]
               rec["finite"] = all(bool(np.isfinite(x).all()) for x in outs)
               if devices == 1:
                 one.update(ms=rec["ms"], outs=outs)

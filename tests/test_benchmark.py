@@ -83,6 +83,19 @@ def test_backward_alone_is_timed_from_held_residuals():
     benchmark.run([(1, 2, 16, 64)], ["local"], ["scan"], ["backward"], jnp.float32, iters=1)
 
 
+def test_forward_and_backward_keeps_the_forward():
+  """``fwd+bwd`` returns the output with the gradients, as a training step uses it: the kernels'
+  residuals are their inputs, so a pass returning the gradients alone lets XLA drop the forward
+  kernel (on an H100 such a "fwd+bwd" took the backward's time)."""
+  q, k, v, scale = benchmark.benchmark_inputs("local", 1, 128, 2, 16, jnp.float32)
+  attn = benchmark.attention("scan", 16, jnp.float32)
+  d_out = jnp.ones_like(v)
+  compiled, _ = benchmark.compile_pass(attn, "fwd+bwd", (q, k, v, jnp.float32(scale), d_out))
+  out, grads = compiled(q, k, v, jnp.float32(scale), d_out)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(attn(q, k, v, jnp.float32(scale))))
+  assert len(grads) == 3
+
+
 def test_mosaic_runs_per_regime_and_both_passes():
   """The Mosaic kernels skip as the Triton kernels do (one record per regime), forward and
   forward+backward."""
