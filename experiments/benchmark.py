@@ -50,7 +50,7 @@ _SLOW_ITERS = flags.DEFINE_integer("slow_iters", 3, "Timed repetitions of the sc
 _BLOCK_SIZES = flags.DEFINE_string("block_sizes", None, "JSON dict overriding BlockSizes fields.")
 _MOSAIC_BLOCK_SIZES = flags.DEFINE_string(
     "mosaic_block_sizes", None, "JSON dict of MosaicBlockSizes fields over the op's tuned tiling "
-    "(MosaicBlockSizes.get_default), e.g. '{\"block_k_dkv\": 32}'.")
+    "(MosaicBlockSizes.get_default), e.g. '{\"block_k_dkv\": 64}'.")
 _MAX_SCAN_T = flags.DEFINE_integer("max_scan_t", 16384, "Skip the scan path above this T.")
 _OUT = flags.DEFINE_string("out", None, "Write the records here as JSON.")
 

@@ -404,16 +404,16 @@ def mosaic_checks(quick: bool):
                                     sizes, tolerance=tol, shift=shift)
     if not quick:
       yield acc("T65536 one head", Shape(1, 65536, 1, 1, 64), bf16, same_precision=False)
-  # The dk/dv kernel's 32-key halves (MosaicBlockSizes.block_k_dkv; not yet the default).
-  halves = dataclasses.replace(structures["default"], block_k_dkv=32)
+  # The dk/dv kernel's 64-key tiles (MosaicBlockSizes.block_k_dkv; the default takes 32).
+  whole = dataclasses.replace(structures["default"], block_k_dkv=64)
   for name, shape, kw in (("H128 T4096", Shape(2, 4096, 4, 2, 128), {}),
                           ("saturated |z|<=1e4", Shape(1, 2048, 2, 2, 64),
                            dict(logit_scale=1250.0)),
                           ("H64 T4096 GQA gate seg", Shape(1, 4096, 4, 2, 64),
                            dict(gated=True, segments=True))):
-    yield f"mosaic dkvk32 {name}", functools.partial(
-        check_accuracy, f"mosaic dkvk32 {name}", shape, bf16, implementation=impl,
-        block_sizes=halves, **kw)
+    yield f"mosaic dkvk64 {name}", functools.partial(
+        check_accuracy, f"mosaic dkvk64 {name}", shape, bf16, implementation=impl,
+        block_sizes=whole, **kw)
   named = lambda fn, name, *a, **kw: (f"mosaic {name}", functools.partial(
       fn, f"mosaic {name}", *a, implementation=impl, **kw))
   yield named(check_cross_chunk, "cross-chunk T2000 GQA seg gate", Shape(1, 2000, 4, 2, 64), bf16,

@@ -212,8 +212,8 @@ def test_cross_chunk_gradients_match_float64(block_sizes=ONE_WG):
   with real keys): T=130 (the padded keys masked in the dq walk's first block and in the dk/dv
   kernel's last key block), GQA, a gate with infinities, with and without the queries' and keys'
   own segment ids; against float64 under the tolerance rule. Then exact skipping of the
-  gradients, bit for bit the dense walk's. (The dk/dv halves share the masks and walks: their
-  causal tests cover them.)"""
+  gradients, bit for bit the dense walk's. (The dk/dv kernel's 64-key tiles share the masks and
+  walks: their causal tests cover them.)"""
   shape = Shape(1, 130, 4, 2, 64)
   q, k, v, k_seg = random_inputs(9, shape, jnp.bfloat16, segments=True, logit_scale=2.0)
   q_seg = k_seg + k_seg[:, -1:]  # the keys' last segment goes on into the query chunk
@@ -290,15 +290,15 @@ def _mosaic_gradients(q, k, v, scale, d_out, d_rem, segment_ids=None, forget_gat
 # (dtype, shape, attend_current, segments, block sizes): the backward's 64-row tiles with T not a
 # multiple of 64, GQA and MQA, both head dims, fp16's two stick parts, segment ids in any order
 # (shuffled, so other segments' keys lie inside every block), a deeper TMA ring, the dq kernel's
-# 64-key tiles (the default takes 32), the dk/dv kernel's 32-key halves (the default takes 64).
+# 64-key tiles and the dk/dv kernel's undivided 64-key tiles (the defaults take 32-key halves).
 DQ_64 = MosaicBlockSizes(block_k_dq=64)
-DKV_32 = MosaicBlockSizes(block_k_dkv=32)
+DKV_64 = MosaicBlockSizes(block_k_dkv=64)
 GRADIENT_CASES = [
     (jnp.bfloat16, Shape(1, 200, 4, 2, 64), False, None, ONE_WG),
     (jnp.float16, Shape(1, 130, 2, 1, 128), True, None, MosaicBlockSizes(num_buffers_bwd=3)),
     (jnp.bfloat16, Shape(2, 130, 2, 1, 64), False, "shuffled", DEFAULT),
     (jnp.bfloat16, Shape(1, 200, 4, 2, 64), True, "shuffled", DQ_64),
-    (jnp.float16, Shape(1, 130, 4, 2, 128), False, "shuffled", DKV_32),
+    (jnp.float16, Shape(1, 130, 4, 2, 128), False, "shuffled", DKV_64),
 ]
 
 
@@ -360,7 +360,7 @@ def test_backward_skip_tolerance_within_its_bounds():
   assert stopped.mean() >= 0.1, stopped.mean()
 
 
-@pytest.mark.parametrize("block_sizes", [ONE_WG, DQ_64, DKV_32], ids=["dqk32", "dqk64", "dkvk32"])
+@pytest.mark.parametrize("block_sizes", [ONE_WG, DQ_64, DKV_64], ids=["dqk32", "dqk64", "dkvk64"])
 def test_gate_gradients_match_float64(block_sizes):
   """The gate's gradient (and the others) with infinite and large gates, GQA, attend_current, T
   not a multiple of 64, against float64 under the tolerance rule; an open gate (+inf) gets no
@@ -603,8 +603,8 @@ def _lowered_for_hopper(dtype, head_dim, block_sizes):
 @pytest.mark.parametrize("dtype,head_dim,extras,tiling", [
     (jnp.bfloat16, 128, False, {}), (jnp.float16, 64, True, {}),
     (jnp.bfloat16, 128, True, dict(block_k_dq=64)),
-    (jnp.bfloat16, 128, True, dict(block_k_dkv=32))],
-    ids=["bf16-128", "fp16-64-seg-gate", "bf16-128-seg-gate-dqk64", "bf16-128-seg-gate-dkvk32"])
+    (jnp.bfloat16, 128, True, dict(block_k_dkv=64))],
+    ids=["bf16-128", "fp16-64-seg-gate", "bf16-128-seg-gate-dqk64", "bf16-128-seg-gate-dkvk64"])
 def test_backward_lowers_for_hopper(dtype, head_dim, extras, tiling):
   """The forward and both backward kernels under ``jax.value_and_grad`` pass the Mosaic GPU
   lowering for an H200 (with segment ids and a gate: their loads in both backward kernels; the
