@@ -52,13 +52,6 @@ def attention(mesh, implementation, walk: str, interpret: bool = False):
       block_sizes=block_sizes)
 
 
-def _time(attn, mode, args, iters, rec):
-  """Compiles and times one configuration into ``rec``; returns the compiled function."""
-  compiled, rec["peak_bytes"] = compile_pass(attn, mode, args)
-  rec["ms"] = median_time_ms(compiled, args, iters)
-  return compiled
-
-
 def run(seq_lens, regimes, walks, modes, *, batch: int, heads: int, head_dim: int, dtype,
         context: int, iters: int, implementation=None, interpret: bool = False,
         single_max_len: int | None = None, log=print):
@@ -92,24 +85,22 @@ def run(seq_lens, regimes, walks, modes, *, batch: int, heads: int, head_dim: in
               if devices > 1:
                 args = tuple(jax.device_put(a, seq) if a.ndim else a for a in args)
               attn = attention(mesh if devices > 1 else None, implementation, walk, interpret)
+              compiled, rec["peak_bytes"] = compile_pass(attn, mode, args)
               if devices == 1 and single_max_len is not None and t > single_max_len:
-                _, rec["peak_bytes"] = compile_pass(attn, mode, args)
                 rec["error"] = f"not run: T > single_max_len={single_max_len} (compiled only)"
-                log(json.dumps(rec))
-                records.append(rec)
-                continue
-              compiled = _time(attn, mode, args, iters, rec)
-              rec["tflops"] = flops / rec["ms"] / 1e9
-              outs = jax.tree.leaves(compiled(*args))  # out, and with fwd+bwd dq, dk, dv
-              outs = [np.asarray(x, np.float32) for x in outs]
-              rec["finite"] = all(bool(np.isfinite(x).all()) for x in outs)
-              if devices == 1:
-                one.update(ms=rec["ms"], outs=outs)
-              elif "ms" in one:
-                rec["speedup"] = one["ms"] / rec["ms"]
-                rec["max_err"] = max(float(np.abs(x - y).max() / np.abs(y).max())
-                                     for x, y in zip(outs, one["outs"]))
-              del compiled, outs
+              else:
+                rec["ms"] = median_time_ms(compiled, args, iters)
+                rec["tflops"] = flops / rec["ms"] / 1e9
+                outs = jax.tree.leaves(compiled(*args))  # out, and with fwd+bwd dq, dk, dv
+                outs = [np.asarray(x, np.float32) for x in outs]
+                rec["finite"] = all(bool(np.isfinite(x).all()) for x in outs)
+                if devices == 1:
+                  one.update(ms=rec["ms"], outs=outs)
+                elif "ms" in one:
+                  rec["speedup"] = one["ms"] / rec["ms"]
+                  rec["max_err"] = max(float(np.abs(x - y).max() / np.abs(y).max())
+                                       for x, y in zip(outs, one["outs"]))
+              del compiled
             except Exception as e:  # pylint: disable=broad-except
               rec["error"] = f"{type(e).__name__}: {e}"[:500]
             log(json.dumps(rec))

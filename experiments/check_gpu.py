@@ -128,23 +128,17 @@ def check_cross_chunk(name, shape, dtype, *, implementation, with_grads):
   kernels = lambda q, k, v, s, g: context_parallel.chunk_attention(
       q, k, v, causal=False, scale=s, segment_ids=q_seg, key_segment_ids=k_seg, forget_gate=g,
       implementation=implementation)
-  dense = lambda dt: testing.dense_attention(q_seg, dtype=dt, causal=False, key_segment_ids=k_seg)
-  up = lambda x: jnp.asarray(np.asarray(x, np.float64))
-  scale_dt = jnp.asarray(scale, dtype)
+  cross = dict(causal=False, key_segment_ids=k_seg)
   if with_grads:
     got = jax.jit(functools.partial(testing.gradients, kernels))(
         q, k, v, jnp.float32(scale), d_out, d_rem, gate)
-    with jax.enable_x64(True):
-      want = [np.asarray(x) for x in testing.gradients(
-          dense(None), up(q), up(k), up(v), jnp.float64(scale), up(d_out.astype(q.dtype)),
-          up(d_rem), up(gate))]
-    same = testing.gradients(dense(dtype), q, k, v, scale_dt, d_out, d_rem, gate)
+    want = testing.float64_gradients(q, k, v, q_seg, scale, False, d_out, d_rem, gate, **cross)
+    same = testing.same_precision_gradients(q, k, v, q_seg, scale, False, d_out, d_rem, gate,
+                                            **cross)
   else:
     got = jax.jit(kernels)(q, k, v, jnp.float32(scale), gate)
-    with jax.enable_x64(True):
-      want = [np.asarray(x) for x in dense(None)(up(q), up(k), up(v), jnp.float64(scale),
-                                                 up(gate))]
-    same = dense(dtype)(q, k, v, scale_dt, gate)
+    want = testing.float64_result(q, k, v, q_seg, scale, False, gate, **cross)
+    same = testing.same_precision_result(q, k, v, q_seg, scale, False, gate, **cross)
   return _record(name, shape, dtype, got, want, same)
 
 

@@ -94,47 +94,61 @@ def _up(x):
   return None if x is None else jnp.asarray(np.asarray(x, np.float64))
 
 
-def dense_attention(seg, *, attend_current=False, dtype=None, causal=True, key_segment_ids=None):
-  """``f(q, k, v, scale, forget_gate) -> (out, rem)`` of the dense reference (``sbjax.reference``)
-  with its math in ``dtype`` (None: the inputs' compute dtype, float64 for float64 inputs under
-  x64); ``causal=False`` with ``key_segment_ids`` is the cross-chunk mode. For oracles that
-  :func:`float64_result` and :func:`float64_gradients` do not cover."""
-  return lambda q, k, v, s, g: reference.stick_breaking_attention(
-      q, k, v, s, seg, g, attend_current=attend_current, dtype=dtype, causal=causal,
-      key_segment_ids=key_segment_ids)
-
-
-def _attention(implementation, seg, attend_current, dtype=None):
-  """``f(q, k, v, scale, forget_gate) -> (out, rem)``; ``dtype`` set: the same-precision reference."""
-  if dtype is not None:
-    return dense_attention(seg, attend_current=attend_current, dtype=dtype)
+def _attention(implementation, seg, attend_current, dtype=None, cross=None):
+  """``f(q, k, v, scale, forget_gate) -> (out, rem)``; ``dtype`` set: the same-precision reference.
+  ``cross``: None, or the cross-chunk mode's ``{"key_segment_ids": [B, T] or None}`` (the dense
+  reference: the ops take that mode through ``sbjax.context_parallel`` only)."""
+  if dtype is not None or cross is not None:
+    extra = {} if cross is None else dict(causal=False, **cross)
+    return lambda q, k, v, s, g: reference.stick_breaking_attention(
+        q, k, v, s, seg, g, attend_current=attend_current, dtype=dtype, **extra)
   return lambda q, k, v, s, g: ops.stick_breaking_attention(
       q, k, v, scale=s, segment_ids=seg, forget_gate=g, attend_current=attend_current,
       implementation=implementation, return_remainder=True)
 
 
+def _cross(causal: bool, key_segment_ids):
+  """The oracles' ``cross`` argument (a pytree, traced) for ``causal`` and the keys' ids."""
+  if causal and key_segment_ids is not None:
+    raise ValueError("key_segment_ids applies to causal=False (the cross-chunk mode) only.")
+  return None if causal else {"key_segment_ids": key_segment_ids}
+
+
 # Jitted once at module level (static: implementation, attend_current, math dtype), so that
 # repeated oracle calls on the same shapes, e.g. one case in several input dtypes, compile once.
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _result(implementation, attend_current, dtype, q, k, v, scale, seg, forget_gate):
-  return _attention(implementation, seg, attend_current, dtype)(q, k, v, scale, forget_gate)
+def _result(implementation, attend_current, dtype, q, k, v, scale, seg, forget_gate, cross=None):
+  return _attention(implementation, seg, attend_current, dtype, cross)(q, k, v, scale,
+                                                                       forget_gate)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _gradients(implementation, attend_current, dtype, q, k, v, scale, seg, d_out, d_rem,
-               forget_gate):
-  fn = _attention(implementation, seg, attend_current, dtype)
+               forget_gate, cross=None):
+  fn = _attention(implementation, seg, attend_current, dtype, cross)
   return gradients(fn, q, k, v, scale, d_out, d_rem, forget_gate)
 
 
 def float64_result(q, k, v, seg, scale, attend_current, forget_gate=None, *,
-                   implementation="xla"):
+                   implementation="xla", causal=True, key_segment_ids=None):
   """The oracle: ``(out, rem)`` as float64 NumPy arrays, computed in float64 on the (already
-  rounded) inputs by ``implementation`` (``"xla"``, the dense reference; ``"scan"`` for long T)."""
+  rounded) inputs by ``implementation`` (``"xla"``, the dense reference; ``"scan"`` for long T).
+  ``causal=False``: the cross-chunk mode of ``sbjax.context_parallel.chunk_attention`` (the dense
+  reference), ``seg`` the queries' segment ids and ``key_segment_ids`` the keys'."""
+  cross = _cross(causal, key_segment_ids)
   with jax.enable_x64(True):
     res = _result(implementation, attend_current, None, _up(q), _up(k), _up(v),
-                  jnp.float64(scale), seg, _up(forget_gate))
+                  jnp.float64(scale), seg, _up(forget_gate), cross)
     return tuple(np.asarray(x) for x in res)
+
+
+def same_precision_result(q, k, v, seg, scale, attend_current, forget_gate=None, *,
+                          causal=True, key_segment_ids=None):
+  """``(out, rem)`` of the dense reference with its math in the input dtype (the tolerance
+  rule's yardstick for a forward); ``causal``, ``key_segment_ids`` as :func:`float64_result`."""
+  scale = jnp.asarray(scale, compute_dtype(q.dtype))
+  return _result("xla", attend_current, jnp.dtype(q.dtype), q, k, v, scale, seg, forget_gate,
+                 _cross(causal, key_segment_ids))
 
 
 def gradients(fn, q, k, v, scale, d_out, d_rem, forget_gate=None):
@@ -152,9 +166,10 @@ def gradients(fn, q, k, v, scale, d_out, d_rem, forget_gate=None):
 
 
 def float64_gradients(q, k, v, seg, scale, attend_current, d_out, d_rem, forget_gate=None, *,
-                      implementation="xla"):
+                      implementation="xla", causal=True, key_segment_ids=None):
   """The gradient oracle: :func:`gradients` of the op in float64 on the (already rounded) inputs,
-  as float64 NumPy arrays. ``implementation="scan"`` keeps memory O(T) for long sequences.
+  as float64 NumPy arrays. ``implementation="scan"`` keeps memory O(T) for long sequences;
+  ``causal``, ``key_segment_ids`` as :func:`float64_result`.
 
   The cotangents are first rounded as :func:`gradients` rounds them for the op in ``q.dtype``
   (``d_out`` to ``q.dtype``, ``d_rem`` to float32), so that both see the same ones.
@@ -163,16 +178,19 @@ def float64_gradients(q, k, v, seg, scale, attend_current, d_out, d_rem, forget_
   d_rem = jnp.asarray(d_rem, compute_dtype(q.dtype))
   with jax.enable_x64(True):
     res = _gradients(implementation, attend_current, None, _up(q), _up(k), _up(v),
-                     jnp.float64(scale), seg, _up(d_out), _up(d_rem), _up(forget_gate))
+                     jnp.float64(scale), seg, _up(d_out), _up(d_rem), _up(forget_gate),
+                     _cross(causal, key_segment_ids))
     return tuple(np.asarray(x) for x in res)
 
 
-def same_precision_gradients(q, k, v, seg, scale, attend_current, d_out, d_rem, forget_gate=None):
+def same_precision_gradients(q, k, v, seg, scale, attend_current, d_out, d_rem, forget_gate=None,
+                             *, causal=True, key_segment_ids=None):
   """:func:`gradients` of the dense reference with its math in the input dtype: what a
-  same-precision computation gets wrong, the yardstick of the tolerance rule."""
+  same-precision computation gets wrong, the yardstick of the tolerance rule; ``causal``,
+  ``key_segment_ids`` as :func:`float64_result`."""
   scale = jnp.asarray(scale, compute_dtype(q.dtype))
   return _gradients("xla", attend_current, jnp.dtype(q.dtype), q, k, v, scale, seg, d_out, d_rem,
-                    forget_gate)
+                    forget_gate, _cross(causal, key_segment_ids))
 
 
 RESULT_NAMES = ("out", "rem", "dq", "dk", "dv", "dscale", "dforget_gate")

@@ -28,8 +28,9 @@ from sbjax.kernels import pallas_mosaic_gpu_tiles as tiles
 from sbjax.kernels.pallas_mosaic_gpu_config import MosaicBlockSizes
 from sbjax.platform import on_nvidia_gpu
 from sbjax.testing import (
-    RESULT_NAMES, Shape, assert_gradients_within_tolerance, dense_attention, float64_gradients,
-    float64_result, gradients, random_inputs, same_precision_gradients, skip_tolerance_bounds)
+    RESULT_NAMES, Shape, assert_gradients_within_tolerance, float64_gradients, float64_result,
+    gradients, random_inputs, same_precision_gradients, same_precision_result,
+    skip_tolerance_bounds)
 
 from helpers import far_inputs
 
@@ -186,19 +187,16 @@ def test_cross_chunk_mode_matches_float64(block_sizes):
         q, k, v, causal=False, scale=0.3, implementation="pallas_mosaic_gpu",
         interpret=INTERPRET, block_sizes=sizes, **extra))(q, k, v)
 
-  f64 = lambda x: jnp.asarray(np.asarray(x, np.float64))
   for segments in (True, False):  # without them, only the padding mask hides the padded keys
     seg = dict(segment_ids=q_seg, key_segment_ids=k_seg) if segments else {}
     got = run(q, k, v, block_sizes, forget_gate=gate, **seg)
     for name, x in zip(("out", "rem"), got):
       assert np.isfinite(np.asarray(x, np.float32)).all(), name
-    with jax.enable_x64(True):
-      want = reference.stick_breaking_attention(f64(q), f64(k), f64(v), 0.3,
-                                                forget_gate=f64(gate), causal=False, **seg)
-      want = tuple(np.asarray(x) for x in want)
-    same = reference.stick_breaking_attention(q, k, v, jnp.bfloat16(0.3), forget_gate=gate,
-                                              causal=False, dtype=q.dtype, **seg)
-    assert_gradients_within_tolerance(got, want, same, q.dtype, names=("out", "rem"))
+    oracle = (q, k, v, seg.get("segment_ids"), 0.3, False, gate)
+    cross = dict(causal=False, key_segment_ids=seg.get("key_segment_ids"))
+    assert_gradients_within_tolerance(got, float64_result(*oracle, **cross),
+                                      same_precision_result(*oracle, **cross), q.dtype,
+                                      names=("out", "rem"))
     assert float(jnp.max(got[1])) > 0.0 and float(jnp.min(got[1])) < 1.0  # neither all nor none
 
   q, k, v = far_inputs(6, Shape(1, 640, 2, 1, 64), shift=-1.0, dtype=jnp.bfloat16)
@@ -227,20 +225,16 @@ def test_cross_chunk_gradients_match_float64(block_sizes=ONE_WG):
     return jax.jit(functools.partial(gradients, fn))(q, k, v, jnp.float32(0.3), d_out, d_rem,
                                                      gate)
 
-  up = lambda x: jnp.asarray(np.asarray(x, np.float64))
   names = RESULT_NAMES + ("dforget_gate",)
   for seg in (dict(segment_ids=q_seg, key_segment_ids=k_seg), {}):
     got = grads(q, k, v, gate, block_sizes, **seg)
     for name, x in zip(names, got):
       assert np.isfinite(np.asarray(x, np.float32)).all(), name
-    dense = lambda dtype: dense_attention(seg.get("segment_ids"), dtype=dtype, causal=False,
-                                          key_segment_ids=seg.get("key_segment_ids"))
-    with jax.enable_x64(True):
-      want = [np.asarray(x) for x in gradients(
-          dense(None), up(q), up(k), up(v), jnp.float64(0.3), up(jnp.asarray(d_out, q.dtype)),
-          up(d_rem), up(gate))]
-    same = gradients(dense(q.dtype), q, k, v, jnp.bfloat16(0.3), d_out, d_rem, gate)
-    assert_gradients_within_tolerance(got, want, same, q.dtype, names=names)
+    oracle = (q, k, v, seg.get("segment_ids"), 0.3, False, d_out, d_rem, gate)
+    cross = dict(causal=False, key_segment_ids=seg.get("key_segment_ids"))
+    assert_gradients_within_tolerance(got, float64_gradients(*oracle, **cross),
+                                      same_precision_gradients(*oracle, **cross), q.dtype,
+                                      names=names)
 
   q, k, v = far_inputs(6, Shape(1, 640, 1, 1, 64), shift=-1.0, dtype=jnp.bfloat16)
   d_out, d_rem = _cotangents(q)
