@@ -175,7 +175,7 @@ def _dq_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, do_ref, drem_r
   plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_barriers.at[0])
   plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, q_barriers.at[1])
   lag = 0 if attend_current else 1
-  n_full, n_total = _key_blocks(q_start, lag, cross)
+  n_full, n_total = tiles.key_blocks(q_start, BLOCK, block_k=BLOCK, lag=lag, cross=cross)
   slot_of = lambda step: lax.rem(step, jnp.int32(num_buffers))
 
   fetch = tiles.kv_ring_fetch(k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers, batch=batch,
@@ -408,14 +408,6 @@ def _dkv_kernel(scale_ref, row_end_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, 
   plgpu.wait_smem_to_gmem(0)
 
 
-def _key_blocks(q_start, lag: int, cross):
-  """``(n_full, n_total)`` of a 64-row block's walk over 64-key blocks (``tiles.key_blocks``);
-  in the cross-chunk mode every key block with real keys, the last one masked when partial."""
-  if cross is None:
-    return tiles.key_blocks(q_start, BLOCK, block_k=BLOCK, lag=lag)
-  return jnp.int32(cross[0] // BLOCK), jnp.int32(tiles.cdiv(cross[0], BLOCK))
-
-
 def _records(first, stick, gsum, *, attend_current: bool, cross=None):
   """``[B, N, T / 64, 2, T]``: the dk/dv kernel's per-(row, key block) inputs from the dq kernel's
   records, the log2-stick right of the block (``_NO_STICK`` where the row block's walk never
@@ -426,7 +418,7 @@ def _records(first, stick, gsum, *, attend_current: bool, cross=None):
   lag = 0 if attend_current else 1
   kb = jnp.arange(nkb)[:, None]  # [nkb, 1]
   rows = jnp.arange(tp, dtype=jnp.int32)[None, :]
-  _, n_total = _key_blocks(rows - rows % BLOCK, lag, cross)  # [1, T], or a scalar
+  _, n_total = tiles.key_blocks(rows - rows % BLOCK, BLOCK, block_k=BLOCK, lag=lag, cross=cross)
   walked = (kb >= first[:, :, None, :]) & (kb < n_total)  # [B, N, nkb, T]
   g = jnp.where(walked, gsum, 0.0)
   prefix = jnp.concatenate([jnp.zeros_like(g[:, :, :1]), jnp.cumsum(g, axis=2)[:, :, :-1]], axis=2)
@@ -460,10 +452,8 @@ def backward(q, k, v, scale, segment_ids, forget_gate, d_out, d_rem, *, attend_c
       tiles.pad_time(x, tp) for x in (q, k, v, d_out, segment_ids, forget_gate, key_segment_ids))
   d_rem = tiles.pad_time(d_rem, tp, axis=2)
   cross = None
-  if not causal:  # as the forward: one segment-id row, the queries' then the keys'
-    cross = (t, tp if segment_ids is not None else 0)
-    if segment_ids is not None:
-      segment_ids = jnp.concatenate([segment_ids, key_segment_ids], axis=1)  # [B, 2 tp]
+  if not causal:  # as the forward
+    segment_ids, cross = tiles.cross_chunk(segment_ids, key_segment_ids, t)
   nq = tp // BLOCK
   dtype, nb = q.dtype, block_sizes.num_buffers_bwd
   registers = block_sizes.operands_in_registers and not interpret

@@ -227,16 +227,8 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
   return acc, log_stick, steps
 
 
-def _key_blocks(q_start, rows: int, *, block_k: int, lag: int, cross):
-  """``(n_full, n_total)`` of ``tiles.key_blocks``; in the cross-chunk mode (``cross``, see
-  ``_fwd_kernel``) every key block with real keys, the last one masked when partial."""
-  if cross is None:
-    return tiles.key_blocks(q_start, rows, block_k=block_k, lag=lag)
-  return jnp.int32(cross[0]), jnp.int32(cross[1])
-
-
 def _walk_mode(cross) -> dict:
-  return {} if cross is None else dict(causal=False, key_seg_offset=cross[2])
+  return {} if cross is None else dict(causal=False, key_seg_offset=cross[1])
 
 
 def _store(acc, log_stick, o_smem, rem_smem, out_ref, rem_ref):
@@ -255,7 +247,7 @@ def _fwd_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, rem_
   """One warpgroup: it issues the TMA copies of the ring itself, ``num_buffers - 1`` ahead, and
   with ``stop`` (a log2-stick, or None) ends its walk once every row's stick is below it (the
   test sees the stick before a step: one step late). ``cross``: None (causal), or the
-  cross-chunk mode's ``(n_full, n_total, key_seg_offset)``."""
+  cross-chunk mode's ``(num_keys, key_seg_offset)`` (``tiles.cross_chunk``)."""
   q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, rem_smem, barriers = scratch
   q_barrier, k_barriers, v_barriers = barriers
   q_block, head, batch = tiles.program_ids(num_q_blocks, heavy_first)
@@ -264,7 +256,7 @@ def _fwd_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, rem_
   rows = (batch, pl.ds(q_start, block_q), head)
   plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_barrier)
   lag = 0 if attend_current else 1
-  n_full, n_total = _key_blocks(q_start, block_q, block_k=block_k, lag=lag, cross=cross)
+  n_full, n_total = tiles.key_blocks(q_start, block_q, block_k=block_k, lag=lag, cross=cross)
 
   fetch = tiles.kv_ring_fetch(k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers, batch=batch,
                               kv_head=kv_head, n_total=n_total, block_k=block_k,
@@ -334,8 +326,8 @@ def _fwd_kernel_ws(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, r
   # the Mosaic GPU interpreter (JAX 0.11.2) hang on the next kernel of the same process.
   kv_head = lambda: lax.div(head, jnp.array(group, head.dtype))
   lag = 0 if attend_current else 1
-  _, n_total = _key_blocks(q_block * 2 * block_q, 2 * block_q, block_k=block_k, lag=lag,
-                          cross=cross)
+  _, n_total = tiles.key_blocks(q_block * 2 * block_q, 2 * block_q, block_k=block_k, lag=lag,
+                                cross=cross)
 
   @pl.when(wg < 2)
   def _consumer():
@@ -344,7 +336,7 @@ def _fwd_kernel_ws(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, r
     rows = (batch, pl.ds(q_start, block_q), head)
     q_wg = q_smem.at[wg]
     plgpu.copy_gmem_to_smem(q_ref.at[rows], q_wg, q_barriers.at[wg])
-    n_full, _ = _key_blocks(q_start, block_q, block_k=block_k, lag=lag, cross=cross)
+    n_full, _ = tiles.key_blocks(q_start, block_q, block_k=block_k, lag=lag, cross=cross)
 
     @pl.when(wg == 0)  # one triangle for both consumers (SMEM is short at block_k = 128)
     def _():
@@ -478,10 +470,8 @@ def forward(q, k, v, scale, segment_ids=None, forget_gate=None, *, attend_curren
   q, k, v, segment_ids, forget_gate, key_segment_ids = (
       tiles.pad_time(x, tp) for x in (q, k, v, segment_ids, forget_gate, key_segment_ids))
   cross = None
-  if not causal:  # every key block with real keys; one segment-id row: queries', then keys'
-    cross = (t // bk, tiles.cdiv(t, bk), tp if segment_ids is not None else 0)
-    if segment_ids is not None:
-      segment_ids = jnp.concatenate([segment_ids, key_segment_ids], axis=1)  # [B, 2 tp]
+  if not causal:
+    segment_ids, cross = tiles.cross_chunk(segment_ids, key_segment_ids, t)
   dtype = q.dtype
   skip = block_sizes.skip_used_stick
   # 64 bf16/fp16 elements are one 128-byte row: the widest swizzle, which wgmma reads best.

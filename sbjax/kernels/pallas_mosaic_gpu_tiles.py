@@ -110,9 +110,13 @@ def live(log_stick, padding):
   return log_stick if padding is None else jnp.where(padding == 0.0, log_stick, padding)
 
 
-def key_blocks(q_start, rows: int, *, block_k: int, lag: int):
+def key_blocks(q_start, rows: int, *, block_k: int, lag: int, cross=None):
   """``(n_full, n_total)`` for query rows ``[q_start, q_start + rows)``: key blocks ``[0, n_full)``
-  are visible to every row, ``[n_full, n_total)`` need the causal mask."""
+  are visible to every row, ``[n_full, n_total)`` need the causal mask. In the cross-chunk mode
+  (``cross``, from ``cross_chunk``) every block with real keys, the last one masked if partial."""
+  if cross is not None:
+    num_keys = cross[0]
+    return jnp.int32(num_keys // block_k), jnp.int32(cdiv(num_keys, block_k))
   first_last_key = q_start - lag  # the last key the first row sees
   n_total = lax.div(first_last_key + rows - 1 + block_k, jnp.int32(block_k))
   return jnp.minimum(lax.div(first_last_key + 1, jnp.int32(block_k)), n_total), n_total
@@ -216,6 +220,16 @@ def drain_ring(steps, total, num_buffers: int, *barriers):
     slot = lax.rem(step, jnp.int32(num_buffers))
     for ready in barriers:
       plgpu.barrier_wait(ready.at[slot])
+
+
+def cross_chunk(segment_ids, key_segment_ids, num_keys: int):
+  """The kernels' cross-chunk mode (``causal=False``) from padded ``[B, T_pad]`` segment ids (or
+  None): ``(segment_ids, cross)``, the ids as one ``[B, 2 T_pad]`` row (the queries', then the
+  keys') and ``cross = (num_keys, key_seg_offset)``, the real keys and where their ids start."""
+  if segment_ids is None:
+    return None, (num_keys, 0)
+  return (jnp.concatenate([segment_ids, key_segment_ids], axis=1),
+          (num_keys, segment_ids.shape[1]))
 
 
 def pad_time(x, padded: int, axis: int = 1):
