@@ -308,13 +308,8 @@ def _fwd_kernel_ws(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, r
   diagonal step is fully masked (weights 0, stick unchanged), which keeps every barrier's phases
   the same in both consumers at the cost of one tile per program.
 
-  With ``stop`` (a log2-stick, or None) the producer ends the walk: each consumer writes its
-  rows' stick after step t to slot ``t % (num_buffers + 1)`` of a ring before its "V consumed"
-  arrival; before loading step u the producer reads step ``u - 1 - num_buffers``'s (ordered by
-  the arrival it waited for at step u - 1, and not yet overwritten: that needs step u's tiles)
-  and, if both are below ``stop``, writes "no" to step u's go flag and arrives on its K barrier
-  without a copy. Consumers read the go flag once that barrier is done: all three see the same
-  end, ``num_buffers + 1`` steps after the later consumer's stick ran out.
+  With ``stop`` (a log2-stick, or None) the producer ends the walk for both consumers
+  (``tiles.produce_kv_ring``): ``num_buffers + 1`` steps after the later consumer's stick ran out.
   """
   (q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, rem_smem, barriers, consumed,
    tri_barrier, schedule, skip_scratch) = scratch
@@ -349,17 +344,9 @@ def _fwd_kernel_ws(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, r
       pl.when(wg == 1)(functools.partial(_meet, schedule))
     goes_on = report = None
     if stop is not None:
-      stick_smem, go_smem = skip_scratch
-
-      def report(step, log_stick):
-        stick_smem.at[wg, lax.rem(step, jnp.int32(num_buffers + 1))][...] = log_stick
-
-      def goes_on(step, log_stick):
-        del log_stick  # the producer decides
-        slot = lax.rem(step + 1, jnp.int32(num_buffers))
-        exists = step + 1 < n_total
-        pl.when(exists)(lambda: plgpu.barrier_wait(k_barriers.at[slot]))
-        return exists & (go_smem[slot] != 0)
+      report, goes_on_next = tiles.consumer_skipping(
+          skip_scratch, k_barriers, consumer=wg, n_total=n_total, num_buffers=num_buffers)
+      goes_on = lambda step, log_stick: goes_on_next(step)  # the producer decides
 
     acc, log_stick, _ = _walk(
         q_wg, k_smem, v_smem, tri_smem, *(None if r is None else r.at[wg]
@@ -381,61 +368,10 @@ def _fwd_kernel_ws(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, r
   @pl.when(wg == 2)
   def _producer():
     plgpu.set_max_registers(PRODUCER_REGISTERS[consumer_registers], action="decrease")
-    kv = kv_head()
-
-    def load(step, slot, ref, smem, ready):
-      keys = (batch, tiles.step_keys(step, n_total, block_k), kv)
-      plgpu.copy_gmem_to_smem(ref.at[keys], smem.at[slot], ready.at[slot])
-
-    def wait_consumed(step, slot, consumed):  # the slot's previous tile read by both consumers
-      pl.when(step >= num_buffers)(lambda: plgpu.barrier_wait(consumed.at[slot]))
-
-    if stop is None:
-      @pl.loop(0, n_total)
-      def _(step):
-        slot = lax.rem(step, jnp.int32(num_buffers))
-        wait_consumed(step, slot, k_consumed)
-        load(step, slot, k_ref, k_smem, k_barriers)
-        wait_consumed(step, slot, v_consumed)
-        load(step, slot, v_ref, v_smem, v_barriers)
-      steps, k_unseen = n_total, n_total - num_buffers  # steps loaded; first "K consumed" unseen
-    else:
-      stick_smem, go_smem = skip_scratch
-
-      def used_up(step):  # both consumers' sticks after step - 1 - num_buffers
-        ring = lax.rem(step - 1 - num_buffers, jnp.int32(num_buffers + 1))
-        sticks = [plgpu.load(stick_smem.at[c, ring], layout=tiles.ROW, optimized=False)
-                  for c in range(2)]
-        return jnp.max(jnp.maximum(*sticks)) <= stop
-
-      def produce(state):
-        step, _ = state
-        slot = lax.rem(step, jnp.int32(num_buffers))
-        wait_consumed(step, slot, k_consumed)
-        ends = lax.cond(step > num_buffers, used_up, lambda _: jnp.bool_(False), step)
-        go_smem[slot] = jnp.where(ends, 0, 1).astype(jnp.int32)
-        pl.when(ends)(lambda: plgpu.barrier_arrive(k_barriers.at[slot]))  # no copy: the end
-
-        @pl.when(~ends)
-        def _():
-          load(step, slot, k_ref, k_smem, k_barriers)
-          wait_consumed(step, slot, v_consumed)
-          load(step, slot, v_ref, v_smem, v_barriers)
-        return jnp.where(ends, step, step + 1), ends
-
-      steps, ended = lax.while_loop(lambda st: (st[0] < n_total) & ~st[1], produce,
-                                    (jnp.int32(0), jnp.bool_(False)))
-      k_unseen = jnp.where(ended, steps - num_buffers + 1, steps - num_buffers)
-
-    # Observe the last tiles' consumption too, so every barrier ends with no phase unobserved
-    # (interpret mode checks this when the barriers are freed; the producer is idle by now).
-    @pl.loop(jnp.maximum(k_unseen, 0), steps)
-    def _(step):
-      plgpu.barrier_wait(k_consumed.at[lax.rem(step, jnp.int32(num_buffers))])
-
-    @pl.loop(jnp.maximum(steps - num_buffers, 0), steps)
-    def _(step):
-      plgpu.barrier_wait(v_consumed.at[lax.rem(step, jnp.int32(num_buffers))])
+    tiles.produce_kv_ring(k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed,
+                          v_consumed, batch=batch, kv_head=kv_head(), n_total=n_total,
+                          block_k=block_k, num_buffers=num_buffers, stop=stop,
+                          skip_scratch=skip_scratch)
 
 
 def forward(q, k, v, scale, segment_ids=None, forget_gate=None, *, attend_current: bool,

@@ -222,6 +222,95 @@ def drain_ring(steps, total, num_buffers: int, *barriers):
       plgpu.barrier_wait(ready.at[slot])
 
 
+def produce_kv_ring(k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_consumed, v_consumed, *,
+                    batch, kv_head, n_total, block_k: int, num_buffers: int, stop,
+                    skip_scratch):
+  """The producer warpgroup of a two-consumer kernel (FA3's structure): loads walk step ``t``'s
+  K and V tiles (key block ``n_total - 1 - t``) into slot ``t % num_buffers`` once both consumers
+  have arrived on the slot's "consumed" barriers for its previous tile.
+
+  With ``stop`` (a log2-stick, or None) it ends the walk: each consumer writes its rows' stick
+  after step t to ``skip_scratch[0]`` at ``[consumer, t % (num_buffers + 1)]``
+  (``consumer_skipping``'s ``report``) before its "V consumed" arrival; before loading step u the
+  producer reads step ``u - 1 - num_buffers``'s (ordered by the arrival it waited for at step
+  u - 1, and not yet overwritten: that needs step u's tiles) and, if both are below ``stop``,
+  writes 0 to step u's go flag (``skip_scratch[1]``, an int32 per K slot) and arrives on its K
+  barrier without a copy. Consumers read the go flag once that barrier completes
+  (``consumer_skipping``'s ``goes_on``): all three see the same end, ``num_buffers + 1`` steps
+  after the later consumer's stick ran out. Finally it observes the last tiles' consumption, so
+  that every barrier ends with no phase unobserved (interpret mode checks this when the
+  barriers are freed)."""
+  def load(step, slot, ref, smem, ready):
+    plgpu.copy_gmem_to_smem(ref.at[batch, step_keys(step, n_total, block_k), kv_head],
+                            smem.at[slot], ready.at[slot])
+
+  def wait_consumed(step, slot, consumed):  # the slot's previous tile read by both consumers
+    pl.when(step >= num_buffers)(lambda: plgpu.barrier_wait(consumed.at[slot]))
+
+  if stop is None:
+    @pl.loop(0, n_total)
+    def _(step):
+      slot = lax.rem(step, jnp.int32(num_buffers))
+      wait_consumed(step, slot, k_consumed)
+      load(step, slot, k_ref, k_smem, k_ready)
+      wait_consumed(step, slot, v_consumed)
+      load(step, slot, v_ref, v_smem, v_ready)
+    steps, k_unseen = n_total, n_total - num_buffers  # steps loaded; first "K consumed" unseen
+  else:
+    stick_smem, go_smem = skip_scratch
+
+    def used_up(step):  # both consumers' sticks after step - 1 - num_buffers
+      ring = lax.rem(step - 1 - num_buffers, jnp.int32(num_buffers + 1))
+      sticks = [plgpu.load(stick_smem.at[c, ring], layout=ROW, optimized=False)
+                for c in range(2)]
+      return jnp.max(jnp.maximum(*sticks)) <= stop
+
+    def produce(state):
+      step, _ = state
+      slot = lax.rem(step, jnp.int32(num_buffers))
+      wait_consumed(step, slot, k_consumed)
+      ends = lax.cond(step > num_buffers, used_up, lambda _: jnp.bool_(False), step)
+      go_smem[slot] = jnp.where(ends, 0, 1).astype(jnp.int32)
+      pl.when(ends)(lambda: plgpu.barrier_arrive(k_ready.at[slot]))  # no copy: the end
+
+      @pl.when(~ends)
+      def _():
+        load(step, slot, k_ref, k_smem, k_ready)
+        wait_consumed(step, slot, v_consumed)
+        load(step, slot, v_ref, v_smem, v_ready)
+      return jnp.where(ends, step, step + 1), ends
+
+    steps, ended = lax.while_loop(lambda st: (st[0] < n_total) & ~st[1], produce,
+                                  (jnp.int32(0), jnp.bool_(False)))
+    k_unseen = jnp.where(ended, steps - num_buffers + 1, steps - num_buffers)
+
+  @pl.loop(jnp.maximum(k_unseen, 0), steps)
+  def _(step):
+    plgpu.barrier_wait(k_consumed.at[lax.rem(step, jnp.int32(num_buffers))])
+
+  @pl.loop(jnp.maximum(steps - num_buffers, 0), steps)
+  def _(step):
+    plgpu.barrier_wait(v_consumed.at[lax.rem(step, jnp.int32(num_buffers))])
+
+
+def consumer_skipping(skip_scratch, k_ready, *, consumer, n_total, num_buffers: int):
+  """``(report, goes_on)`` of a consumer of ``produce_kv_ring`` with ``stop``:
+  ``report(step, log_stick)`` stores its rows' stick after ``step`` for the producer;
+  ``goes_on(step)`` waits for K of step ``step + 1`` if that step exists and returns whether the
+  walk goes on to it (the producer's go flag)."""
+  stick_smem, go_smem = skip_scratch
+
+  def report(step, log_stick):
+    stick_smem.at[consumer, lax.rem(step, jnp.int32(num_buffers + 1))][...] = log_stick
+
+  def goes_on(step):
+    slot = lax.rem(step + 1, jnp.int32(num_buffers))
+    exists = step + 1 < n_total
+    pl.when(exists)(lambda: plgpu.barrier_wait(k_ready.at[slot]))
+    return exists & (go_smem[slot] != 0)
+  return report, goes_on
+
+
 def cross_chunk(segment_ids, key_segment_ids, num_keys: int):
   """The kernels' cross-chunk mode (``causal=False``) from padded ``[B, T_pad]`` segment ids (or
   None): ``(segment_ids, cross)``, the ids as one ``[B, 2 T_pad]`` row (the queries', then the
