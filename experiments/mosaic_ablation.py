@@ -27,12 +27,16 @@ def main(argv):
   del argv
   logs.install()
   b, n, h, t = (int(x) for x in _SHAPE.value.split(":"))
-  records = lib.run(b, t, n, h, variants=_VARIANTS.value, references=_REFERENCES.value,
-                    iters=_ITERS.value)
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump(dict(jax=jax.__version__, device=jax.devices()[0].device_kind,
-                     date=time.strftime("%Y-%m-%d"), records=records), f, indent=1)
+  records = []
+  for record in lib.run(b, t, n, h, variants=_VARIANTS.value, references=_REFERENCES.value,
+                        iters=_ITERS.value):
+    records.append(record)
+    print(f"{record['name']:16s} {record['dtype']:9s} {record['ms']:8.2f} ms "
+          f"{record['tflops']:7.1f} TFLOP/s", flush=True)
+    if _OUT.value:  # after every record, so that a run cut short keeps what it measured
+      with open(_OUT.value, "w") as f:
+        json.dump(dict(jax=jax.__version__, device=jax.devices()[0].device_kind,
+                       date=time.strftime("%Y-%m-%d"), records=records), f, indent=1)
 
 
 if __name__ == "__main__":

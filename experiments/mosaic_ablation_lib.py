@@ -98,15 +98,16 @@ def stick_breaking(block_sizes):
 
 
 def reference(name: str):
-  """``f(q, k, v, scale) -> out`` of a softmax reference (GPU only)."""
+  """``(f(q, k, v, scale) -> out, input dtype)`` of a softmax reference (GPU only); JAX's
+  FlashAttention-3 example takes fp16 only."""
   if name == "cudnn":
-    return lambda q, k, v, s: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                           implementation="cudnn")
+    return lambda q, k, v, s: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="cudnn"), None
   if name == "softmax_fa3":
     from jax.experimental.pallas.ops.gpu import attention_mgpu  # pylint: disable=g-import-not-at-top
     config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2,
                                          causal=True)
-    return lambda q, k, v, s: attention_mgpu.attention(q, k, v, config)
+    return lambda q, k, v, s: attention_mgpu.attention(q, k, v, config), jnp.float16
   raise ValueError(f"reference must be one of {REFERENCES}, got {name!r}.")
 
 
@@ -118,20 +119,21 @@ def operation_counts(variant: str, args, block_sizes) -> collections.Counter:
   return collections.Counter(re.findall(r"^\s*(?:\S+ = )?(\w+) ", text, flags=re.M))
 
 
-def run(b, t, n, h, *, variants, references, iters, dtype=jnp.bfloat16, log=print):
-  """Records ``{name, ms, tflops}``: each variant (compiled inside its patch) and reference, on
-  far logits (``benchmark_inputs``' "far": every stick lasts beyond 16K keys)."""
+def run(b, t, n, h, *, variants, references, iters, dtype=jnp.bfloat16):
+  """Yields records ``{name, dtype, ms, tflops}``: each variant (compiled inside its patch) and
+  reference, on far logits (``benchmark_inputs``' "far": every stick lasts beyond 16K keys)."""
   q, k, v, scale = benchmark_inputs("far", b, t, n, h, dtype)
   scale = jnp.float32(scale)
   flops = 4 * b * n * t * t * h / 2
   sizes = sbjax.MosaicBlockSizes.get_default(h, dtype)
-  fns = [(name, functools.partial(ablated, name), stick_breaking(sizes)) for name in variants]
-  fns += [(name, contextlib.nullcontext, reference(name)) for name in references]
-  records = []
-  for name, context, fn in fns:
+  runs = [(name, functools.partial(ablated, name), stick_breaking(sizes), None)
+          for name in variants]
+  runs += [(name, contextlib.nullcontext, *reference(name)) for name in references]
+  for name, context, fn, input_dtype in runs:
+    args = (q, k, v) if input_dtype is None else (x.astype(input_dtype) for x in (q, k, v))
+    args = (*args, scale)
     with context():
-      compiled = jax.jit(fn).lower(q, k, v, scale).compile()
-    ms = median_time_ms(compiled, (q, k, v, scale), iters)
-    records.append(dict(name=name, shape=[b, t, n, h], ms=ms, tflops=flops / ms / 1e9))
-    log(f"{name:16s} {ms:8.2f} ms {records[-1]['tflops']:7.1f} TFLOP/s")
-  return records
+      compiled = jax.jit(fn).lower(*args).compile()
+    ms = median_time_ms(compiled, args, iters)
+    yield dict(name=name, shape=[b, t, n, h], dtype=jnp.dtype(args[0].dtype).name, ms=ms,
+               tflops=flops / ms / 1e9)
