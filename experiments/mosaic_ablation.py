@@ -26,7 +26,13 @@ _OUT = flags.DEFINE_string("out", None, "Write the records here as JSON.")
 def main(argv):
   del argv
   logs.install()
-  b, n, h, t = (int(x) for x in _SHAPE.value.split(":"))
+  shape = _SHAPE.value.split(":")
+  if len(shape) != 4 or not all(x.isdigit() and int(x) > 0 for x in shape):
+    raise app.UsageError(f"--shape must be B:N:H:T (positive ints), got {_SHAPE.value!r}.")
+  for flag, known in ((_VARIANTS, lib.VARIANTS), (_REFERENCES, lib.REFERENCES)):
+    if unknown := sorted(set(flag.value) - set(known)):
+      raise app.UsageError(f"--{flag.name} must be among {tuple(known)}, got {unknown}.")
+  b, n, h, t = (int(x) for x in shape)
   records = []
   for record in lib.run(b, t, n, h, variants=_VARIANTS.value, references=_REFERENCES.value,
                         iters=_ITERS.value):

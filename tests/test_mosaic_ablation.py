@@ -1,9 +1,10 @@
-"""experiments/mosaic_ablation_lib: each ablation cuts what it names from the traced kernel, and
-only while it is active."""
+"""experiments/mosaic_ablation: each ablation cuts what it names from the traced kernel, and only
+while it is active; bad flags fail before any work."""
 
 from __future__ import annotations
 
 import pathlib
+import subprocess
 import sys
 
 import jax
@@ -37,3 +38,14 @@ def test_unknown_variant_is_rejected():
   with pytest.raises(ValueError, match="variant must be one of"):
     with lib.ablated("no_mufu"):
       pass
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--shape=4:12:128", "--shape must be B:N:H:T"),
+    ("--variants=full,no_mufu", "--variants must be among"),
+    ("--references=flash", "--references must be among")])
+def test_bad_flags_fail_before_any_work(flag, message):
+  script = pathlib.Path(__file__).parent.parent / "experiments" / "mosaic_ablation.py"
+  result = subprocess.run([sys.executable, str(script), flag], capture_output=True, text=True,
+                          timeout=120, check=False)
+  assert result.returncode != 0 and message in result.stderr, result.stderr[-500:]
