@@ -130,23 +130,6 @@ def _accumulate(pairs, *, in_place: bool):
   return list(pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc, _, _ in pairs)))
 
 
-def _visible(q_start, k_start, q_seg, seg_ref, *, lag, seq_len=None, shape=_SHAPE, cross=None):
-  """``shape`` (``[64 rows, keys]``) bool: causal visibility (and equal segments, ``q_seg [64]``
-  row layout, the keys' ids read from ``seg_ref``, or None), for the rows before ``seq_len``
-  (None: all). ``cross``: None, or the cross-chunk mode's ``(num_keys, key_seg_offset)``: the
-  keys before ``num_keys`` are visible, their ids start at ``key_seg_offset`` in ``seg_ref``."""
-  q_pos = q_start + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-  k_pos = k_start + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-  mask = k_pos <= q_pos - lag if cross is None else k_pos < cross[0]
-  if seq_len is not None:
-    mask = mask & (q_pos < seq_len)
-  if q_seg is not None:
-    k_first = k_start if cross is None else cross[1] + k_start
-    k_seg = plgpu.load(seg_ref.at[pl.ds(k_first, shape[1])], layout=tiles.COL, optimized=False)
-    mask = mask & (tiles.row_bcast(q_seg, shape) == lax.broadcast_in_dim(k_seg, shape, [1]))
-  return mask
-
-
 def _rows(ref, start):
   """``ref[start : start + 64]`` (fp32/int32 GMEM) as a row-layout vector."""
   return plgpu.load(ref.at[pl.ds(start, BLOCK)], layout=tiles.ROW, optimized=False)
@@ -210,8 +193,9 @@ def _dq_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, do_ref, drem_r
     dq, near_ck, dscale, near_cqk, log_stick = carry
     mask = None
     if masked:
-      mask = _visible(q_start, k_start, q_seg, None if seg_ref is None else seg_ref.at[batch],
-                      lag=lag, shape=sub_shape, cross=cross)
+      mask = tiles.visible(q_start, k_start, q_seg,
+                           None if seg_ref is None else seg_ref.at[batch], lag=lag,
+                           shape=sub_shape, cross=cross)
     gate = None if gate_ref is None else tiles.key_gate(
         gate_ref.at[batch, kv_head, pl.ds(k_start, sub)], sub_shape)
     k_tile, v_tile = (x.at[slot] if sub == BLOCK else x.at[slot, pl.ds(off, sub)]
@@ -349,7 +333,7 @@ def _dkv_kernel(scale_ref, row_end_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, 
     q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
     halves = {}
     for off in offsets:  # nearest first: each half's stick includes the nearer halves' keys
-      mask = None if not masked else _visible(
+      mask = None if not masked else tiles.visible(
           q_start, k_start + off, q_seg, None if seg_ref is None else seg_ref.at[batch], lag=lag,
           seq_len=seq_len, shape=sub_shape, cross=cross)
       qk, do_v = _two_products(q_tile, keys_of(k_smem, off).T, do_tile, keys_of(v_smem, off).T,

@@ -59,8 +59,7 @@ def _meet(barrier):
 def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready, *, scale_ref,
           seg_ref, gate_ref, q_start, n_full, n_total, block_k, num_buffers, lag, cumsum_parts,
           registers, pipeline_qk=False, schedule=None, in_place=False, before_tile=None,
-          k_done=None, v_done=None, goes_on=None, report=None, seq_len=None, causal=True,
-          key_seg_offset=0):
+          k_done=None, v_done=None, goes_on=None, report=None, seq_len=None, cross=None):
   """One warpgroup's walk over key-block steps ``t = 0 .. n_total - 1`` (key block
   ``n_total - 1 - t``, in slot ``t % num_buffers``): ``(acc [Q, H], log_stick [Q], steps)`` in
   fp32, ``steps`` the number of steps walked.
@@ -73,10 +72,10 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
   at -inf.
 
   ``seg_ref``: this batch row's segment ids ``[T]`` int32 in GMEM, or None; with them every
-  tile is masked (keys of another segment can lie in any block); the keys' ids start at
-  ``key_seg_offset`` (0, or past the queries' in the cross-chunk mode). ``causal=False``: the
-  cross-chunk mode, every key before ``seq_len`` visible (the masked tiles: the last, partial,
-  key block, or every tile with segments). ``gate_ref``: this batch row
+  tile is masked (keys of another segment can lie in any block). ``cross``: None (causal), or
+  the cross-chunk mode's ``(num_keys, key_seg_offset)`` (``tiles.cross_chunk``): every real key
+  visible (the masked tiles: the last, partial, key block, or every tile with segments), the
+  keys' ids from ``key_seg_offset`` in ``seg_ref``. ``gate_ref``: this batch row
   and kv head's forget-gate logits ``[T]`` fp32 in GMEM, or None.
   ``k_ready``/``v_ready``: the slots' load barriers. ``before_tile(t)`` runs first in a step (the
   one-warpgroup kernel's prefetch); ``k_done(slot)``/``v_done(slot)`` after the last read of a
@@ -142,17 +141,9 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
     slot = slot_of(step)
     mask = None
     if masked:
-      q_pos = q_start + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-      keys = tiles.step_keys(step, n_total, block_k)
-      k_pos = keys.start + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-      if causal:
-        mask = k_pos <= q_pos - lag
-      else:  # the launcher's padded keys
-        mask = k_pos < seq_len if seq_len is not None else k_pos >= 0
-      if seg_ref is not None:
-        k_seg = plgpu.load(seg_ref.at[pl.ds(key_seg_offset + keys.start, block_k)],
-                           layout=tiles.COL, optimized=False)  # [block_k]
-        mask = mask & (tiles.row_bcast(q_seg, shape) == lax.broadcast_in_dim(k_seg, shape, [1]))
+      mask = tiles.visible(q_start, tiles.step_keys(step, n_total, block_k).start,
+                           None if seg_ref is None else q_seg, seg_ref, lag=lag, shape=shape,
+                           cross=cross)
     gate = None
     if gate_ref is not None:
       gate = tiles.key_gate(gate_ref.at[tiles.step_keys(step, n_total, block_k)], shape)
@@ -227,10 +218,6 @@ def _walk(q_smem, k_smem, v_smem, tri_smem, part_smem, p_smem, k_ready, v_ready,
   return acc, log_stick, steps
 
 
-def _walk_mode(cross) -> dict:
-  return {} if cross is None else dict(causal=False, key_seg_offset=cross[1])
-
-
 def _store(acc, log_stick, o_smem, rem_smem, out_ref, rem_ref):
   o_smem[...] = acc.astype(o_smem.dtype)
   rem_smem[...] = jnp.exp2(log_stick)
@@ -288,7 +275,7 @@ def _fwd_kernel(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, rem_
       n_full=n_full, n_total=n_total, block_k=block_k,
       num_buffers=num_buffers, lag=lag, cumsum_parts=cumsum_parts, registers=registers,
       pipeline_qk=pipeline_qk, in_place=in_place, before_tile=prefetch, goes_on=goes_on,
-      seq_len=seq_len, **_walk_mode(cross))
+      seq_len=seq_len, cross=cross)
   if stop is not None:
     tiles.drain_ring(steps, n_total, num_buffers, k_barriers, v_barriers)
   # q is no longer read: its buffer stages the output.
@@ -359,7 +346,7 @@ def _fwd_kernel_ws(scale_ref, seg_ref, gate_ref, q_ref, k_ref, v_ref, out_ref, r
         schedule=schedule if schedule_barrier else None, in_place=in_place,
         k_done=lambda slot: plgpu.barrier_arrive(k_consumed.at[slot]),
         v_done=lambda slot: plgpu.barrier_arrive(v_consumed.at[slot]), goes_on=goes_on,
-        report=report, seq_len=seq_len, **_walk_mode(cross))
+        report=report, seq_len=seq_len, cross=cross)
     if schedule_barrier:  # consumer 1's first rendezvous, matched
       pl.when(wg == 0)(functools.partial(_meet, schedule))
     _store(acc, log_stick, q_wg, rem_smem.at[wg], out_ref.at[rows],

@@ -122,6 +122,25 @@ def key_blocks(q_start, rows: int, *, block_k: int, lag: int, cross=None):
   return jnp.minimum(lax.div(first_last_key + 1, jnp.int32(block_k)), n_total), n_total
 
 
+def visible(q_start, k_start, q_seg, seg_ref, *, lag, shape, seq_len=None, cross=None):
+  """``shape`` (``[rows, keys]``, WGMMA layout) bool for the rows from ``q_start`` and the keys
+  from ``k_start``, shared by the forward and backward kernels: causal visibility (and equal
+  segments, ``q_seg [rows]`` row layout, the keys' ids read from ``seg_ref``, or None), for the
+  rows before ``seq_len`` (None: all). ``cross``: None, or the cross-chunk mode's ``(num_keys,
+  key_seg_offset)``: the keys before ``num_keys`` are visible (the launcher's padded keys are
+  not), their ids start at ``key_seg_offset`` in ``seg_ref``."""
+  q_pos = q_start + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+  k_pos = k_start + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+  mask = k_pos <= q_pos - lag if cross is None else k_pos < cross[0]
+  if seq_len is not None:
+    mask = mask & (q_pos < seq_len)
+  if q_seg is not None:
+    k_first = k_start if cross is None else cross[1] + k_start
+    k_seg = plgpu.load(seg_ref.at[pl.ds(k_first, shape[1])], layout=COL, optimized=False)
+    mask = mask & (row_bcast(q_seg, shape) == lax.broadcast_in_dim(k_seg, shape, [1]))
+  return mask
+
+
 def step_keys(step, n_total, block_k: int):
   """The keys walk step ``step`` reads (nearest first): key block ``n_total - 1 - step``."""
   return pl.ds((n_total - 1 - step) * block_k, block_k)
