@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import functools
 import re
 import types
@@ -30,11 +29,10 @@ from unittest import mock
 import jax
 import jax.numpy as jnp
 
-import sbjax
 from sbjax.kernels import pallas_mosaic_gpu_fwd as fwd
 from sbjax.kernels import pallas_mosaic_gpu_tiles as tiles
 
-from benchmark_lib import benchmark_inputs
+from benchmark_lib import attention, benchmark_inputs
 from sbjax.testing import median_time_ms
 
 
@@ -90,19 +88,11 @@ def ablated(variant: str):
     yield
 
 
-def stick_breaking(block_sizes):
-  """``f(q, k, v, scale) -> out``: the Mosaic forward, dense walk."""
-  dense = dataclasses.replace(block_sizes, skip_used_stick=False)
-  return lambda q, k, v, s: sbjax.stick_breaking_attention(
-      q, k, v, scale=s, implementation="pallas_mosaic_gpu", block_sizes=dense)
-
-
-def reference(name: str):
-  """``(f(q, k, v, scale) -> out, input dtype)`` of a softmax reference (GPU only); JAX's
-  FlashAttention-3 example takes fp16 only."""
+def reference(name: str, head_dim: int, dtype):
+  """``(f(q, k, v, scale) -> out, input dtype or None)`` of a softmax reference (GPU only);
+  JAX's FlashAttention-3 example takes fp16 only."""
   if name == "cudnn":
-    return lambda q, k, v, s: jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, implementation="cudnn"), None
+    return attention("cudnn", head_dim, dtype), None
   if name == "softmax_fa3":
     from jax.experimental.pallas.ops.gpu import attention_mgpu  # pylint: disable=g-import-not-at-top
     config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2,
@@ -111,11 +101,13 @@ def reference(name: str):
   raise ValueError(f"reference must be one of {REFERENCES}, got {name!r}.")
 
 
-def operation_counts(variant: str, args, block_sizes) -> collections.Counter:
+def operation_counts(variant: str, args) -> collections.Counter:
   """How often the ablated forward's jaxpr (the kernel body included) calls each primitive
-  (``exp2``, ``log2``, ``wgmma_ref``, ...), traced for an abstract Hopper on any machine."""
+  (``exp2``, ``log2``, ``wgmma_ref``, ...) on ``args`` (``(q, k, v, scale)``, shapes suffice),
+  traced for an abstract Hopper on any machine."""
+  fn = attention("mosaic_dense", args[0].shape[-1], args[0].dtype)
   with ablated(variant), jax.sharding.use_abstract_mesh(_HOPPER):
-    text = str(jax.make_jaxpr(stick_breaking(block_sizes))(*args))
+    text = str(jax.make_jaxpr(fn)(*args))
   return collections.Counter(re.findall(r"^\s*(?:\S+ = )?(\w+) ", text, flags=re.M))
 
 
@@ -125,10 +117,9 @@ def run(b, t, n, h, *, variants, references, iters, dtype=jnp.bfloat16):
   q, k, v, scale = benchmark_inputs("far", b, t, n, h, dtype)
   scale = jnp.float32(scale)
   flops = 4 * b * n * t * t * h / 2
-  sizes = sbjax.MosaicBlockSizes.get_default(h, dtype)
-  runs = [(name, functools.partial(ablated, name), stick_breaking(sizes), None)
-          for name in variants]
-  runs += [(name, contextlib.nullcontext, *reference(name)) for name in references]
+  dense = attention("mosaic_dense", h, dtype)  # the op's default tiling, every key walked
+  runs = [(name, functools.partial(ablated, name), dense, None) for name in variants]
+  runs += [(name, contextlib.nullcontext, *reference(name, h, dtype)) for name in references]
   for name, context, fn, input_dtype in runs:
     args = (q, k, v) if input_dtype is None else (x.astype(input_dtype) for x in (q, k, v))
     args = (*args, scale)

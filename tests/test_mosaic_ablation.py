@@ -11,8 +11,6 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-import sbjax
-
 sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "experiments"))
 import mosaic_ablation_lib as lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -20,9 +18,8 @@ import mosaic_ablation_lib as lib  # pylint: disable=g-import-not-at-top,wrong-i
 def test_each_ablation_cuts_what_it_names():
   sd = jax.ShapeDtypeStruct
   args = (sd((1, 256, 2, 128), jnp.bfloat16),) * 3 + (sd((), jnp.float32),)
-  sizes = sbjax.MosaicBlockSizes.get_default(128, jnp.bfloat16)
   ops = ("exp2", "log2", "wgmma_ref")
-  counts = {name: {op: lib.operation_counts(name, args, sizes)[op] for op in ops}
+  counts = {name: {op: lib.operation_counts(name, args)[op] for op in ops}
             for name in lib.VARIANTS}
   full = counts["full"]
   assert min(full.values()) > 0, full
@@ -31,7 +28,7 @@ def test_each_ablation_cuts_what_it_names():
   assert counts["no_triangle"] == dict(full, wgmma_ref=full["wgmma_ref"] - 2)
   assert counts["no_weight_exp2"] == dict(full, exp2=full["exp2"] - 3)
   assert counts["matmuls_only"] == dict(exp2=0, log2=0, wgmma_ref=full["wgmma_ref"] - 2)
-  assert {op: lib.operation_counts("full", args, sizes)[op] for op in ops} == full  # undone
+  assert {op: lib.operation_counts("full", args)[op] for op in ops} == full  # undone
 
 
 def test_unknown_variant_is_rejected():
